@@ -1,0 +1,179 @@
+"""The ``model-audit`` command line: thin commands over the library API.
+
+Each command parses its options, makes one library call and prints. Every
+:class:`~model_audit.errors.AuditError` becomes a one-paragraph message on stderr and exit 2.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+
+from . import __version__
+from .config import load_defaults
+from .errors import AuditError
+from .layers import GRANULARITIES
+from .options import DEVICES, AuditOptions
+from .replay import ReplayConfig
+from .schedules import SCHEDULES
+
+COMMANDS_WITH_MODEL = ("scan",)
+
+
+class AuditGroup(click.Group):
+    """Turns AuditError into a clean message and exit code 2, anywhere in a command."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AuditError as exc:
+            err = click.ClickException(str(exc))
+            err.exit_code = exc.exit_code
+            raise err from None
+
+
+def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that choose the model and the probe, the same in every command."""
+    options = [
+        click.option("--probe", type=click.Path(path_type=Path), default=None,
+                     help="Probe set: an ImageFolder directory or a .safetensors file with "
+                          "images and labels."),
+        click.option("--arch", default=None,
+                     help="Architecture: a torchvision name (resnet18), a CIFAR-stem ResNet "
+                          "(resnet18-cifar) or package.module:factory. Default: the "
+                          "checkpoint's metadata."),
+        click.option("--num-classes", type=int, default=None,
+                     help="Outputs of the head. Default: metadata, else the head's weight."),
+        click.option("--normalize", default=None,
+                     help="cifar10 | imagenet | none | MEAN,STD. Default: the checkpoint's "
+                          "metadata, else none."),
+        click.option("--resize", default=None, help="Resize images to N or HxW (default: keep)."),
+        click.option("--limit", type=int, default=None,
+                     help="Use a class-stratified random subset of N probe images (seeded)."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the subset, the bootstrap and everything random."),
+        click.option("--device", default="auto", show_default=True,
+                     help=f"{' | '.join(DEVICES)} (auto: cuda when available)."),
+        click.option("--granularity", type=click.Choice(GRANULARITIES), default="group",
+                     show_default=True, help="Layer groups: top-level groups, blocks or modules."),
+        click.option("--batch-size", type=int, default=128, show_default=True,
+                     help="Images per forward/backward pass (bounds memory)."),
+        click.option("--quiet", "-q", is_flag=True, default=False,
+                     help="No progress bars and no warnings; only the result."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _audit_options(kw: dict) -> AuditOptions:
+    return AuditOptions(arch=kw["arch"], num_classes=kw["num_classes"],
+                        normalize=kw["normalize"], resize=kw["resize"], limit=kw["limit"],
+                        seed=kw["seed"], device=kw["device"], granularity=kw["granularity"],
+                        batch_size=kw["batch_size"])
+
+
+def _need_probe(probe: Optional[Path]) -> Path:
+    if probe is None:
+        raise click.UsageError(
+            "no probe set given: pass --probe PATH (an ImageFolder directory or a .safetensors "
+            "file with images and labels), or set probe = \"PATH\" under [tool.model-audit] in "
+            "./pyproject.toml (or in ./model-audit.toml)")
+    return probe
+
+
+def _progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+@click.group(cls=AuditGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="model-audit")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Audit a trained PyTorch classifier: which layer groups are responsible for its errors.
+
+    Defaults for any option can be set in ./pyproject.toml under [tool.model-audit] (or in
+    ./model-audit.toml); options on the command line override them.
+    """
+    try:
+        defaults = load_defaults()
+    except AuditError as exc:
+        raise click.ClickException(str(exc)) from None
+    if defaults:
+        ctx.default_map = {name: defaults for name in COMMANDS_WITH_MODEL}
+
+
+def _format_table(data: dict) -> str:
+    rows = [("group", "params %", "score", "95% interval", "flag freq", "flagged")]
+    for layer in data["layers"]:
+        lo, hi = layer["score_interval"]
+        rows.append((layer["name"], f"{100 * layer['share']:.2f}", f"{layer['score']:.3f}",
+                     f"{lo:.3f}-{hi:.3f}", f"{layer['flag_frequency']:.2f}",
+                     "FLAGGED" if layer["flagged"] else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(r, widths))).rstrip() for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@model_options
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output directory for audit.json and report.html [default: "
+                   "reports/<checkpoint name>].")
+@click.option("--bootstrap", type=int, default=200, show_default=True,
+              help="Bootstrap resamples of the probe for the flag frequency (0: off).")
+@click.option("--replay-steps", type=int, default=ReplayConfig.steps, show_default=True,
+              help="Beta-scheduled replay steps over the misclassified images.")
+@click.option("--replay-lr", type=float, default=ReplayConfig.lr, show_default=True,
+              help="Peak learning rate of the replay (cosine down to a tenth).")
+@click.option("--replay-schedule", type=click.Choice(SCHEDULES), default=ReplayConfig.schedule,
+              show_default=True, help="Momentum schedule of the replay.")
+def scan(checkpoint: Path, out: Optional[Path], bootstrap: int, replay_steps: int,
+         replay_lr: float, replay_schedule: str, **kw: Any) -> None:
+    """Scan CHECKPOINT: attribute its errors on the probe set to layer groups.
+
+    Prints a table (group, parameter share, score, flag frequency, flagged) and writes
+    OUT/audit.json and OUT/report.html.
+    """
+    from .scan import ScanConfig, scan as run_scan, write_scan
+
+    probe = _need_probe(kw["probe"])
+    config = ScanConfig(options=_audit_options(kw),
+                        replay=ReplayConfig(steps=replay_steps, lr=replay_lr,
+                                            schedule=replay_schedule),
+                        bootstrap=bootstrap)
+    config.validate()
+    out = out if out is not None else Path("reports") / checkpoint.stem
+    result = run_scan(checkpoint, probe, config, progress=_progress(kw["quiet"]))
+    paths = write_scan(result, out)
+    data = result.to_dict()
+    if not kw["quiet"]:
+        for warning in result.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        ev = data["probe"]
+        click.echo(f"{data['model']['arch']}: {data['model']['parameters']:,} parameters; probe "
+                   f"{ev['n']} images, accuracy {100 * ev['accuracy']:.2f}% "
+                   f"({ev['misclassified']} misclassified)")
+    click.echo(_format_table(data))
+    click.echo(f"flagged: {', '.join(result.flagged) if result.flagged else 'none'}")
+    if not kw["quiet"]:
+        click.echo(f"wrote {paths['audit']} and {paths['report']} "
+                   f"({data['timing']['total_s']:.1f} s on {data['device']})")
+
+
+@cli.command()
+def archs() -> None:
+    """List the registered architecture names."""
+    from .checkpoint import available_architectures
+
+    for name in available_architectures():
+        click.echo(name)
+
+
+def main() -> None:
+    cli(prog_name="model-audit")

@@ -1,0 +1,94 @@
+"""Options shared by every command that loads a model and a probe, and the loading itself.
+
+``--arch``, ``--num-classes``, ``--normalize``, ``--resize``, ``--limit``, ``--seed``,
+``--device``, ``--granularity``, ``--batch-size`` mean the same in ``scan``, ``compare``,
+``fix`` and ``gate``: they all go through :class:`AuditOptions` and :func:`load_inputs`.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .checkpoint import LoadedCheckpoint, load_checkpoint
+from .errors import ConfigError
+from .layers import GRANULARITIES
+from .probe import ProbeSet, open_probe
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    """How to load the model and the probe, and where to run."""
+
+    arch: Optional[str] = None          # default: the checkpoint's metadata
+    num_classes: Optional[int] = None   # default: metadata, else the head's weight
+    normalize: Optional[str] = None     # default: metadata, else none
+    resize: Optional[str] = None        # N or HxW; default: keep sizes
+    limit: Optional[int] = None         # class-stratified subset of the probe
+    seed: int = 0
+    device: str = "auto"
+    granularity: str = "group"
+    batch_size: int = 128
+
+    def validate(self) -> None:
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ConfigError(f"unknown device {self.device!r}; valid: {', '.join(DEVICES)}")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(
+                f"unknown granularity {self.granularity!r}; valid: {', '.join(GRANULARITIES)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} asked for, but no CUDA device is available; "
+                          "use --device cpu or auto")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def load_inputs(checkpoint: "os.PathLike[str] | str", probe: "os.PathLike[str] | str",
+                options: AuditOptions) -> Tuple[LoadedCheckpoint, ProbeSet, List[str]]:
+    """Load the checkpoint and open the probe with the same options in every command.
+
+    Returns:
+        The loaded checkpoint, the probe set and warnings for the user.
+    """
+    options.validate()
+    warnings: List[str] = []
+    ckpt = load_checkpoint(checkpoint, arch=options.arch, num_classes=options.num_classes)
+    if ckpt.nonfinite:
+        warnings.append(f"{len(ckpt.nonfinite)} tensor(s) hold NaN/Inf values: "
+                        f"{', '.join(ckpt.nonfinite[:10])}")
+    normalize = options.normalize or ckpt.normalize
+    if normalize is None:
+        normalize = "none"
+        warnings.append("no normalisation given (--normalize) and none in the checkpoint's "
+                        "metadata: images are only scaled to [0, 1]")
+    probe_set = open_probe(probe, channels=ckpt.in_channels, normalize=normalize,
+                           resize=options.resize, limit=options.limit, seed=options.seed,
+                           model_classes=ckpt.classes, num_classes=ckpt.num_classes)
+    ignored = getattr(probe_set, "ignored", [])
+    if ignored:
+        warnings.append(f"{len(ignored)} non-image file(s) in the probe were ignored, e.g. {ignored[0]}")
+    return ckpt, probe_set, warnings

@@ -1,0 +1,118 @@
+"""HTML reports: one self-contained file (inline CSS, charts as inline SVG, thumbnails as
+``data:`` PNG URIs re-encoded by the tool), rendered by jinja2 with autoescaping on.
+
+Every string that comes from the user's files (class names, paths) is escaped by the
+template engine; nothing in the page runs script, and a Content-Security-Policy forbids it.
+"""
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any, Dict, List, Optional
+
+import jinja2
+
+from .probe import ProbeSet
+
+MAX_THUMBNAILS = 32
+
+
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("model_audit", "templates"),
+        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+
+
+def _svg(fig: Any) -> str:
+    import matplotlib
+
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text as text: small and crisp
+        fig.savefig(buf, format="svg", bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg"):]
+
+
+def layer_chart(layers: List[Dict[str, Any]]) -> str:
+    """Bar chart: score and parameter share per group, flagged groups highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [layer["name"] for layer in layers]
+    scores = np.array([layer["score"] for layer in layers])
+    shares = np.array([layer["share"] for layer in layers])
+    low = np.array([layer["score_interval"][0] for layer in layers])
+    high = np.array([layer["score_interval"][1] for layer in layers])
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(names) + 2), 3.4))
+    colors = ["#c0392b" if layer["flagged"] else "#2e86c1" for layer in layers]
+    ax.bar(x - 0.2, scores, 0.4, color=colors, label="score (share of error loss removed)",
+           yerr=[np.clip(scores - low, 0, None), np.clip(high - scores, 0, None)], capsize=2)
+    ax.bar(x + 0.2, shares, 0.4, color="#aab7b8", label="parameter share")
+    ax.axhline(1.0 / max(len(names), 1), color="#555", lw=0.8, ls="--", label="1 / groups")
+    ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("fraction")
+    ax.set_xlabel("layer group (red: flagged)")
+    ax.legend(fontsize=7, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _svg(fig)
+
+
+def damping_chart(steps: List[Dict[str, Any]]) -> Optional[str]:
+    """Learning rate and momentum per replay step, points coloured by damping regime."""
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"underdamped": "#e67e22", "critical": "#27ae60", "overdamped": "#2e86c1"}
+    t = [s["step"] for s in steps]
+    fig, ax = plt.subplots(figsize=(6, 2.8))
+    ax.plot(t, [s["momentum"] for s in steps], color="#333", lw=1)
+    for s in steps:
+        ax.scatter(s["step"], s["momentum"], color=colors[s["regime"]], zorder=3)
+    ax.set_xlabel("replay step")
+    ax.set_ylabel("momentum")
+    ax2 = ax.twinx()
+    ax2.plot(t, [s["lr"] for s in steps], color="#888", ls="--", lw=1)
+    ax2.set_ylabel("learning rate (dashed)")
+    for name, c in colors.items():
+        ax.scatter([], [], color=c, label=name)
+    ax.legend(fontsize=7, frameon=False, loc="lower right")
+    return _svg(fig)
+
+
+def thumbnail(probe: ProbeSet, position: int, size: int = 64) -> str:
+    """A probe image re-encoded by the tool as a PNG ``data:`` URI (never the original bytes)."""
+    from PIL import Image
+
+    x = probe.load([position], normalized=False)[0].clamp(0, 1)
+    arr = (x.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    scale = max(1, size // max(img.size))
+    img = img.resize((img.size[0] * scale, img.size[1] * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def render_scan_report(data: Dict[str, Any], probe: Optional[ProbeSet] = None) -> str:
+    """The HTML report of a scan (``audit.json`` content, plus the probe for thumbnails)."""
+    classes = data["probe"]["classes"]
+    gallery = []
+    if probe is not None:
+        for item in data["misclassified"][:MAX_THUMBNAILS]:
+            gallery.append({**item, "src": thumbnail(probe, item["index"]),
+                            "label_name": classes[item["label"]] if item["label"] < len(classes) else str(item["label"]),
+                            "prediction_name": classes[item["prediction"]] if item["prediction"] < len(classes) else str(item["prediction"])})
+    return _env().get_template("scan.html").render(
+        audit=data, layer_svg=layer_chart(data["layers"]), damping_svg=damping_chart(data["damping"]),
+        gallery=gallery)

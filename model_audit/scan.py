@@ -1,0 +1,251 @@
+"""``scan``: evaluate, replay, attribute, flag. The library call behind ``model-audit scan``.
+
+Example:
+    >>> from model_audit import scan, ScanConfig, AuditOptions
+    >>> result = scan("model.safetensors", "probe/",  # doctest: +SKIP
+    ...               ScanConfig(options=AuditOptions(arch="resnet18-cifar", normalize="cifar10")))
+    >>> result.flagged  # doctest: +SKIP
+    ('layer3', 'fc')
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+
+from . import __version__
+from .attribution import METRIC_NAME, Attribution, attribute, group_reductions
+from .checkpoint import LoadedCheckpoint, atomic_write_bytes, same_file
+from .errors import ConfigError, OutputError
+from .evaluate import EvaluationResult, evaluate
+from .layers import LayerGroup, layer_groups
+from .options import AuditOptions, load_inputs, resolve_device, seed_everything
+from .probe import BatchCache, ProbeSet
+from .replay import ReplayConfig, ReplayResult, replay
+
+SCHEMA_VERSION = 1
+
+METRIC_DOC = ("score = share of the misclassified images' cross-entropy removed when the group "
+              "alone takes its beta-scheduled replay displacement")
+FLAG_RULE_DOC = "flagged when score > max(parameter share, 1 / number of groups)"
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Everything a scan needs besides its two inputs."""
+
+    options: AuditOptions = field(default_factory=AuditOptions)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    bootstrap: int = 200        # bootstrap resamples for the flag frequency (0: off)
+
+    def validate(self) -> None:
+        self.options.validate()
+        self.replay.validate()
+        if self.bootstrap < 0:
+            raise ConfigError(f"bootstrap resamples must be >= 0, got {self.bootstrap}")
+
+
+@dataclass(frozen=True)
+class LayerScore:
+    """One layer group's result."""
+
+    name: str
+    params: int
+    share: float
+    reduction: float
+    score: float
+    score_interval: Tuple[float, float]
+    flag_frequency: float
+    flagged: bool
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "params": self.params, "share": self.share,
+                "score": self.score, "score_interval": list(self.score_interval),
+                "reduction": self.reduction, "flag_frequency": self.flag_frequency,
+                "flagged": self.flagged}
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """The result of a scan; ``to_dict()`` is the content of ``audit.json``."""
+
+    checkpoint: LoadedCheckpoint
+    probe: ProbeSet
+    evaluation: EvaluationResult
+    layers: Tuple[LayerScore, ...]
+    replay: Optional[ReplayResult]
+    config: ScanConfig
+    device: str
+    timing: Dict[str, float]
+    passes: Dict[str, int]
+    warnings: Tuple[str, ...] = ()
+
+    @property
+    def flagged(self) -> Tuple[str, ...]:
+        return tuple(layer.name for layer in self.layers if layer.flagged)
+
+    def to_dict(self) -> Dict[str, Any]:
+        ev = self.evaluation
+        misclassified = [
+            {"index": p, "source_index": int(self.probe.indices[p]), "label": int(ev.labels[p]),
+             "prediction": int(ev.predictions[p]), "confidence": float(ev.confidences[p])}
+            for p in ev.misclassified]
+        model = self.checkpoint.to_dict()
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "tool": {"name": "model-audit", "version": __version__},
+            "model": model,
+            "probe": {**self.probe.describe(), **ev.to_dict()},
+            "metric": {"name": METRIC_NAME, "definition": METRIC_DOC, "flag_rule": FLAG_RULE_DOC},
+            "granularity": self.config.options.granularity,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "flagged": list(self.flagged),
+            "replay": {**self.config.replay.to_dict(),
+                       **(self.replay.to_dict() if self.replay else {"n": 0, "steps": []})},
+            "damping": [s.to_dict() for s in self.replay.steps] if self.replay else [],
+            "bootstrap": {"resamples": self.config.bootstrap, "seed": self.config.options.seed},
+            "misclassified": misclassified,
+            "timing": self.timing,
+            "passes": self.passes,
+            "seed": self.config.options.seed,
+            "device": self.device,
+            "environment": {"torch": torch.__version__, "python": platform.python_version()},
+            "options": self.config.options.to_dict(),
+            "warnings": list(self.warnings),
+        }
+
+
+def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
+         probe: Union[str, os.PathLike, ProbeSet], config: ScanConfig = ScanConfig(), *,
+         progress: bool = False) -> ScanResult:
+    """Scan a checkpoint: which layer groups are responsible for its errors on the probe.
+
+    Args:
+        checkpoint: a path, or a :class:`LoadedCheckpoint` (then ``probe`` must be a ProbeSet
+            or a path opened with ``config.options``).
+        probe: an ImageFolder directory, a ``.safetensors`` tensor file or a :class:`ProbeSet`.
+        config: options, replay and bootstrap settings.
+        progress: show progress bars (on a terminal).
+
+    Returns:
+        A :class:`ScanResult`. The model's parameters and buffers are not changed and no hooks
+        are left on it, also when an error is raised.
+
+    Raises:
+        AuditError: bad checkpoint, probe or options.
+    """
+    config.validate()
+    start = time.perf_counter()
+    opts = config.options
+    device = resolve_device(opts.device)
+    seed_everything(opts.seed)
+    warnings: List[str] = []
+    if isinstance(checkpoint, LoadedCheckpoint):
+        ckpt = checkpoint
+        if not isinstance(probe, ProbeSet):
+            from .probe import open_probe
+
+            probe = open_probe(probe, channels=ckpt.in_channels,
+                               normalize=opts.normalize or ckpt.normalize or "none",
+                               resize=opts.resize, limit=opts.limit, seed=opts.seed,
+                               model_classes=ckpt.classes, num_classes=ckpt.num_classes)
+    else:
+        if isinstance(probe, ProbeSet):
+            raise ConfigError("give the probe as a path when the checkpoint is a path")
+        ckpt, probe, warnings = load_inputs(checkpoint, probe, opts)
+    model = ckpt.model
+    groups: List[LayerGroup] = layer_groups(model, opts.granularity)
+    timing: Dict[str, float] = {"load_s": time.perf_counter() - start}
+    original_device = next(model.parameters()).device
+    was_training = model.training
+    deterministic = torch.backends.cudnn.deterministic
+    try:
+        model.to(device).eval()
+        torch.backends.cudnn.deterministic = True
+        t0 = time.perf_counter()
+        ev = evaluate(model, probe, device=device, batch_size=opts.batch_size, progress=progress)
+        timing["evaluate_s"] = time.perf_counter() - t0
+        errors = ev.misclassified
+        passes = {"forward_images": ev.n, "backward_images": 0}
+        result_replay: Optional[ReplayResult] = None
+        shares = [g.share for g in groups]
+        if errors:
+            cache = BatchCache(probe, errors, opts.batch_size)
+            t0 = time.perf_counter()
+            result_replay = replay(model, cache, config=config.replay, device=device,
+                                   progress=progress)
+            timing["replay_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            reductions = group_reductions(model, cache, result_replay.displacement, groups,
+                                          device=device, progress=progress)
+            timing["attribution_s"] = time.perf_counter() - t0
+            passes["forward_images"] += result_replay.forward_images + reductions.forward_images
+            passes["backward_images"] += result_replay.backward_images
+            t0 = time.perf_counter()
+            attr = attribute(reductions, shares, probe_size=ev.n, misclassified_positions=errors,
+                             resamples=config.bootstrap, seed=opts.seed)
+            timing["bootstrap_s"] = time.perf_counter() - t0
+            if not attr.scores.any():
+                warnings.append("no layer group reduces the error loss in the replay; nothing "
+                                "is flagged (try a smaller replay learning rate)")
+        else:
+            warnings.append("the model classifies every probe image correctly: there are no "
+                            "errors to attribute, and nothing is flagged")
+            import numpy as np
+
+            zeros = np.zeros(len(groups))
+            attr = Attribution(zeros, zeros, zeros.astype(bool), zeros, zeros, zeros, 0)
+    finally:
+        model.to(original_device).train(was_training)
+        torch.backends.cudnn.deterministic = deterministic
+    layers = tuple(
+        LayerScore(g.name, g.params, g.share, float(attr.reduction[i]), float(attr.scores[i]),
+                   (float(attr.score_low[i]), float(attr.score_high[i])),
+                   float(attr.flag_frequency[i]), bool(attr.flagged[i]))
+        for i, g in enumerate(groups))
+    timing["total_s"] = time.perf_counter() - start
+    return ScanResult(ckpt, probe, ev, layers, result_replay, config, device,
+                      {k: round(v, 4) for k, v in timing.items()}, passes, tuple(warnings))
+
+
+def write_json(data: Dict[str, Any], path: Path, inputs: Tuple[Path, ...] = ()) -> Path:
+    """Write ``data`` as indented JSON atomically; refuse to overwrite an input."""
+    for src in inputs:
+        if path.exists() and same_file(path, src):
+            raise OutputError(f"refusing to write {path}: it is an input ({src})")
+    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False, default=_json_default)
+    atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_scan(result: ScanResult, out_dir: Union[str, os.PathLike]) -> Dict[str, Path]:
+    """Write ``audit.json`` and ``report.html`` into ``out_dir`` (atomically, each)."""
+    from .report import render_scan_report
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} exists and is not a directory")
+    inputs = (Path(result.checkpoint.path), Path(result.probe.source))
+    for src in inputs:
+        if out.exists() and same_file(out, src):
+            raise OutputError(f"--out {out} is an input ({src}); choose another directory")
+    data = result.to_dict()
+    html = render_scan_report(data, result.probe)
+    paths = {"audit": out / "audit.json", "report": out / "report.html"}
+    write_json(data, paths["audit"], inputs)
+    atomic_write_bytes(paths["report"], html.encode("utf-8"))
+    return paths

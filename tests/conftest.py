@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny real models and real probe sets (the committed digits samples)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples"
+SHARED_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+    yield
+
+
+@pytest.fixture
+def sgd_checkpoint() -> Path:
+    return SAMPLES / "digits-sgd.safetensors"
+
+
+@pytest.fixture
+def adam_checkpoint() -> Path:
+    return SAMPLES / "digits-adam.safetensors"
+
+
+@pytest.fixture
+def digits_probe() -> Path:
+    return SAMPLES / "digits-probe.safetensors"
+
+
+def snapshot(directory: Path) -> dict:
+    """Every file under ``directory`` with its bytes: to assert that nothing changed."""
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def write_tensor_probe(path: Path, images: torch.Tensor, labels: torch.Tensor, classes=None) -> Path:
+    from safetensors.torch import save_file
+
+    meta = {"classes": json.dumps(classes)} if classes is not None else None
+    save_file({"images": images.contiguous(), "labels": labels.contiguous()}, str(path), metadata=meta)
+    return path
