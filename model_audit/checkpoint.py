@@ -451,33 +451,45 @@ def _fmt_shape(shape: Sequence[int]) -> str:
     return "x".join(str(int(d)) for d in shape) or "scalar"
 
 
-def _mismatch_hints(arch: str, missing: List[str], unexpected: List[str],
-                    shapes: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]]) -> List[str]:
+def _matches(arch: str, num_classes: int, state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``arch`` (built on the meta device, no memory) has exactly the state's keys/shapes."""
+    try:
+        with torch.device("meta"):
+            expected = build_model(arch, num_classes, {k: tuple(v.shape) for k, v in state.items()}).state_dict()
+    except Exception:  # a candidate that cannot be built is simply not suggested
+        return False
+    return (set(expected) == set(state) and
+            all(tuple(expected[k].shape) == tuple(state[k].shape) for k in expected))
+
+
+def _mismatch_hints(arch: str, num_classes: int, state: Mapping[str, torch.Tensor],
+                    missing: List[str], unexpected: List[str],
+                    candidates: Sequence[str]) -> List[str]:
     hints: List[str] = []
-    conv = shapes.get("conv1.weight")
-    if conv is not None:
-        got, want = conv
-        if len(got) == 4 and tuple(got[2:]) == (3, 3) and tuple(want[2:]) == (7, 7):
-            hints.append(f"conv1.weight is 3x3: did you mean {arch}-cifar?")
-        elif len(got) == 4 and tuple(got[2:]) == (7, 7) and arch.endswith("-cifar"):
-            hints.append(f"conv1.weight is 7x7: did you mean {arch[:-len('-cifar')]}?")
+    tried = [c for c in dict.fromkeys(candidates) if c and c != arch and not is_factory_spec(c)]
+    conv = state.get("conv1.weight")
+    if conv is not None and conv.dim() == 4:
+        if tuple(conv.shape[2:]) == (3, 3) and not arch.endswith("-cifar"):
+            tried.insert(0, f"{arch}-cifar")
+        elif tuple(conv.shape[2:]) == (7, 7) and arch.endswith("-cifar"):
+            tried.insert(0, arch[: -len("-cifar")])
+    for candidate in tried:
+        if _matches(candidate, num_classes, state):
+            kernel = "x".join(str(d) for d in conv.shape[2:]) if conv is not None and conv.dim() == 4 else ""
+            lead = f"conv1.weight is {kernel}: " if kernel and candidate.split("-")[0] == arch.split("-")[0] else ""
+            hints.append(f"{lead}did you mean {candidate}?")
+            break
     if unexpected and missing:
         prefixes = {k.split(".", 1)[0] + "." for k in unexpected if "." in k}
         if len(prefixes) == 1:
             prefix = prefixes.pop()
             if all(k.startswith(prefix) and k[len(prefix):] in missing for k in unexpected[:20]):
                 hints.append(f"every unexpected key starts with {prefix!r}: strip that prefix")
-    if re.match(r"^resnet\d+", arch) and unexpected:
-        blocks = {k.split(".")[0] + "." + k.split(".")[1] for k in unexpected
-                  if k.startswith("layer") and k.count(".") > 1}
-        if blocks:
-            hints.append("the checkpoint has more residual blocks than this ResNet: try a deeper one")
-    if any(k.endswith(("conv3.weight", "bn3.weight")) for k in unexpected) and arch.startswith("resnet"):
-        hints.append("the checkpoint has bottleneck blocks (conv3): try resnet50/101/152")
     return hints
 
 
-def _strict_check(path: Path, arch: str, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+def _strict_check(path: Path, arch: str, num_classes: int, model: nn.Module,
+                  state: Mapping[str, torch.Tensor], candidates: Sequence[str] = ()) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -499,7 +511,7 @@ def _strict_check(path: Path, arch: str, model: nn.Module, state: Mapping[str, t
         items = [f"{k} is {_fmt_shape(g)} but the model wants {_fmt_shape(w)}"
                  for k, (g, w) in list(mismatched.items())[:10]]
         parts.append(f"shape mismatches ({len(mismatched)}): " + "; ".join(items) + ".")
-    hints = _mismatch_hints(arch, missing, unexpected, mismatched)
+    hints = _mismatch_hints(arch, num_classes, state, missing, unexpected, candidates)
     parts.append("Hint: " + " ".join(hints) if hints else
                  "Check --arch (and --num-classes); list names with `model-audit archs`.")
     raise CheckpointError(" ".join(parts))
@@ -562,7 +574,7 @@ def load_checkpoint(path: os.PathLike, *, arch: Optional[str] = None,
     if num_classes < 1:
         raise CheckpointError(f"number of classes must be >= 1, got {num_classes}")
     model = build_model(arch, num_classes, shapes)
-    _strict_check(path, arch, model, state)
+    _strict_check(path, arch, num_classes, model, state, candidates=[meta_arch or ""])
     state32, dtypes = _float32(state)
     model.load_state_dict(state32, strict=True)
     model.float().eval()

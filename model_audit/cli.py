@@ -100,7 +100,9 @@ def cli(ctx: click.Context) -> None:
     try:
         defaults = load_defaults()
     except AuditError as exc:
-        raise click.ClickException(str(exc)) from None
+        err = click.ClickException(str(exc))
+        err.exit_code = exc.exit_code
+        raise err from None
     if defaults:
         ctx.default_map = {name: defaults for name in COMMANDS_WITH_MODEL}
 

@@ -155,9 +155,15 @@ def replay(model: nn.Module, batches: BatchCache, *, config: ReplayConfig = Repl
                 velocity[k].mul_(mu).add_(g)
                 theta[k] = leaves[k].detach().sub(velocity[k], alpha=lr)
         if not (math.isfinite(mean_loss) and math.isfinite(sq)):
+            if t == 0:
+                raise ReplayError(
+                    f"the loss or gradient on the misclassified images is not finite (loss "
+                    f"{mean_loss}) before any replay step: the checkpoint's weights or the probe "
+                    "images hold NaN/Inf values")
             raise ReplayError(
-                f"the replay's loss or gradient is not finite at step {t} (loss {mean_loss}); "
-                "the checkpoint may hold NaN/Inf weights: see the warnings")
+                f"the replay diverged at step {t} (loss {mean_loss} after starting at "
+                f"{steps[0].loss:.4g}) with peak learning rate {config.lr} and the "
+                f"{config.schedule} schedule; lower the replay learning rate (--replay-lr)")
         steps.append(ReplayStep(step_record(t, lr, mu), mean_loss, math.sqrt(sq)))
     final_losses, right = per_sample_losses(model, theta, batches, device)
     forward += n

@@ -22,7 +22,7 @@ import torch
 from . import __version__
 from .attribution import METRIC_NAME, Attribution, attribute, group_reductions
 from .checkpoint import LoadedCheckpoint, atomic_write_bytes, same_file
-from .errors import ConfigError, OutputError
+from .errors import ConfigError, OutputError, ReplayError
 from .evaluate import EvaluationResult, evaluate
 from .layers import LayerGroup, layer_groups
 from .options import AuditOptions, load_inputs, resolve_device, seed_everything
@@ -178,8 +178,15 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
         if errors:
             cache = BatchCache(probe, errors, opts.batch_size)
             t0 = time.perf_counter()
-            result_replay = replay(model, cache, config=config.replay, device=device,
-                                   progress=progress)
+            try:
+                result_replay = replay(model, cache, config=config.replay, device=device,
+                                       progress=progress)
+            except ReplayError as exc:
+                if ckpt.nonfinite:
+                    raise ReplayError(
+                        f"{exc}. The checkpoint holds NaN/Inf values in "
+                        f"{', '.join(ckpt.nonfinite[:10])}") from exc
+                raise
             timing["replay_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             reductions = group_reductions(model, cache, result_replay.displacement, groups,

@@ -1,0 +1,225 @@
+"""Scan, replay and attribution on the committed digits models (real models, real data)."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_audit import AuditOptions, ReplayConfig, ScanConfig, load_checkpoint, open_probe, scan
+from model_audit.attribution import attribute, flag_rule, group_reductions, scores_from_reductions
+from model_audit.errors import ReplayError
+from model_audit.layers import layer_groups
+from model_audit.probe import BatchCache
+from model_audit.replay import replay
+
+FAST = ScanConfig(bootstrap=50)
+
+
+def _state_bytes(model):
+    return {k: v.detach().clone().contiguous().numpy().tobytes() for k, v in model.state_dict().items()}
+
+
+def _no_hooks(model):
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+        assert not m._backward_hooks and not getattr(m, "_backward_pre_hooks", {})
+
+
+def _without_timing(d):
+    d = copy.deepcopy(d)
+    d.pop("timing")
+    return d
+
+
+def test_scan_result_and_audit_schema(sgd_checkpoint, digits_probe):
+    result = scan(sgd_checkpoint, digits_probe, FAST)
+    d = result.to_dict()
+    for key in ("schema_version", "model", "probe", "layers", "flagged", "damping", "timing", "seed"):
+        assert key in d
+    assert d["model"]["arch"] == "tiny-resnet" and len(d["model"]["sha256"]) == 64
+    assert d["probe"]["n"] == 540
+    assert d["probe"]["misclassified"] == len(d["misclassified"]) == 540 - d["probe"]["correct"]
+    names = [layer["name"] for layer in d["layers"]]
+    assert names == ["conv1", "bn1", "layer1", "layer2", "layer3", "fc"]
+    assert sum(layer["params"] for layer in d["layers"]) == d["model"]["parameters"]
+    scores = [layer["score"] for layer in d["layers"]]
+    assert all(0 <= s <= 1 for s in scores) and sum(scores) == pytest.approx(1.0)
+    for layer in d["layers"]:
+        assert set(layer) >= {"name", "params", "score", "flag_frequency", "flagged"}
+        assert 0.0 <= layer["flag_frequency"] <= 1.0
+        lo, hi = layer["score_interval"]
+        assert lo <= hi
+    assert d["flagged"] == [layer["name"] for layer in d["layers"] if layer["flagged"]]
+    assert d["flagged"], "a model with errors flags at least one group"
+    # one damping record per replay step, the beta schedule is critically damped
+    assert len(d["damping"]) == ReplayConfig().steps
+    assert {s["regime"] for s in d["damping"]} == {"critical"}
+    assert d["replay"]["final_loss"] < d["replay"]["initial_loss"]
+
+
+def test_flag_rule_is_the_documented_one(sgd_checkpoint, digits_probe):
+    d = scan(sgd_checkpoint, digits_probe, FAST).to_dict()
+    g = len(d["layers"])
+    for layer in d["layers"]:
+        assert layer["flagged"] == (layer["score"] > max(layer["share"], 1 / g))
+
+
+def test_scan_leaves_model_untouched_and_no_hooks(sgd_checkpoint, digits_probe):
+    ckpt = load_checkpoint(sgd_checkpoint)
+    ckpt.model.train()  # a model handed over in train mode is audited in eval mode
+    before = _state_bytes(ckpt.model)
+    result = scan(ckpt, digits_probe, FAST)
+    assert _state_bytes(ckpt.model) == before
+    assert ckpt.model.training, "the caller's train/eval mode is restored"
+    _no_hooks(ckpt.model)
+    # audited in eval mode: the same accuracy as a plain eval-mode pass
+    ckpt.model.eval()
+    probe = open_probe(digits_probe, channels=1, normalize=ckpt.normalize)
+    with torch.no_grad():
+        x = probe.load(range(len(probe)))
+        acc = float((ckpt.model(x).argmax(1) == probe.labels).float().mean())
+    assert result.evaluation.accuracy == pytest.approx(acc)
+
+
+def test_model_untouched_when_an_error_is_raised_midway(sgd_checkpoint, digits_probe, monkeypatch):
+    ckpt = load_checkpoint(sgd_checkpoint)
+    before = _state_bytes(ckpt.model)
+
+    def boom(*args, **kwargs):
+        raise ReplayError("injected failure")
+
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("model_audit.scan"), "group_reductions", boom)
+    with pytest.raises(ReplayError, match="injected"):
+        scan(ckpt, digits_probe, FAST)
+    assert _state_bytes(ckpt.model) == before
+    assert not ckpt.model.training
+    _no_hooks(ckpt.model)
+
+
+def test_same_seed_same_audit(sgd_checkpoint, digits_probe):
+    a = scan(sgd_checkpoint, digits_probe, FAST).to_dict()
+    b = scan(sgd_checkpoint, digits_probe, FAST).to_dict()
+    assert _without_timing(a) == _without_timing(b)
+    c = scan(sgd_checkpoint, digits_probe, ScanConfig(AuditOptions(seed=1), bootstrap=50)).to_dict()
+    assert [x["flag_frequency"] for x in a["layers"]] != [x["flag_frequency"] for x in c["layers"]] \
+        or a["probe"] == c["probe"]
+
+
+def test_group_reductions_match_direct_computation(sgd_checkpoint, digits_probe):
+    """r[i, g] equals the loss change of a model copy whose group g alone was moved."""
+    ckpt = load_checkpoint(sgd_checkpoint)
+    model = ckpt.model
+    probe = open_probe(digits_probe, channels=1, normalize=ckpt.normalize)
+    with torch.no_grad():
+        x = probe.load(range(len(probe)))
+        wrong = torch.nonzero(model(x).argmax(1) != probe.labels).flatten().tolist()
+    cache = BatchCache(probe, wrong, 7)  # odd batch size: gradients accumulate over batches
+    rep = replay(model, cache, config=ReplayConfig(steps=3))
+    groups = layer_groups(model)
+    red = group_reductions(model, cache, rep.displacement, groups)
+    xw, yw = probe.load(wrong), probe.labels[wrong]
+    with torch.no_grad():
+        base = F.cross_entropy(model(xw), yw, reduction="none")
+        for j, group in enumerate(groups):
+            moved = copy.deepcopy(model)
+            params = dict(moved.named_parameters())
+            for name in group.parameter_names:
+                params[name].add_(rep.displacement[name])
+            direct = base - F.cross_entropy(moved(xw), yw, reduction="none")
+            assert torch.allclose(red.matrix[:, j].float(), direct, atol=1e-5)
+
+
+def test_replay_is_heavy_ball_with_beta_momentum(sgd_checkpoint, digits_probe):
+    """The replay's displacement equals torch SGD driven by the beta schedule, full batch."""
+    from model_audit.schedules import MomentumScheduler, cosine_lr
+
+    ckpt = load_checkpoint(sgd_checkpoint)
+    probe = open_probe(digits_probe, channels=1, normalize=ckpt.normalize)
+    wrong = list(range(0, 540, 9))  # any fixed subset works for the check
+    cfg = ReplayConfig(steps=4)
+    rep = replay(ckpt.model, BatchCache(probe, wrong, 16), config=cfg)
+    ref = copy.deepcopy(ckpt.model)
+    opt = torch.optim.SGD(ref.parameters(), lr=cfg.lr, momentum=0.0)
+    ms = MomentumScheduler(opt, "beta")
+    xw, yw = probe.load(wrong), probe.labels[wrong]
+    start = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    for t in range(cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(t, cfg.steps, cfg.lr, cfg.lr * cfg.lr_min_ratio)
+        ms.step()
+        opt.zero_grad()
+        F.cross_entropy(ref(xw), yw).backward()
+        opt.step()
+    for n, p in ref.named_parameters():
+        assert torch.allclose(p.detach() - start[n], rep.displacement[n], atol=1e-5), n
+    assert [round(s.record.momentum, 6) for s in rep.steps] == \
+        [round(r.momentum, 6) for r in ms.history[1:]]
+
+
+def test_constant_schedule_records_its_regimes(sgd_checkpoint, digits_probe):
+    cfg = ScanConfig(replay=ReplayConfig(schedule="constant", lr=0.02, steps=3), bootstrap=0)
+    d = scan(sgd_checkpoint, digits_probe, cfg).to_dict()
+    assert [s["momentum"] for s in d["damping"]] == [0.9] * 3
+    assert d["damping"][0]["regime"] == "underdamped"
+
+
+def test_a_perturbed_group_gains_responsibility(sgd_checkpoint, digits_probe):
+    base = scan(sgd_checkpoint, digits_probe, FAST)
+    ckpt = load_checkpoint(sgd_checkpoint)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        w = ckpt.model.conv1.weight
+        w.add_(torch.randn_like(w) * w.std() * 0.3)
+    hurt = scan(ckpt, digits_probe, FAST)
+    assert hurt.evaluation.accuracy < base.evaluation.accuracy
+    score = {layer.name: layer.score for layer in hurt.layers}
+    before = {layer.name: layer.score for layer in base.layers}
+    assert score["conv1"] > 2 * before["conv1"]
+    assert "conv1" in hurt.flagged and "conv1" not in base.flagged
+
+
+def test_no_errors_flags_nothing(sgd_checkpoint, digits_probe):
+    ckpt = load_checkpoint(sgd_checkpoint)
+    probe = open_probe(digits_probe, channels=1, normalize=ckpt.normalize)
+    with torch.no_grad():
+        right = torch.nonzero(ckpt.model(probe.load(range(len(probe)))).argmax(1) == probe.labels)
+    result = scan(ckpt, probe.subset(right.flatten().tolist()[:50]), FAST)
+    assert result.flagged == () and result.replay is None
+    assert any("no errors" in w for w in result.warnings)
+
+
+def test_bootstrap_helpers_on_hand_checked_numbers():
+    assert np.allclose(scores_from_reductions(np.array([2.0, -1.0, 2.0])), [0.5, 0.0, 0.5])
+    assert np.allclose(scores_from_reductions(np.array([-1.0, 0.0])), [0.0, 0.0])
+    # three groups: bound = max(share, 1/3)
+    flags = flag_rule(np.array([0.5, 0.3, 0.2]), np.array([0.1, 0.1, 0.8]))
+    assert flags.tolist() == [True, False, False]
+    from model_audit.attribution import GroupReductions
+
+    red = GroupReductions(torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64),
+                          torch.zeros(2), ("a", "b"), 0)
+    attr = attribute(red, [0.5, 0.5], probe_size=10, misclassified_positions=[3, 7],
+                     resamples=20, seed=0)
+    assert attr.flagged.tolist() == [True, False]
+    # every resample that holds an error flags "a"; one with none flags nothing
+    assert 0.8 <= attr.flag_frequency[0] <= 1.0 and attr.flag_frequency[1] == 0.0
+
+
+def test_diverging_replay_says_what_to_do(sgd_checkpoint, digits_probe):
+    cfg = ScanConfig(replay=ReplayConfig(schedule="constant", lr=1.0, steps=5), bootstrap=0)
+    with pytest.raises(ReplayError, match="diverged.*--replay-lr"):
+        scan(sgd_checkpoint, digits_probe, cfg)
+
+
+def test_nan_weights_are_named(sgd_checkpoint, digits_probe, tmp_path):
+    from model_audit.checkpoint import read_tensors, save_checkpoint
+
+    state, meta = read_tensors(sgd_checkpoint)
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    bad = tmp_path / "nan.safetensors"
+    save_checkpoint(state, bad, metadata=meta)
+    with pytest.raises(ReplayError, match="layer2.0.conv1.weight"):
+        scan(bad, digits_probe, FAST)
