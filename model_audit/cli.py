@@ -19,7 +19,7 @@ from .options import DEVICES, AuditOptions
 from .replay import ReplayConfig
 from .schedules import SCHEDULES
 
-COMMANDS_WITH_MODEL = ("scan",)
+COMMANDS_WITH_MODEL = ("scan", "compare")
 
 
 class AuditGroup(click.Group):
@@ -166,6 +166,50 @@ def scan(checkpoint: Path, out: Optional[Path], bootstrap: int, replay_steps: in
     if not kw["quiet"]:
         click.echo(f"wrote {paths['audit']} and {paths['report']} "
                    f"({data['timing']['total_s']:.1f} s on {data['device']})")
+
+
+def _scan_or_load(path: Path, kw: dict, progress: bool) -> Any:
+    """An ``audit.json`` is read as it is; a checkpoint is scanned with the shared options."""
+    from .compare import load_audit
+    from .scan import ScanConfig, scan as run_scan
+
+    if path.suffix.lower() == ".json":
+        return load_audit(path)
+    probe = _need_probe(kw["probe"])
+    return run_scan(path, probe, ScanConfig(options=_audit_options(kw)), progress=progress)
+
+
+@cli.command()
+@click.argument("a", type=click.Path(exists=True, path_type=Path))
+@click.argument("b", type=click.Path(exists=True, path_type=Path))
+@model_options
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output directory for compare.json and report.html "
+                   "[default: reports/compare-<A>-vs-<B>].")
+@click.option("--allow-partial", is_flag=True, default=False,
+              help="Compare only the layer groups both have (different architectures).")
+@click.option("--resamples", type=int, default=1000, show_default=True,
+              help="Bootstrap resamples over probe samples for the intervals (0: off).")
+def compare(a: Path, b: Path, out: Optional[Path], allow_partial: bool, resamples: int,
+            **kw: Any) -> None:
+    """Compare two checkpoints (or two audit.json files): do they flag the same groups?
+
+    A and B are checkpoints (scanned on the same --probe with the same options) or audit.json
+    files written by scan. Prints both flagged sets, overlap against chance, rank correlation
+    with bootstrap intervals, and writes OUT/compare.json and OUT/report.html.
+    """
+    from .compare import CompareConfig, compare as run_compare, format_compare, write_compare
+
+    config = CompareConfig(allow_partial=allow_partial, resamples=resamples, seed=kw["seed"])
+    config.validate()
+    out = out if out is not None else Path("reports") / f"compare-{a.stem}-vs-{b.stem}"
+    progress = _progress(kw["quiet"])
+    scans = [_scan_or_load(a, kw, progress), _scan_or_load(b, kw, progress)]
+    result = run_compare(scans[0], scans[1], config)
+    paths = write_compare(result, out, inputs=(a, b))
+    click.echo(format_compare(result))
+    if not kw["quiet"]:
+        click.echo(f"wrote {paths['compare']} and {paths['report']}")
 
 
 @cli.command()

@@ -116,3 +116,37 @@ def render_scan_report(data: Dict[str, Any], probe: Optional[ProbeSet] = None) -
     return _env().get_template("scan.html").render(
         audit=data, layer_svg=layer_chart(data["layers"]), damping_svg=damping_chart(data["damping"]),
         gallery=gallery)
+
+
+def compare_chart(scores: List[Dict[str, Any]]) -> str:
+    """Grouped bars: the two scans' scores per shared group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [s["name"] for s in scores]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(names) + 2), 3.2))
+    ax.bar(x - 0.2, [s["score_a"] for s in scores], 0.4, color="#2e86c1", label="A")
+    ax.bar(x + 0.2, [s["score_b"] for s in scores], 0.4, color="#e67e22", label="B")
+    ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("score (share of error loss removed)")
+    ax.set_xlabel("layer group")
+    ax.legend(fontsize=7, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _svg(fig)
+
+
+def render_compare_report(data: Dict[str, Any]) -> str:
+    """The HTML report of a comparison (``compare.json`` content)."""
+    def fmt(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    def iv(key: str) -> str:
+        interval = data["intervals"].get(key)
+        return f" (95% interval {interval[0]:.2f} to {interval[1]:.2f})" if interval else ""
+
+    return _env().get_template("compare.html").render(
+        cmp=data, chart=compare_chart(data["scores"]), fmt=fmt, iv=iv)

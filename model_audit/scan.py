@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from . import __version__
-from .attribution import METRIC_NAME, Attribution, attribute, group_reductions
+from .attribution import METRIC_NAME, Attribution, GroupReductions, attribute, group_reductions
 from .checkpoint import LoadedCheckpoint, atomic_write_bytes, same_file
 from .errors import ConfigError, OutputError, ReplayError
 from .evaluate import EvaluationResult, evaluate
@@ -85,6 +85,7 @@ class ScanResult:
     timing: Dict[str, float]
     passes: Dict[str, int]
     warnings: Tuple[str, ...] = ()
+    reductions: Optional[GroupReductions] = None
 
     @property
     def flagged(self) -> Tuple[str, ...]:
@@ -111,6 +112,14 @@ class ScanResult:
             "damping": [s.to_dict() for s in self.replay.steps] if self.replay else [],
             "bootstrap": {"resamples": self.config.bootstrap, "seed": self.config.options.seed},
             "misclassified": misclassified,
+            # r[i, g] per misclassified image (rows follow "misclassified"): lets `compare`
+            # bootstrap over probe samples from two audit.json files.
+            "per_image": {
+                "index": [m["index"] for m in misclassified],
+                "reduction": ([[float(f"{v:.6g}") for v in row]
+                               for row in self.reductions.matrix.tolist()]
+                              if self.reductions is not None else []),
+            },
             "timing": self.timing,
             "passes": self.passes,
             "seed": self.config.options.seed,
@@ -174,6 +183,7 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
         errors = ev.misclassified
         passes = {"forward_images": ev.n, "backward_images": 0}
         result_replay: Optional[ReplayResult] = None
+        reductions: Optional[GroupReductions] = None
         shares = [g.share for g in groups]
         if errors:
             cache = BatchCache(probe, errors, opts.batch_size)
@@ -218,7 +228,8 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
         for i, g in enumerate(groups))
     timing["total_s"] = time.perf_counter() - start
     return ScanResult(ckpt, probe, ev, layers, result_replay, config, device,
-                      {k: round(v, 4) for k, v in timing.items()}, passes, tuple(warnings))
+                      {k: round(v, 4) for k, v in timing.items()}, passes, tuple(warnings),
+                      reductions)
 
 
 def write_json(data: Dict[str, Any], path: Path, inputs: Tuple[Path, ...] = ()) -> Path:

@@ -1,0 +1,116 @@
+"""Small statistics used across stages: rank correlations, set overlap, chance levels.
+
+Implemented with numpy alone (scipy is not a runtime dependency) and tested against scipy.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence, Set
+
+import numpy as np
+
+
+def _valid_pairs(x: Sequence[float], y: Sequence[float]):
+    a = np.asarray(x, dtype=np.float64)
+    b = np.asarray(y, dtype=np.float64)
+    keep = np.isfinite(a) & np.isfinite(b)
+    return a[keep], b[keep]
+
+
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank (scipy's ``rankdata(method="average")``)."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    sorted_x = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
+    """Spearman's rho (Pearson correlation of average ranks); None when undefined.
+
+    Undefined: fewer than 3 finite pairs, or a constant vector.
+
+    Example:
+        >>> spearman([1, 2, 3, 4], [10, 20, 30, 40])
+        1.0
+    """
+    a, b = _valid_pairs(x, y)
+    if len(a) < 3:
+        return None
+    ra, rb = rankdata(a), rankdata(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = math.sqrt(float((ra ** 2).sum() * (rb ** 2).sum()))
+    if denom == 0:
+        return None
+    return float(np.clip((ra * rb).sum() / denom, -1.0, 1.0))
+
+
+def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
+    """Kendall's tau-b (ties corrected); None when undefined.
+
+    Example:
+        >>> kendall_tau_b([1, 2, 3], [3, 2, 1])
+        -1.0
+    """
+    a, b = _valid_pairs(x, y)
+    n = len(a)
+    if n < 3:
+        return None
+    da = np.sign(a[:, None] - a[None, :])
+    db = np.sign(b[:, None] - b[None, :])
+    iu = np.triu_indices(n, 1)
+    s = float((da * db)[iu].sum())
+    n0 = n * (n - 1) / 2
+    ties_a = float((da[iu] == 0).sum())
+    ties_b = float((db[iu] == 0).sum())
+    denom = math.sqrt((n0 - ties_a) * (n0 - ties_b))
+    if denom == 0:
+        return None
+    return float(np.clip(s / denom, -1.0, 1.0))
+
+
+def jaccard(a: Set[str], b: Set[str]) -> Optional[float]:
+    """|A & B| / |A | B|; None when both are empty."""
+    union = a | b
+    return len(a & b) / len(union) if union else None
+
+
+def overlap_coefficient(a: Set[str], b: Set[str]) -> Optional[float]:
+    """|A & B| / min(|A|, |B|) (Szymkiewicz-Simpson); None when either is empty."""
+    smaller = min(len(a), len(b))
+    return len(a & b) / smaller if smaller else None
+
+
+def top_k(names: Sequence[str], scores: Sequence[float], k: int) -> Set[str]:
+    """The ``k`` names with the highest scores (ties broken by order of appearance)."""
+    order = sorted(range(len(names)), key=lambda i: (-float(scores[i]), i))
+    return {names[i] for i in order[:k]}
+
+
+def hypergeom_pmf(x: int, total: int, a: int, b: int) -> float:
+    """P(|A & B| = x) for a random b-subset B of ``total`` items against a fixed a-subset A."""
+    if x < max(0, a + b - total) or x > min(a, b):
+        return 0.0
+    return math.comb(a, x) * math.comb(total - a, b - x) / math.comb(total, b)
+
+
+def hypergeom_sf(x: int, total: int, a: int, b: int) -> float:
+    """P(|A & B| >= x) by chance (one-sided p-value of an overlap at least this large)."""
+    return float(min(1.0, sum(hypergeom_pmf(k, total, a, b) for k in range(x, min(a, b) + 1))))
+
+
+def percentile_interval(values: Iterable[Optional[float]], level: float = 0.95):
+    """The central ``level`` percentile interval of the finite values, or None."""
+    arr = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if arr.size == 0:
+        return None
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.percentile(arr, [tail, 100.0 - tail])
+    return [float(lo), float(hi)]
