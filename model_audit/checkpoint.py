@@ -265,11 +265,13 @@ def validate_safetensors_header(path: Path) -> Tuple[Dict[str, Any], Dict[str, s
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except UnicodeDecodeError as exc:
         raise CheckpointError(f"{where}: the header is not UTF-8 ({exc})") from exc
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise CheckpointError(f"{where}: the header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: the header is a JSON {type(header).__name__}, not an object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise CheckpointError(f"{where}: __metadata__ must map strings to strings")
@@ -586,7 +588,7 @@ def load_checkpoint(path: os.PathLike, *, arch: Optional[str] = None,
             parsed = json.loads(metadata[META_PREFIX + "classes"])
             if isinstance(parsed, list) and all(isinstance(c, str) for c in parsed):
                 classes = tuple(parsed)
-        except ValueError:
+        except (ValueError, RecursionError):
             classes = None
     return LoadedCheckpoint(
         model=model, arch=arch, num_classes=num_classes, in_channels=input_channels(model),

@@ -86,14 +86,14 @@ def parse_normalize(spec: Optional[str]) -> Normalization:
         values = [float(v) for v in spec.split(",")]
     except ValueError:
         values = []
+    forms = ("use cifar10, imagenet, none, or MEAN,STD as numbers (2 values, or C means "
+             "followed by C stds)")
     if len(values) < 2 or len(values) % 2 or not all(math.isfinite(v) for v in values):
-        raise ProbeError(
-            f"invalid normalisation {spec!r}: use cifar10, imagenet, none, or MEAN,STD as "
-            "numbers (2 values, or C means followed by C stds)")
+        raise ProbeError(f"invalid normalisation {spec!r}: {forms}")
     half = len(values) // 2
     mean, std = tuple(values[:half]), tuple(values[half:])
     if any(s <= 0 for s in std):
-        raise ProbeError(f"invalid normalisation {spec!r}: every std must be > 0")
+        raise ProbeError(f"invalid normalisation {spec!r}: every std must be > 0; {forms}")
     return Normalization(spec, mean, std)
 
 
@@ -332,8 +332,11 @@ class TensorFileProbe(ProbeSet):
             raise ProbeError(f"{path}: images must be uint8 or float, got {header['images']['dtype']}")
         if header["labels"]["dtype"] not in ("I64", "I32", "I16", "I8", "U8"):
             raise ProbeError(f"{path}: labels must be integers, got {header['labels']['dtype']}")
-        with safe_open(str(self.path), framework="pt") as fh:
-            labels = fh.get_tensor("labels").long()
+        try:
+            with safe_open(str(self.path), framework="pt") as fh:
+                labels = fh.get_tensor("labels").long()
+        except Exception as exc:  # the library's SafetensorError and others
+            raise ProbeError(f"{path}: cannot read the labels: {exc}") from exc
         if labels.numel() == 0:
             raise ProbeError(f"{path}: the probe holds no images")
         if int(labels.min()) < 0:
@@ -343,7 +346,7 @@ class TensorFileProbe(ProbeSet):
         if "classes" in metadata:
             try:
                 parsed = json.loads(metadata["classes"])
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise ProbeError(f"{path}: metadata 'classes' is not JSON ({exc})") from exc
             if not isinstance(parsed, list) or not all(isinstance(c, str) for c in parsed):
                 raise ProbeError(f"{path}: metadata 'classes' must be a JSON list of strings")
@@ -361,10 +364,20 @@ class TensorFileProbe(ProbeSet):
         idx = list(source_indices)
         if not idx:
             return torch.empty(0, self.channels, 1, 1)
-        lo, hi = min(idx), max(idx) + 1
-        with safe_open(str(self.path), framework="pt") as fh:
-            block = fh.get_slice("images")[lo:hi]
-        x = block[torch.tensor(idx) - lo]
+        # One slice per run of consecutive indices: scattered positions read only their own
+        # images, not every image between the first and the last.
+        runs: List[Tuple[int, int]] = []
+        for i in idx:
+            if runs and i == runs[-1][1]:
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+        try:
+            with safe_open(str(self.path), framework="pt") as fh:
+                images = fh.get_slice("images")
+                x = torch.cat([images[lo:hi] for lo, hi in runs])
+        except Exception as exc:  # the library's SafetensorError and others
+            raise ProbeError(f"{self.path}: cannot read the images: {exc}") from exc
         x = x.float().div_(255.0) if self.dtype == "U8" else x.float()
         x = _convert_channels(x, self.channels, str(self.path))
         return self._resize(x)

@@ -128,5 +128,5 @@ def test_cli_compare_bad_inputs(tmp_path, sgd_checkpoint, digits_probe):
     assert r.exit_code == 2 and "not an audit.json" in r.output and "Traceback" not in r.output
     r = runner.invoke(cli, ["compare", str(sgd_checkpoint), str(tmp_path / "missing.safetensors"),
                             "--probe", str(digits_probe), "--out", str(tmp_path / "o")])
-    assert r.exit_code == 2 and "missing.safetensors does not exist" in r.output
+    assert r.exit_code == 2 and "missing.safetensors' does not exist" in r.output
     assert snapshot(tmp_path) == before
