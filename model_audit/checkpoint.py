@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .errors import ArchitectureError, CheckpointError, OutputError
+from .errors import ArchitectureError, CheckpointError, EmptyCheckpointError, OutputError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -170,12 +170,20 @@ def build_model(arch: str, num_classes: int,
     shapes = shapes or {}
     if is_factory_spec(arch):
         module_name, _, attr = arch.partition(":")
+        import sys
+
+        added = os.getcwd() not in sys.path
+        if added:  # `model-audit` is a console script: put the user's directory on the path
+            sys.path.insert(0, os.getcwd())
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError, ValueError) as exc:
             raise ArchitectureError(
                 f"cannot import factory {arch!r}: {exc}. Give 'package.module:function' with the "
                 "package importable (installed, or in the current directory).") from exc
+        finally:
+            if added:
+                sys.path.remove(os.getcwd())
         try:
             model = factory(num_classes=num_classes)
         except Exception as exc:  # a user's factory may raise anything
@@ -276,11 +284,11 @@ def validate_safetensors_header(path: Path) -> Tuple[Dict[str, Any], Dict[str, s
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise CheckpointError(f"{where}: __metadata__ must map strings to strings")
     if not header:
-        raise CheckpointError(f"{path}: the file holds no tensors; nothing to audit")
+        raise EmptyCheckpointError(f"{path}: the file holds no tensors; nothing to audit")
     spans = []
     for name, entry in header.items():
         shown = _safe_name(name)
-        if not name or not name.isprintable() or "/" in name or "\\" in name or ".." in name.split("."):
+        if not name or not name.isprintable() or "/" in name or "\\" in name:
             raise CheckpointError(f"{where}: invalid tensor name {shown}")
         if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"}:
             raise CheckpointError(f"{where}: tensor {shown} has a malformed entry")
@@ -383,7 +391,7 @@ def _unwrap_state_dict(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
     if odd:
         raise CheckpointError(f"{path}: sparse or non-strided tensors are not supported: {', '.join(odd[:8])}")
     if not obj:
-        raise CheckpointError(f"{path}: the state dict is empty; nothing to audit")
+        raise EmptyCheckpointError(f"{path}: the state dict is empty; nothing to audit")
     return dict(obj)
 
 

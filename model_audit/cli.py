@@ -19,7 +19,14 @@ from .options import DEVICES, AuditOptions
 from .replay import ReplayConfig
 from .schedules import SCHEDULES
 
-COMMANDS_WITH_MODEL = ("scan", "compare")
+COMMANDS_WITH_MODEL = ("scan", "compare", "gate")
+
+
+def _fail(message: str, exit_code: int = 2) -> click.ClickException:
+    """A ClickException that prints ``Error: message`` and exits with ``exit_code``."""
+    err = click.ClickException(message)
+    err.exit_code = exit_code
+    return err
 
 
 class AuditGroup(click.Group):
@@ -29,9 +36,7 @@ class AuditGroup(click.Group):
         try:
             return super().invoke(ctx)
         except AuditError as exc:
-            err = click.ClickException(str(exc))
-            err.exit_code = exc.exit_code
-            raise err from None
+            raise _fail(str(exc), exc.exit_code) from None
 
 
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -100,9 +105,7 @@ def cli(ctx: click.Context) -> None:
     try:
         defaults = load_defaults()
     except AuditError as exc:
-        err = click.ClickException(str(exc))
-        err.exit_code = exc.exit_code
-        raise err from None
+        raise _fail(str(exc), exc.exit_code) from None
     if defaults:
         ctx.default_map = {name: defaults for name in COMMANDS_WITH_MODEL}
 
@@ -210,6 +213,63 @@ def compare(a: Path, b: Path, out: Optional[Path], allow_partial: bool, resample
     click.echo(format_compare(result))
     if not kw["quiet"]:
         click.echo(f"wrote {paths['compare']} and {paths['report']}")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path), required=False)
+@model_options
+@click.option("--policy", type=click.Path(path_type=Path), default=None,
+              help="Policy file (TOML). With --init: where to write the example.")
+@click.option("--baseline", type=click.Path(path_type=Path), default=None,
+              help="The previous release's audit.json, for the regression checks.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output directory for gate.json, audit.json and report.html "
+                   "[default: reports/gate-<checkpoint name>].")
+@click.option("--junit", type=click.Path(path_type=Path), default=None,
+              help="Also write JUnit XML (one testcase per check) to this file.")
+@click.option("--summary", type=click.Path(path_type=Path), default=None,
+              help="Also write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY) to this file.")
+@click.option("--init", "init", is_flag=True, default=False,
+              help="Write a commented example policy to --policy (default "
+                   "model-audit-policy.toml) and exit.")
+def gate(checkpoint: Optional[Path], policy: Optional[Path], baseline: Optional[Path],
+         out: Optional[Path], junit: Optional[Path], summary: Optional[Path], init: bool,
+         **kw: Any) -> None:
+    """Release gate: check CHECKPOINT against a policy; the exit code is the verdict.
+
+    Exit codes: 0 all checks passed; 1 a check failed; 2 bad input or internal error;
+    3 nothing was audited (empty probe, checkpoint without tensors).
+    """
+    from .checkpoint import atomic_write_bytes
+    from .gate import EXAMPLE_POLICY, check_gate, load_policy, markdown_summary, write_gate
+    from .scan import ScanConfig
+
+    if init:
+        target = policy or Path("model-audit-policy.toml")
+        if target.exists():
+            raise _fail(f"{target} exists; not overwriting it (give another --policy path)")
+        atomic_write_bytes(target, EXAMPLE_POLICY.encode("utf-8"))
+        click.echo(f"wrote {target}")
+        return
+    if checkpoint is None:
+        raise click.UsageError("give CHECKPOINT (or --init to write an example policy)")
+    if policy is None:
+        raise click.UsageError("give --policy POLICY.toml (`model-audit gate --init` writes one)")
+    rules = load_policy(policy)
+    probe = _need_probe(kw["probe"])
+    out = out if out is not None else Path("reports") / f"gate-{checkpoint.stem}"
+    try:
+        result = check_gate(checkpoint, probe, rules, baseline=baseline,
+                            scan_config=ScanConfig(options=_audit_options(kw)),
+                            progress=_progress(kw["quiet"]))
+        write_gate(result, out, junit=junit, summary=summary,
+                   inputs=tuple(p for p in (checkpoint, probe, policy, baseline) if p))
+    except AuditError:
+        raise
+    except Exception as exc:  # an internal error must not look like a pass or a failed check
+        raise _fail(f"internal error: {type(exc).__name__}: {exc}") from exc
+    click.echo(markdown_summary(result).rstrip())
+    click.get_current_context().exit(result.exit_code)
 
 
 @cli.command()

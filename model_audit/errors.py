@@ -34,3 +34,15 @@ class OutputError(AuditError):
 
 class ReplayError(AuditError):
     """The replay or attribution cannot run (e.g. non-finite loss)."""
+
+
+class EmptyInputError(AuditError):
+    """There is nothing to audit: an empty probe set or a checkpoint without tensors."""
+
+
+class EmptyProbeError(ProbeError, EmptyInputError):
+    """The probe set holds no images."""
+
+
+class EmptyCheckpointError(CheckpointError, EmptyInputError):
+    """The checkpoint holds no tensors."""

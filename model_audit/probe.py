@@ -30,7 +30,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .errors import ProbeError
+from .errors import EmptyProbeError, ProbeError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -210,7 +210,7 @@ class ImageFolderProbe(ProbeSet):
         real_root = root.resolve()
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not class_dirs:
-            raise ProbeError(
+            raise EmptyProbeError(
                 f"probe directory {root} has no class sub-directories; expected "
                 "<root>/<class>/<image>.jpg (an ImageFolder layout)")
         files: List[Path] = []
@@ -338,7 +338,7 @@ class TensorFileProbe(ProbeSet):
         except Exception as exc:  # the library's SafetensorError and others
             raise ProbeError(f"{path}: cannot read the labels: {exc}") from exc
         if labels.numel() == 0:
-            raise ProbeError(f"{path}: the probe holds no images")
+            raise EmptyProbeError(f"{path}: the probe holds no images")
         if int(labels.min()) < 0:
             raise ProbeError(f"{path}: labels must be >= 0, found {int(labels.min())}")
         n_classes = int(labels.max()) + 1
@@ -448,7 +448,7 @@ def open_probe(path: os.PathLike, *, channels: int = 3, normalize: Optional[str]
     else:
         raise ProbeError(f"probe {path} is neither a directory nor a .safetensors tensor file")
     if len(probe) == 0:
-        raise ProbeError(f"probe {path} holds no images")
+        raise EmptyProbeError(f"probe {path} holds no images")
     if num_classes is not None:
         top = int(probe.labels.max())
         if top >= num_classes:
@@ -489,6 +489,7 @@ class BatchCache:
             yield from self._cache
             return
         kept: List[Tuple[List[int], torch.Tensor, torch.Tensor]] = []
+        self._used = 0  # a pass abandoned halfway must not count twice
         for batch in self.probe.batches(self.batch_size, self.positions):
             if not self._overflow:
                 self._used += batch[1].element_size() * batch[1].nelement()

@@ -104,18 +104,32 @@ def thumbnail(probe: ProbeSet, position: int, size: int = 64) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def render_scan_report(data: Dict[str, Any], probe: Optional[ProbeSet] = None) -> str:
-    """The HTML report of a scan (``audit.json`` content, plus the probe for thumbnails)."""
+def _scan_context(data: Dict[str, Any], probe: Optional[ProbeSet]) -> Dict[str, Any]:
     classes = data["probe"]["classes"]
+
+    def name(i: int) -> str:
+        return classes[i] if 0 <= i < len(classes) else str(i)
+
     gallery = []
     if probe is not None:
         for item in data["misclassified"][:MAX_THUMBNAILS]:
             gallery.append({**item, "src": thumbnail(probe, item["index"]),
-                            "label_name": classes[item["label"]] if item["label"] < len(classes) else str(item["label"]),
-                            "prediction_name": classes[item["prediction"]] if item["prediction"] < len(classes) else str(item["prediction"])})
-    return _env().get_template("scan.html").render(
-        audit=data, layer_svg=layer_chart(data["layers"]), damping_svg=damping_chart(data["damping"]),
-        gallery=gallery)
+                            "label_name": name(item["label"]),
+                            "prediction_name": name(item["prediction"])})
+    return {"audit": data, "layer_svg": layer_chart(data["layers"]),
+            "damping_svg": damping_chart(data["damping"]), "gallery": gallery}
+
+
+def render_scan_report(data: Dict[str, Any], probe: Optional[ProbeSet] = None) -> str:
+    """The HTML report of a scan (``audit.json`` content, plus the probe for thumbnails)."""
+    return _env().get_template("scan.html").render(**_scan_context(data, probe))
+
+
+def render_gate_report(gate: Dict[str, Any], audit: Optional[Dict[str, Any]] = None,
+                       probe: Optional[ProbeSet] = None) -> str:
+    """The HTML report of a gate run: the verdict, every check, then the scan (if any)."""
+    context = _scan_context(audit, probe) if audit else {"audit": None}
+    return _env().get_template("gate.html").render(gate=gate, **context)
 
 
 def compare_chart(scores: List[Dict[str, Any]]) -> str:
