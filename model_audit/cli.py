@@ -273,6 +273,15 @@ def gate(checkpoint: Optional[Path], policy: Optional[Path], baseline: Optional[
 
 
 @cli.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+def report(directory: Path) -> None:
+    """Re-render DIRECTORY/report.html from the JSON files a command wrote there."""
+    from .report import render_directory
+
+    click.echo(f"wrote {render_directory(directory)}")
+
+
+@cli.command()
 def archs() -> None:
     """List the registered architecture names."""
     from .checkpoint import available_architectures

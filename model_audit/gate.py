@@ -406,7 +406,7 @@ def write_gate(result: GateResult, out_dir: Union[str, os.PathLike], *,
     """Write gate.json, report.html (and audit.json when a scan ran), JUnit and Markdown."""
     from .checkpoint import atomic_write_bytes, same_file
     from .errors import OutputError
-    from .report import render_gate_report
+    from .report import render_gate_report, reopen_probe
     from .scan import write_json
 
     out = Path(out_dir)
@@ -417,7 +417,8 @@ def write_gate(result: GateResult, out_dir: Union[str, os.PathLike], *,
                 raise OutputError(f"refusing to write {target}: it is an input ({src})")
     paths: Dict[str, Path] = {"gate": out / "gate.json", "report": out / "report.html"}
     data = result.to_dict()
-    html = render_gate_report(data, result.audit)
+    html = render_gate_report(data, result.audit,
+                              reopen_probe(result.audit) if result.audit else None)
     write_json(data, paths["gate"])
     if result.audit is not None:
         paths["audit"] = write_json(result.audit, out / "audit.json")

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any, Dict, List, Optional
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
 
 import jinja2
 
@@ -27,8 +30,10 @@ def _svg(fig: Any) -> str:
     import matplotlib
 
     buf = io.StringIO()
-    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text as text: small and crisp
-        fig.savefig(buf, format="svg", bbox_inches="tight")
+    # Text as text (small and crisp); a fixed hash salt and no date: the same data gives
+    # byte-identical SVG, so re-rendering a report reproduces it.
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "model-audit"}):
+        fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -164,3 +169,63 @@ def render_compare_report(data: Dict[str, Any]) -> str:
 
     return _env().get_template("compare.html").render(
         cmp=data, chart=compare_chart(data["scores"]), fmt=fmt, iv=iv)
+
+
+def reopen_probe(audit: Dict[str, Any]) -> Optional[ProbeSet]:
+    """The scan's probe set opened again (same subset), for thumbnails; None when it is gone."""
+    from .errors import AuditError
+    from .probe import open_probe
+
+    options = audit.get("options", {})
+    try:
+        return open_probe(audit["probe"]["source"], channels=audit["model"].get("in_channels", 3),
+                          normalize="none", resize=options.get("resize"),
+                          limit=options.get("limit"), seed=options.get("seed", 0))
+    except (AuditError, OSError, KeyError):
+        return None
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    from .errors import ConfigError
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise ConfigError(f"{path} was not written by model-audit (no schema_version)")
+    return data
+
+
+def render_directory(directory: Union[str, os.PathLike]) -> Path:
+    """Re-render ``report.html`` from the JSON files a command wrote into ``directory``.
+
+    ``gate.json`` (with ``audit.json``) gives the gate report, else ``compare.json`` the
+    comparison, else ``audit.json`` the scan report. Thumbnails are re-made from the probe
+    set when it is still where the scan found it.
+
+    Raises:
+        ConfigError: no such directory or none of those files in it.
+    """
+    from .checkpoint import atomic_write_bytes
+    from .errors import ConfigError
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConfigError(f"{directory} is not a directory of model-audit results")
+    gate, compare, audit = (directory / n for n in ("gate.json", "compare.json", "audit.json"))
+    if gate.is_file():
+        audit_data = _read_json(audit) if audit.is_file() else None
+        html = render_gate_report(_read_json(gate), audit_data,
+                                  reopen_probe(audit_data) if audit_data else None)
+    elif compare.is_file():
+        html = render_compare_report(_read_json(compare))
+    elif audit.is_file():
+        audit_data = _read_json(audit)
+        html = render_scan_report(audit_data, reopen_probe(audit_data))
+    else:
+        raise ConfigError(f"{directory} holds no gate.json, compare.json or audit.json; give the "
+                          "--out directory of a scan, compare or gate run")
+    target = directory / "report.html"
+    atomic_write_bytes(target, html.encode("utf-8"))
+    return target
