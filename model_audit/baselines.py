@@ -114,6 +114,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._progress import progress_bar
+from .stats import kendall_tau_b, rankdata, spearman  # noqa: F401 (re-exported)
 from .errors import ConfigError, ReplayError
 from .layers import LayerGroup
 
@@ -560,46 +561,6 @@ class Agreement:
     def to_dict(self) -> Dict[str, Any]:
         return {"spearman": self.spearman, "kendall": self.kendall,
                 "topk_overlap": self.topk_overlap, "n": self.n, "k": self.k}
-
-
-def rankdata(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties get the average of the ranks they span (``scipy.stats.rankdata``)."""
-    a = np.asarray(values, dtype=np.float64).ravel()
-    order = np.argsort(a, kind="mergesort")
-    s = a[order]
-    edges = np.flatnonzero(np.r_[True, s[1:] != s[:-1], True])
-    average = (edges[:-1] + edges[1:] - 1) / 2.0 + 1.0
-    tie_group = np.cumsum(np.r_[True, s[1:] != s[:-1]]) - 1
-    ranks = np.empty(len(a))
-    ranks[order] = average[tie_group]
-    return ranks
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> Optional[float]:
-    """Spearman's rho: Pearson correlation of the average ranks; None for a constant vector."""
-    rx, ry = rankdata(x), rankdata(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    den = math.sqrt(float((rx * rx).sum()) * float((ry * ry).sum()))
-    if len(rx) < 2 or den == 0:
-        return None
-    return float(np.clip((rx * ry).sum() / den, -1.0, 1.0))
-
-
-def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> Optional[float]:
-    """Kendall's tau-b ``(C - D) / sqrt((n0 - n1)(n0 - n2))``; None for a constant vector."""
-    x = np.asarray(x, dtype=np.float64).ravel()
-    y = np.asarray(y, dtype=np.float64).ravel()
-    n = len(x)
-    upper = np.triu(np.ones((n, n), dtype=bool), 1)
-    sx = np.sign(x[:, None] - x[None, :])[upper]
-    sy = np.sign(y[:, None] - y[None, :])[upper]
-    n0 = n * (n - 1) / 2
-    n1 = float((sx == 0).sum())
-    n2 = float((sy == 0).sum())
-    den = math.sqrt((n0 - n1) * (n0 - n2))
-    if den == 0:
-        return None
-    return float(np.clip((sx * sy).sum() / den, -1.0, 1.0))
 
 
 def agreement(own_scores: Sequence[float], other_scores: Sequence[float],

@@ -124,6 +124,33 @@ def _format_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _format_baselines(data: dict) -> str:
+    """Per-group baseline shares, then each baseline's agreement with the own metric and cost."""
+    names = list(data["agreement"])
+    rows = [("group", "score", *names)]
+    for layer in data["layers"]:
+        vals = [layer["baselines"].get(n) for n in names]
+        rows.append((layer["name"], f"{layer['score']:.3f}",
+                     *("n/a" if v is None else f"{v:.3f}" for v in vals)))
+    rows.append(("", "", *("" for _ in names)))
+    rows.append(("agreement", "", *("" for _ in names)))
+
+    def num(v: Optional[float]) -> str:
+        return "n/a" if v is None else f"{v:.2f}"
+
+    cost = data["cost"]
+    own = cost["replay_reduction"]["seconds"]
+    rows.append(("spearman", "", *(num(data["agreement"][n]["spearman"]) for n in names)))
+    rows.append(("kendall", "", *(num(data["agreement"][n]["kendall"]) for n in names)))
+    rows.append(("top-k overlap", "", *(num(data["agreement"][n]["topk_overlap"]) for n in names)))
+    rows.append(("seconds", f"{own:.2f}", *(f"{cost[n]['seconds']:.2f}" for n in names)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(r, widths))).rstrip() for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "baselines (shares of each method; score = own metric):\n" + "\n".join(lines)
+
+
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @model_options
@@ -138,20 +165,30 @@ def _format_table(data: dict) -> str:
               help="Peak learning rate of the replay (cosine down to a tenth).")
 @click.option("--replay-schedule", type=click.Choice(SCHEDULES), default=ReplayConfig.schedule,
               show_default=True, help="Momentum schedule of the replay.")
+@click.option("--baselines", default="default", show_default=True,
+              help="Attribution baselines beside the own metric: default (the cheap ones: "
+                   "grad_x_activation, auto_rgn), all, none, or names separated by commas "
+                   "(activation, conductance, integrated_gradients, internal_influence, ...).")
+@click.option("--baseline-steps", type=int, default=50, show_default=True,
+              help="n_steps of the path baselines (conductance, integrated gradients, "
+                   "internal influence).")
 def scan(checkpoint: Path, out: Optional[Path], bootstrap: int, replay_steps: int,
-         replay_lr: float, replay_schedule: str, **kw: Any) -> None:
+         replay_lr: float, replay_schedule: str, baselines: str, baseline_steps: int,
+         **kw: Any) -> None:
     """Scan CHECKPOINT: attribute its errors on the probe set to layer groups.
 
     Prints a table (group, parameter share, score, flag frequency, flagged) and writes
     OUT/audit.json and OUT/report.html.
     """
+    from .baselines import resolve_baselines
     from .scan import ScanConfig, scan as run_scan, write_scan
 
     probe = _need_probe(kw["probe"])
     config = ScanConfig(options=_audit_options(kw),
                         replay=ReplayConfig(steps=replay_steps, lr=replay_lr,
                                             schedule=replay_schedule),
-                        bootstrap=bootstrap)
+                        bootstrap=bootstrap, baselines=resolve_baselines(baselines),
+                        baseline_steps=baseline_steps)
     config.validate()
     out = out if out is not None else Path("reports") / checkpoint.stem
     result = run_scan(checkpoint, probe, config, progress=_progress(kw["quiet"]))
@@ -166,6 +203,8 @@ def scan(checkpoint: Path, out: Optional[Path], bootstrap: int, replay_steps: in
                    f"({ev['misclassified']} misclassified)")
     click.echo(_format_table(data))
     click.echo(f"flagged: {', '.join(result.flagged) if result.flagged else 'none'}")
+    if data["agreement"]:
+        click.echo(_format_baselines(data))
     if not kw["quiet"]:
         click.echo(f"wrote {paths['audit']} and {paths['report']} "
                    f"({data['timing']['total_s']:.1f} s on {data['device']})")

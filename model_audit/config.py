@@ -31,6 +31,7 @@ KEYS: Dict[str, Tuple[type, bool]] = {
     "seed": (int, False), "device": (str, False), "granularity": (str, False),
     "batch_size": (int, False), "bootstrap": (int, False), "replay_steps": (int, False),
     "replay_lr": (float, False), "replay_schedule": (str, False), "quiet": (bool, False),
+    "baselines": (str, False), "baseline_steps": (int, False),
 }
 
 

@@ -42,7 +42,8 @@ def _svg(fig: Any) -> str:
 
 
 def layer_chart(layers: List[Dict[str, Any]]) -> str:
-    """Bar chart: score and parameter share per group, flagged groups highlighted."""
+    """Grouped bars per layer group: the own score (with its bootstrap interval; red when
+    flagged), each baseline's share beside it, and the parameter share."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,21 +51,30 @@ def layer_chart(layers: List[Dict[str, Any]]) -> str:
     import numpy as np
 
     names = [layer["name"] for layer in layers]
+    baselines = list(layers[0].get("baselines", {})) if layers else []
     scores = np.array([layer["score"] for layer in layers])
-    shares = np.array([layer["share"] for layer in layers])
     low = np.array([layer["score_interval"][0] for layer in layers])
     high = np.array([layer["score_interval"][1] for layer in layers])
+    series = len(baselines) + 2
+    width = 0.8 / series
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(names) + 2), 3.4))
+    fig, ax = plt.subplots(figsize=(max(6.5, (0.35 + 0.12 * series) * len(names) + 2), 3.6))
     colors = ["#c0392b" if layer["flagged"] else "#2e86c1" for layer in layers]
-    ax.bar(x - 0.2, scores, 0.4, color=colors, label="score (share of error loss removed)",
+    offset = lambda i: x - 0.4 + width * (i + 0.5)  # noqa: E731
+    ax.bar(offset(0), scores, width, color=colors, label="score (own metric; red: flagged)",
            yerr=[np.clip(scores - low, 0, None), np.clip(high - scores, 0, None)], capsize=2)
-    ax.bar(x + 0.2, shares, 0.4, color="#aab7b8", label="parameter share")
+    palette = ["#f5b041", "#58d68d", "#af7ac5", "#5dade2", "#ec7063", "#48c9b0", "#dc7633"]
+    for j, name in enumerate(baselines):
+        vals = [layer["baselines"].get(name) for layer in layers]
+        ax.bar(offset(j + 1), [np.nan if v is None else v for v in vals], width,
+               color=palette[j % len(palette)], label=f"{name} (share)")
+    ax.bar(offset(series - 1), [layer["share"] for layer in layers], width, color="#aab7b8",
+           label="parameter share")
     ax.axhline(1.0 / max(len(names), 1), color="#555", lw=0.8, ls="--", label="1 / groups")
     ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("fraction")
-    ax.set_xlabel("layer group (red: flagged)")
-    ax.legend(fontsize=7, frameon=False)
+    ax.set_ylabel("share of the total over groups")
+    ax.set_xlabel("layer group")
+    ax.legend(fontsize=7, frameon=False, ncol=2)
     ax.spines[["top", "right"]].set_visible(False)
     return _svg(fig)
 

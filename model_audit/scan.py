@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from . import __version__
 from .attribution import METRIC_NAME, Attribution, GroupReductions, attribute, group_reductions
+from .baselines import DEFAULT_BASELINES, Agreement, BaselineResult, resolve_baselines
 from .checkpoint import LoadedCheckpoint, atomic_write_bytes, same_file
 from .errors import ConfigError, OutputError, ReplayError
 from .evaluate import EvaluationResult, evaluate
@@ -43,12 +45,17 @@ class ScanConfig:
     options: AuditOptions = field(default_factory=AuditOptions)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     bootstrap: int = 200        # bootstrap resamples for the flag frequency (0: off)
+    baselines: Tuple[str, ...] = DEFAULT_BASELINES   # Captum/Auto-RGN baselines beside the metric
+    baseline_steps: int = 50    # n_steps of the path methods (conductance, IG, influence)
 
     def validate(self) -> None:
         self.options.validate()
         self.replay.validate()
         if self.bootstrap < 0:
             raise ConfigError(f"bootstrap resamples must be >= 0, got {self.bootstrap}")
+        resolve_baselines(list(self.baselines))
+        if self.baseline_steps < 2:
+            raise ConfigError(f"baseline steps must be >= 2, got {self.baseline_steps}")
 
 
 @dataclass(frozen=True)
@@ -63,12 +70,13 @@ class LayerScore:
     score_interval: Tuple[float, float]
     flag_frequency: float
     flagged: bool
+    baselines: Dict[str, Optional[float]] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"name": self.name, "params": self.params, "share": self.share,
                 "score": self.score, "score_interval": list(self.score_interval),
                 "reduction": self.reduction, "flag_frequency": self.flag_frequency,
-                "flagged": self.flagged}
+                "flagged": self.flagged, "baselines": dict(self.baselines)}
 
 
 @dataclass(frozen=True)
@@ -86,10 +94,25 @@ class ScanResult:
     passes: Dict[str, int]
     warnings: Tuple[str, ...] = ()
     reductions: Optional[GroupReductions] = None
+    baselines: Dict[str, BaselineResult] = field(default_factory=dict)
+    agreement: Dict[str, Agreement] = field(default_factory=dict)
 
     @property
     def flagged(self) -> Tuple[str, ...]:
         return tuple(layer.name for layer in self.layers if layer.flagged)
+
+    def cost(self) -> Dict[str, Dict[str, Any]]:
+        """Wall time and passes of the own metric (replay + attribution) and each baseline."""
+        own_s = self.timing.get("replay_s", 0.0) + self.timing.get("attribution_s", 0.0)
+        own_fwd = self.passes["forward_images"] - self.evaluation.n
+        costs = {METRIC_NAME: {"seconds": round(own_s, 4), "forward_images": own_fwd,
+                               "backward_images": self.passes["backward_images"],
+                               "relative_to_own": 1.0}}
+        for name, b in self.baselines.items():
+            costs[name] = {"seconds": round(b.seconds, 4), "forward_images": b.forward_images,
+                           "backward_images": b.backward_images,
+                           "relative_to_own": round(b.seconds / own_s, 4) if own_s > 0 else None}
+        return costs
 
     def to_dict(self) -> Dict[str, Any]:
         ev = self.evaluation
@@ -111,6 +134,10 @@ class ScanResult:
                        **(self.replay.to_dict() if self.replay else {"n": 0, "steps": []})},
             "damping": [s.to_dict() for s in self.replay.steps] if self.replay else [],
             "bootstrap": {"resamples": self.config.bootstrap, "seed": self.config.options.seed},
+            "baselines": {name: {k: v for k, v in b.to_dict().items() if k not in ("scores", "raw")}
+                          for name, b in self.baselines.items()},
+            "agreement": {name: a.to_dict() for name, a in self.agreement.items()},
+            "cost": self.cost(),
             "misclassified": misclassified,
             # r[i, g] per misclassified image (rows follow "misclassified"): lets `compare`
             # bootstrap over probe samples from two audit.json files.
@@ -184,6 +211,8 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
         passes = {"forward_images": ev.n, "backward_images": 0}
         result_replay: Optional[ReplayResult] = None
         reductions: Optional[GroupReductions] = None
+        baseline_results: Dict[str, BaselineResult] = {}
+        agreements: Dict[str, Agreement] = {}
         shares = [g.share for g in groups]
         if errors:
             cache = BatchCache(probe, errors, opts.batch_size)
@@ -208,14 +237,23 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
             attr = attribute(reductions, shares, probe_size=ev.n, misclassified_positions=errors,
                              resamples=config.bootstrap, seed=opts.seed)
             timing["bootstrap_s"] = time.perf_counter() - t0
+            names = resolve_baselines(list(config.baselines))
+            if names:
+                from .baselines import agreement, compute_baselines
+
+                t0 = time.perf_counter()
+                baseline_results = compute_baselines(
+                    model, cache, groups, names, device=device, progress=progress,
+                    n_steps=config.baseline_steps)
+                timing["baselines_s"] = time.perf_counter() - t0
+                agreements = {n: agreement(attr.scores, b.scores, attr.flagged)
+                              for n, b in baseline_results.items()}
             if not attr.scores.any():
                 warnings.append("no layer group reduces the error loss in the replay; nothing "
                                 "is flagged (try a smaller replay learning rate)")
         else:
             warnings.append("the model classifies every probe image correctly: there are no "
                             "errors to attribute, and nothing is flagged")
-            import numpy as np
-
             zeros = np.zeros(len(groups))
             attr = Attribution(zeros, zeros, zeros.astype(bool), zeros, zeros, zeros, 0)
     finally:
@@ -224,12 +262,14 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
     layers = tuple(
         LayerScore(g.name, g.params, g.share, float(attr.reduction[i]), float(attr.scores[i]),
                    (float(attr.score_low[i]), float(attr.score_high[i])),
-                   float(attr.flag_frequency[i]), bool(attr.flagged[i]))
+                   float(attr.flag_frequency[i]), bool(attr.flagged[i]),
+                   {n: (float(b.scores[i]) if np.isfinite(b.scores[i]) else None)
+                    for n, b in baseline_results.items()})
         for i, g in enumerate(groups))
     timing["total_s"] = time.perf_counter() - start
     return ScanResult(ckpt, probe, ev, layers, result_replay, config, device,
                       {k: round(v, 4) for k, v in timing.items()}, passes, tuple(warnings),
-                      reductions)
+                      reductions, baseline_results, agreements)
 
 
 def write_json(data: Dict[str, Any], path: Path, inputs: Tuple[Path, ...] = ()) -> Path:

@@ -17,18 +17,16 @@ def _valid_pairs(x: Sequence[float], y: Sequence[float]):
     return a[keep], b[keep]
 
 
-def rankdata(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank (scipy's ``rankdata(method="average")``)."""
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    sorted_x = x[order]
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
+def rankdata(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties get the average of the ranks they span (``scipy.stats.rankdata``)."""
+    a = np.asarray(values, dtype=np.float64).ravel()
+    order = np.argsort(a, kind="mergesort")
+    s = a[order]
+    edges = np.flatnonzero(np.r_[True, s[1:] != s[:-1], True])
+    average = (edges[:-1] + edges[1:] - 1) / 2.0 + 1.0
+    tie_group = np.cumsum(np.r_[True, s[1:] != s[:-1]]) - 1
+    ranks = np.empty(len(a))
+    ranks[order] = average[tie_group]
     return ranks
 
 

@@ -175,3 +175,17 @@ def test_archs_lists_names():
     assert result.exit_code == 0
     names = result.output.split()
     assert {"resnet18", "resnet18-cifar", "mobilenet_v3_small", "tiny-resnet"} <= set(names)
+
+
+def test_scan_baselines_option(work):
+    out = work / "b"
+    result = run(["scan", work / "model.safetensors", "--probe", work / "probe.safetensors",
+                  "--out", out, "--bootstrap", "5", "--baselines", "activation,auto_rgn"])
+    assert result.exit_code == 0, result.output
+    assert "agreement" in result.output and "spearman" in result.output
+    data = json.loads((out / "audit.json").read_text())
+    assert set(data["agreement"]) == {"activation", "auto_rgn"}
+    result = run(["scan", work / "model.safetensors", "--probe", work / "probe.safetensors",
+                  "--out", work / "c", "--baselines", "gradcam"])
+    assert result.exit_code == 2 and "gradcam" in result.output and "conductance" in result.output
+    assert not (work / "c").exists()

@@ -27,8 +27,12 @@ def _no_hooks(model):
 
 
 def _without_timing(d):
-    d = copy.deepcopy(d)
-    d.pop("timing")
+    """The audit without wall-time fields (timing, seconds, and ratios of seconds)."""
+    if isinstance(d, dict):
+        return {k: _without_timing(v) for k, v in d.items()
+                if k not in ("timing", "seconds", "relative_to_own")}
+    if isinstance(d, list):
+        return [_without_timing(v) for v in d]
     return d
 
 
@@ -223,3 +227,29 @@ def test_nan_weights_are_named(sgd_checkpoint, digits_probe, tmp_path):
     save_checkpoint(state, bad, metadata=meta)
     with pytest.raises(ReplayError, match="layer2.0.conv1.weight"):
         scan(bad, digits_probe, FAST)
+
+
+def test_default_baselines_sit_beside_the_own_metric(sgd_checkpoint, digits_probe):
+    d = scan(sgd_checkpoint, digits_probe, FAST).to_dict()
+    assert set(d["agreement"]) == {"grad_x_activation", "auto_rgn"}
+    for name, a in d["agreement"].items():
+        assert -1 <= a["spearman"] <= 1 and -1 <= a["kendall"] <= 1
+        assert a["k"] == len(d["flagged"])
+    for layer in d["layers"]:
+        assert set(layer["baselines"]) == {"grad_x_activation", "auto_rgn"}
+    for name in ("grad_x_activation", "auto_rgn"):
+        shares = [layer["baselines"][name] for layer in d["layers"]]
+        assert sum(shares) == pytest.approx(1.0)
+        assert d["cost"][name]["forward_images"] == d["probe"]["misclassified"]
+        assert d["cost"][name]["seconds"] > 0
+    assert d["cost"]["replay_reduction"]["backward_images"] == \
+        ReplayConfig().steps * d["probe"]["misclassified"]
+
+
+def test_baselines_none_and_unknown(sgd_checkpoint, digits_probe):
+    from model_audit.errors import ConfigError
+
+    d = scan(sgd_checkpoint, digits_probe, ScanConfig(bootstrap=0, baselines=())).to_dict()
+    assert d["agreement"] == {} and d["layers"][0]["baselines"] == {}
+    with pytest.raises(ConfigError, match="conductance"):
+        scan(sgd_checkpoint, digits_probe, ScanConfig(baselines=("gradcam",)))
