@@ -19,7 +19,7 @@ from .options import DEVICES, AuditOptions
 from .replay import ReplayConfig
 from .schedules import SCHEDULES
 
-COMMANDS_WITH_MODEL = ("scan", "compare", "gate")
+COMMANDS_WITH_MODEL = ("scan", "compare", "gate", "fix")
 
 
 def _fail(message: str, exit_code: int = 2) -> click.ClickException:
@@ -309,6 +309,71 @@ def gate(checkpoint: Optional[Path], policy: Optional[Path], baseline: Optional[
         raise _fail(f"internal error: {type(exc).__name__}: {exc}") from exc
     click.echo(markdown_summary(result).rstrip())
     click.get_current_context().exit(result.exit_code)
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@model_options
+@click.option("--train", "train", type=click.Path(path_type=Path), required=True,
+              help="Repair data: a training split (ImageFolder directory or tensor file).")
+@click.option("--output", type=click.Path(path_type=Path), required=True,
+              help="Where to write the repaired checkpoint (.safetensors; never an input).")
+@click.option("--layers", default="auto", show_default=True,
+              help="auto (the groups scan flags) or group names separated by commas.")
+@click.option("--audit", type=click.Path(path_type=Path), default=None,
+              help="With --layers auto: take the flagged groups from this audit.json of the "
+                   "same checkpoint instead of scanning first.")
+@click.option("--steps", type=int, default=200, show_default=True, help="Optimizer steps.")
+@click.option("--epochs", type=float, default=None,
+              help="Passes over the repair data instead of --steps.")
+@click.option("--fix-batch-size", type=int, default=64, show_default=True,
+              help="Images per repair step (half wrong, half right).")
+@click.option("--lr", type=float, default=0.01, show_default=True,
+              help="Peak learning rate of the repair (cosine to 0).")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="beta", show_default=True,
+              help="Momentum schedule of the repair.")
+@click.option("--controls", default="all,random,rgn", show_default=True,
+              help="Controls with the same budget: all, random, rgn (comma list) or none.")
+@click.option("--train-limit", type=int, default=None,
+              help="Use a class-stratified random subset of N repair images.")
+@click.option("--allow-overlap", is_flag=True, default=False,
+              help="Proceed although probe and repair data share images.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Directory for fix.json and report.html [default: reports/fix-<name>].")
+def fix(checkpoint: Path, train: Path, output: Path, layers: str, audit: Optional[Path],
+        steps: int, epochs: Optional[float], fix_batch_size: int, lr: float, schedule: str,
+        controls: str, train_limit: Optional[int], allow_overlap: bool, out: Optional[Path],
+        **kw: Any) -> None:
+    """Retrain only the flagged layer groups of CHECKPOINT; count fixed, broken and net.
+
+    Trains the selected groups on --train (everything else frozen, BatchNorm statistics
+    included), evaluates before and after on the held-out --probe, runs the controls with the
+    same budget, writes the repaired checkpoint to --output (verified: frozen tensors
+    byte-identical) and OUT/fix.json and OUT/report.html.
+    """
+    from .fix import FixConfig, fix as run_fix, format_fix, write_fix
+
+    probe = _need_probe(kw["probe"])
+    names = [c.strip() for c in controls.split(",") if c.strip()]
+    config = FixConfig(
+        options=_audit_options(kw),
+        layers="auto" if layers.strip() == "auto" else tuple(
+            n.strip() for n in layers.split(",") if n.strip()),
+        steps=steps, epochs=epochs, batch_size=fix_batch_size, lr=lr, schedule=schedule,
+        controls=() if names == ["none"] else tuple(names), allow_overlap=allow_overlap,
+        train_limit=train_limit)
+    config.validate()
+    out = out if out is not None else Path("reports") / f"fix-{checkpoint.stem}"
+    result = run_fix(checkpoint, train, probe, output, config, audit=audit,
+                     progress=_progress(kw["quiet"]))
+    paths = write_fix(result, out)
+    data = result.to_dict()
+    if not kw["quiet"]:
+        for warning in result.warnings:
+            click.echo(f"warning: {warning}", err=True)
+    click.echo(format_fix(data))
+    if not kw["quiet"]:
+        click.echo(f"wrote {output}, {paths['fix']} and {paths['report']}")
 
 
 @cli.command()

@@ -224,7 +224,13 @@ def render_directory(directory: Union[str, os.PathLike]) -> Path:
     if not directory.is_dir():
         raise ConfigError(f"{directory} is not a directory of model-audit results")
     gate, compare, audit = (directory / n for n in ("gate.json", "compare.json", "audit.json"))
-    if gate.is_file():
+    fix_json = directory / "fix.json"
+    if fix_json.is_file():
+        fix_data = _read_json(fix_json)
+        html = render_fix_report(fix_data, reopen_probe({
+            "probe": fix_data["probe"], "model": fix_data["model"],
+            "options": fix_data["config"]["options"]}))
+    elif gate.is_file():
         audit_data = _read_json(audit) if audit.is_file() else None
         html = render_gate_report(_read_json(gate), audit_data,
                                   reopen_probe(audit_data) if audit_data else None)
@@ -234,8 +240,53 @@ def render_directory(directory: Union[str, os.PathLike]) -> Path:
         audit_data = _read_json(audit)
         html = render_scan_report(audit_data, reopen_probe(audit_data))
     else:
-        raise ConfigError(f"{directory} holds no gate.json, compare.json or audit.json; give the "
-                          "--out directory of a scan, compare or gate run")
+        raise ConfigError(f"{directory} holds no fix.json, gate.json, compare.json or audit.json; "
+                          "give the --out directory of a scan, compare, fix or gate run")
     target = directory / "report.html"
     atomic_write_bytes(target, html.encode("utf-8"))
     return target
+
+
+def controls_chart(data: Dict[str, Any]) -> str:
+    """Fixed, broken and net per run: the flagged selection and each control."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    runs = [data["selection"]] + data["controls"]
+    labels = [f"{r['name']}\n{r['params_percent']:.1f}% params" for r in runs]
+    x = np.arange(len(runs))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(runs) + 2), 3.0))
+    ax.bar(x - 0.27, [r["fixed"] for r in runs], 0.27, color="#27ae60", label="fixed")
+    ax.bar(x, [r["broken"] for r in runs], 0.27, color="#c0392b", label="broken")
+    ax.bar(x + 0.27, [r["net"] for r in runs], 0.27, color="#2e86c1", label="net")
+    ax.axhline(0, color="#333", lw=0.8)
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel("probe images")
+    ax.set_xlabel("retrained selection")
+    ax.legend(fontsize=7, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _svg(fig)
+
+
+def render_fix_report(data: Dict[str, Any], probe: Optional[ProbeSet] = None) -> str:
+    """The HTML report of a repair: summary, controls, galleries, per-class accuracy."""
+    classes = data["probe"]["classes"]
+    thumbs: Dict[int, str] = {}
+    if probe is not None:
+        for key in ("fixed", "broken", "still_wrong"):
+            for item in data["images"][key][:MAX_THUMBNAILS]:
+                thumbs.setdefault(item["index"], thumbnail(probe, item["index"]))
+
+    def cname(i: int) -> str:
+        return classes[i] if 0 <= i < len(classes) else str(i)
+
+    if probe is None:  # no probe to make thumbnails from: galleries show captions only
+        for key in ("fixed", "broken", "still_wrong"):
+            for item in data["images"][key]:
+                thumbs.setdefault(item["index"], "")
+    return _env().get_template("fix.html").render(
+        fix=data, thumbs=thumbs, cname=cname, max_thumbs=MAX_THUMBNAILS,
+        controls_svg=controls_chart(data))

@@ -12,7 +12,8 @@ from the same initialisation for the same number of steps:
 * ``digits-adam.safetensors``: Adam with the same cosine learning-rate shape.
 
 Outputs (in this directory): the two checkpoints (with the tool's metadata: arch, classes,
-normalisation) and ``digits-probe.safetensors`` (uint8 images, int64 labels, class names).
+normalisation), ``digits-probe.safetensors`` (the held-out split: uint8 images, int64 labels,
+class names) and ``digits-train.safetensors`` (the training split, repair data for ``fix``).
 
 Run: ``make samples`` (or ``python samples/make_samples.py``). Needs the ``samples`` extra.
 """
@@ -77,7 +78,9 @@ def train(optimizer_name: str, x: torch.Tensor, y: torch.Tensor, mean: float, st
 
 
 def main() -> None:
-    torch.set_num_threads(1)  # bit-for-bit repeatable on any machine with the same torch
+    # One thread: the tensors are bit-for-bit repeatable with the same torch (the header is
+    # not: safetensors writes the metadata in hash-map order, so file hashes can differ).
+    torch.set_num_threads(1)
     x_train, x_probe, y_train, y_probe = load_digits_uint8()
     xt = torch.from_numpy(x_train).unsqueeze(1).float() / 255.0
     yt = torch.from_numpy(y_train)
@@ -90,6 +93,11 @@ def main() -> None:
         {"images": xp, "labels": yp},
         metadata={"classes": json.dumps(classes),
                   "source": "scikit-learn digits, stratified 30% held out, seed 0"}))
+    # The training split too, as repair data for `model-audit fix` (never the probe).
+    atomic_write_bytes(HERE / "digits-train.safetensors", save(
+        {"images": torch.from_numpy(x_train).unsqueeze(1).contiguous(), "labels": yt},
+        metadata={"classes": json.dumps(classes),
+                  "source": "scikit-learn digits, the 70% training split, seed 0"}))
     for name in ("sgd", "adam"):
         model = train(name, xt, yt, mean, std)
         with torch.no_grad():

@@ -1,0 +1,595 @@
+"""``fix``: surgical retraining of the flagged layer groups, with controls.
+
+Localise, then repair, then check the repair against the obvious alternatives:
+
+1. **Selection.** ``layers="auto"`` takes the groups that ``scan`` flags (a scan runs first on
+   the probe, or a given ``audit.json`` of the same checkpoint is reused); or name the groups.
+2. **Repair data.** The training split (``--train``), never the probe. The model is evaluated
+   on it once; every step's batch mixes images it gets wrong with images it gets right, half
+   and half (sampled with replacement, seeded), so that it learns from its errors without
+   forgetting what it knew.
+3. **Training.** Only the selected groups' parameters get gradients; every other parameter is
+   frozen. The model stays in eval mode, so **all** BatchNorm statistics stay as they were
+   (inside the selection too: small mixed batches would otherwise drift them) and dropout is
+   off; BatchNorm affine weights of selected groups are trained like any parameter. SGD with a
+   cosine learning rate and the momentum from the chosen schedule (beta by default), applied by
+   :class:`~model_audit.schedules.MomentumScheduler`.
+4. **Evaluation** before and after on the held-out probe: fixed (wrong -> right), broken
+   (right -> wrong), net = fixed - broken = change in the number correct, per class.
+5. **Controls**, each with the same data, batches and step budget: ``all`` (full fine-tune),
+   ``random`` (random groups with about the same parameter share as the selection: the closest
+   of 64 seeded random draws that is not the selection itself) and ``rgn`` (the Auto-RGN
+   selection of Lee et al. 2023: the same number of groups, those with the largest
+   ||grad|| / ||weight|| on the repair data's errors).
+6. **Output.** A new safetensors checkpoint, written atomically (temp file in the same
+   directory, fsync, rename), re-opened and verified: every tensor outside the retrained groups
+   is byte-identical to the input (same key, dtype and bytes), retrained tensors are cast back
+   to their input dtype. Provenance goes in the metadata. The input is never modified.
+
+Compute is reported as optimizer steps x trainable parameters (the parameter-count proxy the
+paper's "82% savings" may use) and as wall time; backpropagation still passes through frozen
+layers after the first selected group, so wall time saves less than the proxy suggests.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__
+from ._progress import progress_bar
+from .checkpoint import (META_PREFIX, LoadedCheckpoint, atomic_write_bytes, audit_metadata,
+                         read_tensors, same_file)
+from .errors import ConfigError, OutputError, ProbeError
+from .evaluate import EvaluationResult, evaluate
+from .layers import LayerGroup, layer_groups
+from .options import AuditOptions, load_inputs, resolve_device, seed_everything
+from .probe import BatchCache, ProbeSet, open_probe
+from .schedules import SCHEDULES, MomentumScheduler
+
+CONTROLS = ("all", "random", "rgn")
+SCHEMA_VERSION = 1
+
+
+class OverlapError(ProbeError):
+    """The probe and the repair data share images."""
+
+
+@dataclass(frozen=True)
+class FixConfig:
+    """Options of a repair (the model/probe options live in ``options``)."""
+
+    options: AuditOptions = field(default_factory=AuditOptions)
+    layers: Union[str, Tuple[str, ...]] = "auto"   # "auto" or group names
+    steps: Optional[int] = 200          # optimizer steps (or give epochs)
+    epochs: Optional[float] = None      # passes over the repair data (overrides steps)
+    batch_size: int = 64                # images per step (half wrong, half right)
+    lr: float = 0.01                    # peak learning rate (cosine to 0)
+    schedule: str = "beta"              # momentum: beta | hybrid | constant
+    controls: Tuple[str, ...] = CONTROLS
+    allow_overlap: bool = False
+    train_limit: Optional[int] = None   # class-stratified subset of the repair data
+
+    def validate(self) -> None:
+        self.options.validate()
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        unknown = [c for c in self.controls if c not in CONTROLS]
+        if unknown:
+            raise ConfigError(f"unknown control(s) {', '.join(unknown)}; valid: "
+                              f"{', '.join(CONTROLS)}, or none")
+        if self.epochs is None and (self.steps is None or self.steps < 1):
+            raise ConfigError("give steps >= 1 or epochs > 0")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ConfigError(f"batch size must be >= 2 (half wrong, half right), got {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"learning rate must be > 0, got {self.lr}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"layers": self.layers if isinstance(self.layers, str) else list(self.layers),
+                "steps": self.steps, "epochs": self.epochs, "batch_size": self.batch_size,
+                "lr": self.lr, "schedule": self.schedule, "controls": list(self.controls),
+                "allow_overlap": self.allow_overlap, "train_limit": self.train_limit,
+                "options": self.options.to_dict()}
+
+
+@dataclass(frozen=True)
+class RepairRun:
+    """One retraining run (the selection or a control) and its effect on the probe."""
+
+    name: str
+    groups: Tuple[str, ...]
+    trainable: int
+    share: float
+    steps: int
+    seconds: float
+    after: EvaluationResult
+    before: EvaluationResult
+
+    @property
+    def fixed(self) -> List[int]:
+        return torch.nonzero((self.before.predictions != self.before.labels)
+                             & (self.after.predictions == self.after.labels)).flatten().tolist()
+
+    @property
+    def broken(self) -> List[int]:
+        return torch.nonzero((self.before.predictions == self.before.labels)
+                             & (self.after.predictions != self.after.labels)).flatten().tolist()
+
+    @property
+    def net(self) -> int:
+        return len(self.fixed) - len(self.broken)
+
+    def summary(self) -> Dict[str, Any]:
+        return {"name": self.name, "groups": list(self.groups), "trainable_params": self.trainable,
+                "params_percent": 100.0 * self.share, "steps": self.steps,
+                "compute_param_steps": self.steps * self.trainable,
+                "seconds": round(self.seconds, 3), "accuracy_before": self.before.accuracy,
+                "accuracy_after": self.after.accuracy, "fixed": len(self.fixed),
+                "broken": len(self.broken), "net": self.net}
+
+
+@dataclass(frozen=True)
+class FixResult:
+    """The repair, its controls and the written checkpoint."""
+
+    checkpoint: LoadedCheckpoint
+    probe: ProbeSet
+    train_source: str
+    train_n: int
+    train_wrong: int
+    selection: RepairRun
+    controls: Tuple[RepairRun, ...]
+    config: FixConfig
+    output: Optional[str]
+    output_sha256: Optional[str]
+    verified_identical: int
+    device: str
+    timing: Dict[str, float]
+    warnings: Tuple[str, ...] = ()
+    selection_source: str = "names"
+
+    def to_dict(self) -> Dict[str, Any]:
+        sel = self.selection
+        before, after = sel.before, sel.after
+        classes = self.probe.classes
+
+        def item(i: int) -> Dict[str, Any]:
+            return {"index": i, "label": int(before.labels[i]),
+                    "before": int(before.predictions[i]), "after": int(after.predictions[i]),
+                    "confidence_before": float(before.confidences[i]),
+                    "confidence_after": float(after.confidences[i])}
+
+        still = torch.nonzero((before.predictions != before.labels)
+                              & (after.predictions != after.labels)).flatten().tolist()
+        per_class = []
+        for c, name in enumerate(classes):
+            mask = before.labels == c
+            n = int(mask.sum())
+            if n == 0:
+                continue
+            per_class.append({
+                "class": name, "n": n,
+                "accuracy_before": float((before.predictions[mask] == c).float().mean()),
+                "accuracy_after": float((after.predictions[mask] == c).float().mean()),
+                "fixed": sum(1 for i in sel.fixed if int(before.labels[i]) == c),
+                "broken": sum(1 for i in sel.broken if int(before.labels[i]) == c)})
+        total = self.checkpoint.parameters
+        controls = []
+        for run in self.controls:
+            s = run.summary()
+            s["flagged_beat_it"] = sel.net > run.net
+            controls.append(s)
+        full = next((r for r in self.controls if r.name == "all"), None)
+        saving = (1.0 - sel.trainable / full.trainable) if full and full.trainable else None
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "tool": {"name": "model-audit", "version": __version__},
+            "model": self.checkpoint.to_dict(),
+            "probe": {**self.probe.describe(), "n": len(self.probe)},
+            "train": {"source": self.train_source, "n": self.train_n, "wrong": self.train_wrong},
+            "config": self.config.to_dict(),
+            "selection": {**sel.summary(), "source": self.selection_source,
+                          "total_params": total},
+            "accuracy": {"before": before.accuracy, "after": after.accuracy},
+            "fixed": len(sel.fixed), "broken": len(sel.broken), "net": sel.net,
+            "compute": {"steps": sel.steps, "trainable_params": sel.trainable,
+                        "param_steps": sel.steps * sel.trainable, "seconds": round(sel.seconds, 3),
+                        "param_steps_saving_vs_full": saving},
+            "per_class": per_class,
+            "controls": controls,
+            "verdict": {"beat_all_controls": all(c["flagged_beat_it"] for c in controls)
+                        if controls else None,
+                        "beat": [c["name"] for c in controls if c["flagged_beat_it"]],
+                        "did_not_beat": [c["name"] for c in controls if not c["flagged_beat_it"]]},
+            "images": {"fixed": [item(i) for i in sel.fixed],
+                       "broken": [item(i) for i in sel.broken],
+                       "still_wrong": [item(i) for i in still]},
+            "output": {"path": self.output, "sha256": self.output_sha256,
+                       "verified_identical_tensors": self.verified_identical},
+            "device": self.device, "timing": self.timing, "seed": self.config.options.seed,
+            "warnings": list(self.warnings),
+        }
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def content_hashes(probe: ProbeSet, batch_size: int = 256) -> List[str]:
+    """SHA-1 of every image's decoded 8-bit pixels (shape included), in probe order."""
+    out: List[str] = []
+    for start in range(0, len(probe), batch_size):
+        positions = list(range(start, min(start + batch_size, len(probe))))
+        x = probe.load(positions, normalized=False)
+        pixels = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+        for img in pixels:
+            digest = hashlib.sha1(str(tuple(img.shape)).encode())
+            digest.update(img.contiguous().numpy().tobytes())
+            out.append(digest.hexdigest())
+    return out
+
+
+def check_overlap(probe: ProbeSet, train: ProbeSet) -> List[Tuple[int, int]]:
+    """(probe position, train position) pairs of identical images."""
+    train_index: Dict[str, int] = {}
+    for i, h in enumerate(content_hashes(train)):
+        train_index.setdefault(h, i)
+    return [(i, train_index[h]) for i, h in enumerate(content_hashes(probe)) if h in train_index]
+
+
+def _random_control(groups: Sequence[LayerGroup], selected: Sequence[str], seed: int
+                    ) -> Tuple[str, ...]:
+    """Random groups with the parameter share closest to the selection's (not the selection)."""
+    target = sum(g.share for g in groups if g.name in selected)
+    rng = np.random.default_rng(seed + 7919)
+    best: Optional[Tuple[float, Tuple[str, ...]]] = None
+    for _ in range(64):
+        order = rng.permutation(len(groups))
+        chosen: List[str] = []
+        share = 0.0
+        for i in order:
+            if share >= target:
+                break
+            chosen.append(groups[i].name)
+            share += groups[i].share
+        names = tuple(g.name for g in groups if g.name in chosen)
+        if set(names) == set(selected) and len(groups) > len(selected):
+            continue
+        gap = abs(share - target)
+        if best is None or gap < best[0]:
+            best = (gap, names)
+    return best[1] if best else tuple(g.name for g in groups)
+
+
+def _batch_plan(wrong: List[int], right: List[int], steps: int, batch: int, seed: int
+                ) -> List[List[int]]:
+    """Train positions of every step: half wrong, half right (all right when none is wrong)."""
+    rng = np.random.default_rng(seed)
+    plan = []
+    half = batch // 2 if wrong and right else batch
+    for _ in range(steps):
+        idx: List[int] = []
+        if wrong:
+            idx += rng.choice(wrong, size=half if right else batch, replace=True).tolist()
+        if right:
+            idx += rng.choice(right, size=batch - len(idx), replace=True).tolist()
+        plan.append(idx)
+    return plan
+
+
+def _retrain(base: nn.Module, groups: Sequence[LayerGroup], selected: Sequence[str],
+             train: ProbeSet, plan: List[List[int]], config: FixConfig, device: str,
+             progress: bool, desc: str) -> Tuple[nn.Module, float]:
+    model = copy.deepcopy(base).to(device).eval()
+    chosen = {p for g in groups if g.name in selected for p in g.parameter_names}
+    trainable = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in chosen)
+        if name in chosen:
+            trainable.append(p)
+    opt = torch.optim.SGD(trainable, lr=config.lr, momentum=0.0)
+    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=len(plan))
+    momentum = MomentumScheduler(opt, config.schedule)
+    start = time.perf_counter()
+    torch.manual_seed(config.options.seed)
+    for idx in progress_bar(plan, total=len(plan), desc=desc, enabled=progress):
+        x = train.load(idx).to(device)
+        y = train.labels[idx].to(device)
+        loss = F.cross_entropy(model(x).float(), y)
+        if not math.isfinite(float(loss.detach())):
+            raise ConfigError(f"the repair diverged (loss {float(loss.detach())}); lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        lr_sched.step()
+        momentum.step()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model, time.perf_counter() - start
+
+
+def _check_output_path(output: Path, inputs: Sequence[Path]) -> None:
+    if output.suffix.lower() != ".safetensors":
+        raise OutputError(f"--output {output} must end in .safetensors (the repaired "
+                          "checkpoint is always written as safetensors)")
+    if output.exists() and output.is_dir():
+        raise OutputError(f"--output {output} is a directory; give a file path")
+    for src in inputs:
+        if output.exists() and same_file(output, src):
+            raise OutputError(f"--output {output} is an input ({src}); refusing to overwrite "
+                              "it: give a new file name")
+        if Path(os.path.abspath(output)) == Path(os.path.abspath(src)):
+            raise OutputError(f"--output {output} is an input ({src})")
+    if not output.parent.exists():
+        raise OutputError(f"--output directory {output.parent} does not exist")
+
+
+def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes (any dtype, any shape, 0-d included) as a flat uint8 tensor."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def write_repaired(ckpt: LoadedCheckpoint, model: nn.Module, groups: Sequence[LayerGroup],
+                   selected: Sequence[str], output: Path, metadata: Dict[str, str]
+                   ) -> Tuple[str, int]:
+    """Write the repaired checkpoint; verify it. Returns (sha256, identical tensor count).
+
+    Tensors outside the retrained groups are the input file's own tensors (key, dtype and
+    bytes unchanged); retrained ones are cast back to their input dtype.
+    """
+    from safetensors.torch import save
+
+    from .checkpoint import sha256_file, strip_wrapper_prefixes
+
+    raw, _ = read_tensors(ckpt.path)
+    key_of = {}
+    for key in raw:
+        stripped = strip_wrapper_prefixes({key: raw[key]})
+        key_of[next(iter(stripped))] = key
+    retrained = {p for g in groups if g.name in selected for p in g.parameter_names}
+    new_state = model.state_dict()
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        out[key] = value.contiguous()
+    for name in retrained:
+        key = key_of[name]
+        out[key] = new_state[name].detach().cpu().to(raw[key].dtype).contiguous()
+    atomic_write_bytes(output, save(out, metadata=metadata))
+    back, meta_back = read_tensors(output)
+    identical = 0
+    for key, value in raw.items():
+        written = back.get(key)
+        if written is None or written.dtype != value.dtype or written.shape != value.shape:
+            raise OutputError(f"verification of {output} failed: tensor {key} differs in name, "
+                              "dtype or shape")
+        same = torch.equal(_raw_bytes(written), _raw_bytes(value))
+        is_retrained = any(key == key_of[n] for n in retrained)
+        if not is_retrained:
+            if not same:
+                raise OutputError(f"verification of {output} failed: frozen tensor {key} changed")
+            identical += 1
+        elif not torch.equal(written, out[key]):
+            raise OutputError(f"verification of {output} failed: tensor {key} was not written "
+                              "as computed")
+    if meta_back != metadata:
+        raise OutputError(f"verification of {output} failed: metadata differs")
+    return sha256_file(output), identical
+
+
+def _resolve_selection(config: FixConfig, groups: Sequence[LayerGroup], ckpt: LoadedCheckpoint,
+                       probe: ProbeSet, audit: Optional[Union[str, os.PathLike]],
+                       progress: bool) -> Tuple[Tuple[str, ...], str]:
+    names = [g.name for g in groups]
+    if config.layers != "auto":
+        wanted = list(config.layers)
+        unknown = [n for n in wanted if n not in names]
+        if unknown or not wanted:
+            raise ConfigError(f"unknown layer group(s) {', '.join(unknown) or '(none)'}; the "
+                              f"groups at granularity {config.options.granularity!r} are: "
+                              f"{', '.join(names)}")
+        return tuple(n for n in names if n in wanted), "names"
+    if audit is not None:
+        from .compare import load_audit
+
+        data = load_audit(audit)
+        if data["model"].get("sha256") != ckpt.sha256:
+            raise ConfigError(f"{audit} is the audit of another checkpoint (sha256 "
+                              f"{str(data['model'].get('sha256'))[:12]}..., this one "
+                              f"{ckpt.sha256[:12]}...); scan this checkpoint or drop --audit")
+        if data.get("granularity", "group") != config.options.granularity:
+            raise ConfigError(f"{audit} was made at granularity {data.get('granularity')!r}, "
+                              f"not {config.options.granularity!r}")
+        flagged = tuple(data["flagged"])
+        source = f"audit {audit}"
+    else:
+        from .scan import ScanConfig, scan
+
+        result = scan(ckpt, probe, ScanConfig(options=config.options, baselines=()),
+                      progress=progress)
+        flagged = result.flagged
+        source = "scan"
+    if not flagged:
+        raise ConfigError("the scan flags no layer group, so --layers auto has nothing to "
+                          "retrain; name the groups with --layers")
+    unknown = [n for n in flagged if n not in names]
+    if unknown:
+        raise ConfigError(f"the audit flags groups this model does not have: {', '.join(unknown)}")
+    return tuple(n for n in names if n in flagged), source
+
+
+def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
+        probe: Union[str, os.PathLike], output: Optional[Union[str, os.PathLike]],
+        config: FixConfig = FixConfig(), *, audit: Optional[Union[str, os.PathLike]] = None,
+        progress: bool = False) -> FixResult:
+    """Retrain only the selected layer groups on ``train``; evaluate on ``probe``; controls.
+
+    Args:
+        checkpoint: the model to repair (never modified).
+        train: repair data (ImageFolder directory or tensor file), a training split.
+        probe: held-out evaluation data (must not share images with ``train``).
+        output: where to write the repaired checkpoint (``.safetensors``), or None.
+        config: options.
+        audit: an ``audit.json`` of this checkpoint to take the flagged groups from.
+
+    Raises:
+        AuditError: bad inputs, an output that is an input, overlapping data, nothing flagged.
+    """
+    config.validate()
+    start = time.perf_counter()
+    opts = config.options
+    inputs = [Path(checkpoint), Path(train), Path(probe)] + ([Path(audit)] if audit else [])
+    if output is not None:
+        _check_output_path(Path(output), inputs)  # before any work
+    device = resolve_device(opts.device)
+    seed_everything(opts.seed)
+    ckpt, probe_set, warnings = load_inputs(checkpoint, probe, opts)
+    normalize = opts.normalize or ckpt.normalize or "none"
+    train_set = open_probe(train, channels=ckpt.in_channels, normalize=normalize,
+                           resize=opts.resize, limit=config.train_limit, seed=opts.seed,
+                           model_classes=ckpt.classes, num_classes=ckpt.num_classes)
+    timing: Dict[str, float] = {}
+    t0 = time.perf_counter()
+    overlap = check_overlap(probe_set, train_set)
+    timing["overlap_check_s"] = time.perf_counter() - t0
+    if overlap and not config.allow_overlap:
+        p, t = overlap[0]
+        raise OverlapError(
+            f"{len(overlap)} probe image(s) also appear in the repair data (by content hash; "
+            f"e.g. probe #{p} = train #{t}); the probe must be held out to count fixes "
+            "honestly. Use a separate split, or pass --allow-overlap")
+    if overlap:
+        warnings.append(f"{len(overlap)} probe images also appear in the repair data "
+                        "(--allow-overlap): fixes on them are not held-out evidence")
+    model = ckpt.model
+    groups = layer_groups(model, opts.granularity)
+    t0 = time.perf_counter()
+    selected, source = _resolve_selection(config, groups, ckpt, probe_set, audit, progress)
+    timing["selection_s"] = time.perf_counter() - t0
+    model.to(device).eval()
+    t0 = time.perf_counter()
+    before = evaluate(model, probe_set, device=device, batch_size=opts.batch_size, progress=progress)
+    train_eval = evaluate(model, train_set, device=device, batch_size=opts.batch_size,
+                          progress=progress)
+    timing["evaluate_s"] = time.perf_counter() - t0
+    wrong = train_eval.misclassified
+    wrong_set = set(wrong)
+    right = [i for i in range(train_eval.n) if i not in wrong_set]
+    if not wrong:
+        warnings.append("the model makes no errors on the repair data: batches hold only "
+                        "images it already gets right")
+    steps = config.steps or 1
+    if config.epochs is not None:
+        steps = max(1, math.ceil(config.epochs * len(train_set) / config.batch_size))
+    plan = _batch_plan(wrong, right, steps, config.batch_size, opts.seed)
+    total = sum(g.params for g in groups)
+
+    def run(name: str, chosen: Sequence[str]) -> Tuple[RepairRun, nn.Module]:
+        repaired, seconds = _retrain(model, groups, chosen, train_set, plan, config, device,
+                                     progress, f"retrain {name}")
+        after = evaluate(repaired, probe_set, device=device, batch_size=opts.batch_size)
+        trainable = sum(g.params for g in groups if g.name in chosen)
+        return RepairRun(name, tuple(chosen), trainable, trainable / total, len(plan),
+                         seconds, after, before), repaired
+
+    selection, repaired = run("flagged", selected)
+    controls: List[RepairRun] = []
+    for control in config.controls:
+        if control == "all":
+            chosen: Tuple[str, ...] = tuple(g.name for g in groups)
+        elif control == "random":
+            chosen = _random_control(groups, selected, opts.seed)
+        else:
+            from .baselines import compute_baselines
+
+            errors = wrong[:512] if wrong else list(range(min(256, train_eval.n)))
+            rgn = compute_baselines(model, BatchCache(train_set, errors, opts.batch_size),
+                                    groups, ["auto_rgn"], device=device)["auto_rgn"].scores
+            order = sorted(range(len(groups)), key=lambda i: (-np.nan_to_num(rgn[i], nan=-1), i))
+            top = {groups[i].name for i in order[:len(selected)]}
+            chosen = tuple(g.name for g in groups if g.name in top)
+        controls.append(run(control, chosen)[0])
+    sha = None
+    identical = 0
+    if output is not None:
+        meta = dict(ckpt.metadata)
+        meta.update(audit_metadata(ckpt.arch, ckpt.num_classes, normalize=normalize,
+                                   classes=ckpt.classes or probe_set.classes)
+                    if not ckpt.arch.count(":") else {})
+        meta.update({
+            META_PREFIX + "version": __version__,
+            META_PREFIX + "fix.source_sha256": ckpt.sha256,
+            META_PREFIX + "fix.groups": json.dumps(list(selected)),
+            META_PREFIX + "fix.schedule": config.schedule,
+            META_PREFIX + "fix.seed": str(opts.seed),
+            META_PREFIX + "fix.steps": str(len(plan)),
+            META_PREFIX + "fix.lr": repr(config.lr),
+        })
+        repaired.cpu()
+        sha, identical = write_repaired(ckpt, repaired, groups, selected, Path(output), meta)
+    model.cpu()
+    timing["total_s"] = time.perf_counter() - start
+    return FixResult(ckpt, probe_set, str(train), len(train_set), len(wrong), selection,
+                     tuple(controls), config, str(output) if output else None, sha, identical,
+                     device, {k: round(v, 3) for k, v in timing.items()}, tuple(warnings),
+                     source)
+
+
+def write_fix(result: FixResult, out_dir: Union[str, os.PathLike]) -> Dict[str, Path]:
+    """Write ``fix.json`` and ``report.html`` into ``out_dir``."""
+    from .report import render_fix_report
+    from .scan import write_json
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} exists and is not a directory")
+    data = result.to_dict()
+    html = render_fix_report(data, result.probe)
+    paths = {"fix": out / "fix.json", "report": out / "report.html"}
+    inputs = tuple(Path(p) for p in (result.checkpoint.path, result.train_source,
+                                     result.probe.source))
+    write_json(data, paths["fix"], inputs)
+    atomic_write_bytes(paths["report"], html.encode("utf-8"))
+    return paths
+
+
+def format_fix(data: Dict[str, Any]) -> str:
+    """The readable summary the CLI prints."""
+    sel = data["selection"]
+    lines = [
+        f"retrained {', '.join(sel['groups'])}: {sel['trainable_params']:,} parameters "
+        f"({sel['params_percent']:.1f}% of {sel['total_params']:,}), {sel['steps']} steps, "
+        f"{data['config']['schedule']} momentum",
+        f"probe accuracy {100 * data['accuracy']['before']:.2f}% -> "
+        f"{100 * data['accuracy']['after']:.2f}%: fixed {data['fixed']}, broken "
+        f"{data['broken']}, net {data['net']:+d}",
+    ]
+    rows = [("selection", "groups", "params %", "fixed", "broken", "net", "param-steps", "seconds")]
+    for run in [sel] + data["controls"]:
+        rows.append((run["name"], ",".join(run["groups"]) if len(run["groups"]) <= 4 else
+                     f"{len(run['groups'])} groups", f"{run['params_percent']:.1f}",
+                     str(run["fixed"]), str(run["broken"]), f"{run['net']:+d}",
+                     f"{run['compute_param_steps']:.3g}", f"{run['seconds']:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    table = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(r, widths))).rstrip() for r in rows]
+    table.insert(1, "-" * len(table[0]))
+    lines += table
+    verdict = data["verdict"]
+    if data["controls"]:
+        lines.append("the flagged selection beat: " + (", ".join(verdict["beat"]) or "none") +
+                     ("; did not beat: " + ", ".join(verdict["did_not_beat"])
+                      if verdict["did_not_beat"] else ""))
+    return "\n".join(lines)

@@ -1,0 +1,200 @@
+"""fix: surgical retraining on the digits models, frozen tensors, counts, controls, refusals."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import SAMPLES, snapshot
+from model_audit import AuditOptions
+from model_audit.checkpoint import load_checkpoint, read_tensors, save_checkpoint
+from model_audit.cli import cli
+from model_audit.errors import ConfigError, OutputError
+from model_audit.fix import FixConfig, OverlapError, fix, write_fix
+from model_audit.layers import layer_groups
+
+TRAIN = SAMPLES / "digits-train.safetensors"
+PROBE = SAMPLES / "digits-probe.safetensors"
+QUICK = FixConfig(steps=25, controls=("all", "random", "rgn"), layers=("layer2", "fc"))
+
+
+def _bytes(t):
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def repaired(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fix")
+    out = tmp / "fixed.safetensors"
+    result = fix(SAMPLES / "digits-sgd.safetensors", TRAIN, PROBE, out, QUICK)
+    return result, out
+
+
+def test_frozen_tensors_are_byte_identical(repaired):
+    result, out = repaired
+    src, _ = read_tensors(SAMPLES / "digits-sgd.safetensors")
+    new, meta = read_tensors(out)
+    assert set(src) == set(new)
+    groups = layer_groups(load_checkpoint(SAMPLES / "digits-sgd.safetensors").model)
+    trained = {p for g in groups if g.name in ("layer2", "fc") for p in g.parameter_names}
+    changed = [k for k in src if not torch.equal(_bytes(src[k]), _bytes(new[k]))]
+    assert changed and set(changed) <= trained
+    # BatchNorm statistics stay, inside the retrained groups too
+    assert all(torch.equal(src[k], new[k]) for k in src if "running_" in k or "num_batches" in k)
+    assert result.verified_identical == len(src) - len(trained)
+    # provenance
+    assert meta["model_audit.fix.source_sha256"] == result.checkpoint.sha256
+    assert json.loads(meta["model_audit.fix.groups"]) == ["layer2", "fc"]
+    assert meta["model_audit.fix.schedule"] == "beta" and meta["model_audit.fix.seed"] == "0"
+    assert meta["model_audit.version"] and meta["model_audit.arch"] == "tiny-resnet"
+    # the repaired checkpoint is a normal checkpoint: it loads without --arch
+    assert load_checkpoint(out).num_classes == 10
+
+
+def test_counts_add_up(repaired):
+    result, _ = repaired
+    d = result.to_dict()
+    n = d["probe"]["n"]
+    correct_before = round(d["accuracy"]["before"] * n)
+    correct_after = round(d["accuracy"]["after"] * n)
+    assert d["fixed"] - d["broken"] == d["net"] == correct_after - correct_before
+    assert sum(c["fixed"] for c in d["per_class"]) == d["fixed"]
+    assert sum(c["broken"] for c in d["per_class"]) == d["broken"]
+    assert len(d["images"]["fixed"]) == d["fixed"] and len(d["images"]["broken"]) == d["broken"]
+    wrong_before = n - correct_before
+    assert len(d["images"]["still_wrong"]) == wrong_before - d["fixed"]
+    for item in d["images"]["fixed"]:
+        assert item["before"] != item["label"] and item["after"] == item["label"]
+    for run in [d["selection"]] + d["controls"]:
+        assert run["compute_param_steps"] == run["steps"] * run["trainable_params"]
+
+
+def test_controls_share_the_budget(repaired):
+    result, _ = repaired
+    d = result.to_dict()
+    runs = {c["name"]: c for c in d["controls"]}
+    assert set(runs) == {"all", "random", "rgn"}
+    assert runs["all"]["params_percent"] == pytest.approx(100.0)
+    assert runs["random"]["groups"] != d["selection"]["groups"]
+    assert abs(runs["random"]["params_percent"] - d["selection"]["params_percent"]) < 30
+    assert len(runs["rgn"]["groups"]) == len(d["selection"]["groups"])
+    assert all(c["steps"] == d["selection"]["steps"] for c in d["controls"])
+    for c in d["controls"]:
+        assert c["flagged_beat_it"] == (d["net"] > c["net"])
+    assert d["compute"]["param_steps_saving_vs_full"] == pytest.approx(
+        1 - d["selection"]["trainable_params"] / runs["all"]["trainable_params"])
+
+
+def test_fix_json_and_report(repaired, tmp_path):
+    result, _ = repaired
+    paths = write_fix(result, tmp_path / "out")
+    data = json.loads(paths["fix"].read_text())
+    assert {"fixed", "broken", "net", "per_class", "controls", "images", "compute"} <= set(data)
+    html = paths["report"].read_text()
+    assert "Fixed misclassifications" in html or data["fixed"] == 0
+    assert "Controls" in html and "data:image/png;base64," in html
+    r = CliRunner().invoke(cli, ["report", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+
+
+def test_float16_input_keeps_dtypes(tmp_path):
+    state, meta = read_tensors(SAMPLES / "digits-sgd.safetensors")
+    half = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+    src = tmp_path / "half.safetensors"
+    save_checkpoint({"module." + k: v for k, v in half.items()}, src, metadata=meta)
+    out = tmp_path / "out.safetensors"
+    fix(src, TRAIN, PROBE, out, FixConfig(steps=5, controls=(), layers=("fc",)))
+    new, _ = read_tensors(out)
+    assert set(new) == {"module." + k for k in half}  # the input's own key names
+    for k, v in half.items():
+        assert new["module." + k].dtype == v.dtype
+        if not k.startswith("fc."):
+            assert torch.equal(_bytes(new["module." + k]), _bytes(v))
+
+
+def test_auto_selection_from_scan_and_from_audit(tmp_path):
+    runner = CliRunner()
+    scan_out = tmp_path / "scan"
+    assert runner.invoke(cli, ["scan", str(SAMPLES / "digits-sgd.safetensors"), "--probe",
+                               str(PROBE), "--out", str(scan_out), "-q"]).exit_code == 0
+    flagged = json.loads((scan_out / "audit.json").read_text())["flagged"]
+    r = runner.invoke(cli, ["fix", str(SAMPLES / "digits-sgd.safetensors"), "--train", str(TRAIN),
+                            "--probe", str(PROBE), "--output", str(tmp_path / "f.safetensors"),
+                            "--audit", str(scan_out / "audit.json"), "--steps", "5",
+                            "--controls", "none", "--out", str(tmp_path / "fo")])
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "fo/fix.json").read_text())
+    assert data["selection"]["groups"] == flagged and data["selection"]["source"].startswith("audit")
+    assert "fixed" in r.output and "net" in r.output
+    # an audit of another checkpoint is refused
+    r = runner.invoke(cli, ["fix", str(SAMPLES / "digits-adam.safetensors"), "--train", str(TRAIN),
+                            "--probe", str(PROBE), "--output", str(tmp_path / "g.safetensors"),
+                            "--audit", str(scan_out / "audit.json"), "--steps", "5"])
+    assert r.exit_code == 2 and "audit of another checkpoint" in r.output
+    assert not (tmp_path / "g.safetensors").exists()
+
+
+@pytest.fixture
+def work(tmp_path):
+    import shutil
+
+    for name in ("digits-sgd.safetensors", "digits-probe.safetensors", "digits-train.safetensors"):
+        shutil.copy(SAMPLES / name, tmp_path / name)
+    return tmp_path
+
+
+def _refused(work, output, *needles, extra=()):
+    before = snapshot(work)
+    r = CliRunner().invoke(cli, ["fix", str(work / "digits-sgd.safetensors"), "--train",
+                                 str(work / "digits-train.safetensors"), "--probe",
+                                 str(work / "digits-probe.safetensors"), "--output", str(output),
+                                 "--out", str(work / "out"), "--steps", "5", *extra])
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    for needle in needles:
+        assert needle in r.output, r.output
+    assert snapshot(work) == before and not (work / "out").exists()
+
+
+def test_output_equal_to_input_is_refused(work):
+    _refused(work, work / "digits-sgd.safetensors", "is an input")
+    os.symlink(work / "digits-sgd.safetensors", work / "link.safetensors")
+    _refused(work, work / "link.safetensors", "is an input")
+    os.link(work / "digits-sgd.safetensors", work / "hard.safetensors")
+    _refused(work, work / "hard.safetensors", "is an input")
+    _refused(work, work / "digits-train.safetensors", "is an input")
+
+
+def test_bad_outputs_and_layers(work):
+    _refused(work, work / "fixed.pt", "must end in .safetensors")
+    (work / "dir.safetensors").mkdir()
+    _refused(work, work / "dir.safetensors", "is a directory")
+    _refused(work, work / "nodir" / "x.safetensors", "does not exist")
+    _refused(work, work / "x.safetensors", "unknown layer group(s) layer9", "conv1, bn1",
+             extra=("--layers", "layer9"))
+    _refused(work, work / "x.safetensors", "unknown control(s) everything",
+             extra=("--controls", "everything"))
+
+
+def test_overlap_between_probe_and_train_is_refused(work):
+    before = snapshot(work)
+    with pytest.raises(OverlapError, match="by content hash.*--allow-overlap"):
+        fix(work / "digits-sgd.safetensors", work / "digits-probe.safetensors",
+            work / "digits-probe.safetensors", work / "x.safetensors", FixConfig(steps=2))
+    assert snapshot(work) == before
+    result = fix(work / "digits-sgd.safetensors", work / "digits-probe.safetensors",
+                 work / "digits-probe.safetensors", None,
+                 FixConfig(steps=2, controls=(), layers=("fc",), allow_overlap=True))
+    assert any("also appear" in w for w in result.warnings)
+
+
+def test_input_is_never_modified(work):
+    before = snapshot(work)
+    fix(work / "digits-sgd.safetensors", work / "digits-train.safetensors",
+        work / "digits-probe.safetensors", work / "new.safetensors",
+        FixConfig(steps=3, controls=(), layers=("fc",)))
+    after = snapshot(work)
+    assert after.pop("new.safetensors")
+    assert after == before
