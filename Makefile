@@ -14,6 +14,13 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/model-audit scan samples/digits-sgd.safetensors --probe samples/digits-probe.safetensors --out reports/demo
+	@# A screenshot of the report for the README, when a headless Chromium is at hand.
+	@if command -v chromium >/dev/null 2>&1; then \
+	  chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+	    --disable-background-networking --disable-component-update --disable-sync \
+	    --user-data-dir=$$(mktemp -d) --hide-scrollbars --window-size=1200,1600 \
+	    --screenshot=reports/demo/screenshot.png file://$(CURDIR)/reports/demo/report.html \
+	    >/dev/null 2>&1 || echo "note: the screenshot could not be made"; fi
 	@echo "open reports/demo/report.html"
 
 test: $(STAMP) chromium
