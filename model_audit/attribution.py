@@ -32,7 +32,7 @@ are in the probe, not the replay's own variability.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -58,10 +58,19 @@ class GroupReductions:
 
 def group_reductions(model: nn.Module, batches: BatchCache, displacement: Dict[str, torch.Tensor],
                      groups: Sequence[LayerGroup], *, device: str = "cpu",
-                     progress: bool = False) -> GroupReductions:
-    """Per-image loss reduction when each group alone takes its replay displacement."""
+                     progress: bool = False,
+                     base_losses: Optional[torch.Tensor] = None) -> GroupReductions:
+    """Per-image loss reduction when each group alone takes its replay displacement.
+
+    ``base_losses`` (the per-image losses at the checkpoint, which the replay's first pass
+    computes anyway) saves one forward pass; without it they are computed here.
+    """
     theta0 = detached_params(model, device)
-    base, _ = per_sample_losses(model, theta0, batches, device)
+    if base_losses is None:
+        base, _ = per_sample_losses(model, theta0, batches, device)
+        extra = 1
+    else:
+        base, extra = base_losses, 0
     columns = []
     for group in progress_bar(groups, total=len(groups), desc="attribute", enabled=progress):
         moved = dict(theta0)
@@ -71,7 +80,7 @@ def group_reductions(model: nn.Module, batches: BatchCache, displacement: Dict[s
         columns.append(base - losses)
     n = len(batches.positions)
     return GroupReductions(torch.stack(columns, 1).double(), base, tuple(g.name for g in groups),
-                           n * (len(groups) + 1))
+                           n * (len(groups) + extra))
 
 
 def scores_from_reductions(mean_reduction: np.ndarray) -> np.ndarray:

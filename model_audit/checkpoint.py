@@ -387,12 +387,29 @@ def _unwrap_state_dict(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
     if bad:
         raise CheckpointError(
             f"{path}: the state dict holds entries that are not tensors: {', '.join(bad[:8])}")
-    odd = [k for k, v in obj.items() if v.layout != torch.strided or v.is_sparse]
+    # torch.load(weights_only=True) accepts these, but they cannot be loaded into a model's
+    # dense float parameters (quantized, meta) or would be silently truncated (complex).
+    odd = [f"{k} ({why})" for k, why in ((k, _unsupported_tensor(v)) for k, v in obj.items()) if why]
     if odd:
-        raise CheckpointError(f"{path}: sparse or non-strided tensors are not supported: {', '.join(odd[:8])}")
+        raise CheckpointError(
+            f"{path}: sparse, non-strided, quantized, complex or data-less tensors are not "
+            f"supported: {', '.join(odd[:8])}; save a state dict of dense real-valued tensors")
     if not obj:
         raise EmptyCheckpointError(f"{path}: the state dict is empty; nothing to audit")
     return dict(obj)
+
+
+def _unsupported_tensor(v: torch.Tensor) -> str:
+    """Why a tensor from a ``.pt`` file cannot be audited ('' when it can)."""
+    if v.layout != torch.strided or v.is_sparse:
+        return f"layout {str(v.layout).replace('torch.', '')}"
+    if v.is_quantized:
+        return f"quantized {str(v.dtype).replace('torch.', '')}"
+    if v.is_complex():
+        return f"complex {str(v.dtype).replace('torch.', '')}"
+    if v.is_meta or v.device.type != "cpu":
+        return f"no data on the CPU (device {v.device.type})"
+    return ""
 
 
 def read_tensors(path: os.PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
@@ -618,9 +635,13 @@ def same_file(a: os.PathLike, b: os.PathLike) -> bool:
         return Path(a).resolve() == Path(b).resolve()
 
 
-def atomic_write_bytes(path: os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory, fsync and rename."""
-    path = Path(path)
+#: Every file written by :func:`atomic_write_bytes`/:func:`atomic_write_files` in this
+#: process, in order (the CLI tells what was written when it is interrupted).
+WRITTEN: List[str] = []
+
+
+def _write_temp(path: Path, data: bytes) -> str:
+    """Write ``data`` to a hidden temp file (``.<name>.XXXX.tmp``) beside ``path``; fsync."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -635,15 +656,51 @@ def atomic_write_bytes(path: os.PathLike, data: bytes) -> None:
             os.umask(umask)
             os.fchmod(fh.fileno(), 0o666 & ~umask)
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
         if isinstance(exc, OSError):
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
+    return tmp
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def atomic_write_files(files: Sequence[Tuple[os.PathLike, bytes]]) -> None:
+    """Write several files so that a failure leaves every old file as it was.
+
+    Every file is first written in full to a temp file beside it; only then are they renamed
+    into place. A full disk or an unwritable directory therefore changes nothing, and no temp
+    file is left behind.
+
+    Raises:
+        OutputError: naming the file that cannot be written and why.
+    """
+    staged: List[Tuple[str, Path]] = []
+    try:
+        for target, data in files:
+            staged.append((_write_temp(Path(target), data), Path(target)))
+        while staged:
+            tmp, target = staged[0]
+            try:
+                os.replace(tmp, target)
+            except OSError as exc:
+                raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
+            staged.pop(0)
+            WRITTEN.append(str(target))
+    finally:
+        for tmp, _ in staged:
+            _unlink_quietly(tmp)
+
+
+def atomic_write_bytes(path: os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory, fsync and rename."""
+    atomic_write_files([(path, data)])
 
 
 def save_checkpoint(state: Mapping[str, torch.Tensor], path: os.PathLike, *,

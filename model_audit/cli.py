@@ -30,13 +30,74 @@ def _fail(message: str, exit_code: int = 2) -> click.ClickException:
 
 
 class AuditGroup(click.Group):
-    """Turns AuditError into a clean message and exit code 2, anywhere in a command."""
+    """Turns AuditError into a clean message and exit code 2, anywhere in a command.
+
+    Before a command does any work, an output (``--out`` and the files written in it,
+    ``--junit``, ``--summary``, ``--output``) that is one of the command's input paths, also
+    through a symlink or a hard link, is refused. Ctrl-C prints what was written (normally
+    nothing: outputs are written at the end, atomically) and exits 130, without a traceback.
+    """
+
+    #: Parameters naming what a command writes; every other path parameter is an input.
+    OUTPUT_PARAMS = ("out", "junit", "summary", "output")
+    #: Files the commands write inside their ``--out`` directory.
+    OUT_FILES = ("audit.json", "report.html", "gate.json", "compare.json", "fix.json")
+    #: The commands' default ``--out`` under ``reports/`` (from their input names' stems).
+    DEFAULT_OUT = {"scan": "{checkpoint}", "gate": "gate-{checkpoint}",
+                   "compare": "compare-{a}-vs-{b}", "fix": "fix-{checkpoint}"}
+
+    class Command(click.Command):
+        """A command that refuses outputs that are its inputs before it runs."""
+
+        def invoke(self, ctx: click.Context) -> Any:
+            AuditGroup.refuse_outputs_over_inputs(ctx)
+            return super().invoke(ctx)
+
+    command_class = Command
+
+    @classmethod
+    def refuse_outputs_over_inputs(cls, ctx: click.Context) -> None:
+        from .checkpoint import same_file
+        from .errors import OutputError
+
+        if ctx.params.get("init"):  # `gate --init` writes only --policy, never over a file
+            return
+        paths = {k: v for k, v in ctx.params.items() if isinstance(v, Path)}
+        inputs = {k: v for k, v in paths.items() if k not in cls.OUTPUT_PARAMS}
+        if "out" in ctx.params and paths.get("out") is None and ctx.info_name in cls.DEFAULT_OUT:
+            try:
+                stems = {k: v.stem for k, v in inputs.items()}
+                paths["out"] = Path("reports") / cls.DEFAULT_OUT[ctx.info_name].format(**stems)
+            except KeyError:  # an input the default is made from is missing: the command says so
+                pass
+        for name in cls.OUTPUT_PARAMS:
+            target = paths.get(name)
+            if target is None:
+                continue
+            targets = [target] + ([target / f for f in cls.OUT_FILES] if name == "out" else [])
+            for path in targets:
+                for src_name, src in inputs.items():
+                    if path.exists() and same_file(path, src):
+                        kind = (" (a directory is expected, and this is not a directory)"
+                                if name == "out" and path == target and not path.is_dir() else "")
+                        raise OutputError(
+                            f"refusing to write {path} (--{name}{kind}): it is the {src_name} "
+                            f"input {src}; choose another output path. Nothing was done.")
 
     def invoke(self, ctx: click.Context) -> Any:
+        from .checkpoint import WRITTEN
+
+        before = len(WRITTEN)
         try:
             return super().invoke(ctx)
         except AuditError as exc:
             raise _fail(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt:
+            written = WRITTEN[before:]
+            what = ("nothing was written" if not written else
+                    f"only {', '.join(written)} had been written")
+            click.echo(f"\ninterrupted: {what}", err=True)
+            ctx.exit(130)
 
 
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -37,6 +37,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 #: Largest image accepted (pixels). Larger files are refused as possible decompression bombs.
 MAX_IMAGE_PIXELS = 50_000_000
 
+#: Most classes a tensor probe's labels may imply when the model's head size is not known
+#: (a label of 2**40 must not make the tool build 2**40 class names).
+MAX_CLASSES = 1_000_000
+
 NORMALIZATIONS: Dict[str, Tuple[Tuple[float, ...], Tuple[float, ...]]] = {
     # CIFAR-10 training-set channel statistics.
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -302,7 +306,7 @@ class TensorFileProbe(ProbeSet):
     kind = "tensors"  # type: ignore[assignment]
 
     def __init__(self, path: Path, *, channels: int, normalization: Normalization,
-                 resize: Optional[Tuple[int, int]]) -> None:
+                 resize: Optional[Tuple[int, int]], num_classes: Optional[int] = None) -> None:
         from safetensors import safe_open
 
         from .checkpoint import validate_safetensors_header
@@ -325,6 +329,9 @@ class TensorFileProbe(ProbeSet):
         if shape[1] not in (1, 3):
             raise ProbeError(f"{path}: images have {shape[1]} channels (shape {shape}); "
                              "give 1 (grayscale) or 3 (RGB)")
+        if shape[0] and (shape[2] == 0 or shape[3] == 0):
+            raise ProbeError(f"{path}: images have no pixels (shape {shape}); give images of "
+                             "at least 1x1")
         if len(lshape) != 1 or lshape[0] != shape[0]:
             raise ProbeError(f"{path}: labels must have shape ({shape[0]},) to match the "
                              f"images, got {lshape}")
@@ -342,6 +349,14 @@ class TensorFileProbe(ProbeSet):
         if int(labels.min()) < 0:
             raise ProbeError(f"{path}: labels must be >= 0, found {int(labels.min())}")
         n_classes = int(labels.max()) + 1
+        if num_classes is not None and n_classes > num_classes:
+            raise ProbeError(
+                f"probe {path} has labels up to {n_classes - 1} but the model's head has "
+                f"{num_classes} outputs; use a probe of the model's classes (or the right "
+                "checkpoint)")
+        if n_classes > MAX_CLASSES:
+            raise ProbeError(f"{path}: labels go up to {n_classes - 1}, more than "
+                             f"{MAX_CLASSES} classes; the labels are corrupt")
         classes: List[str] = [str(i) for i in range(n_classes)]
         if "classes" in metadata:
             try:
@@ -379,6 +394,13 @@ class TensorFileProbe(ProbeSet):
         except Exception as exc:  # the library's SafetensorError and others
             raise ProbeError(f"{self.path}: cannot read the images: {exc}") from exc
         x = x.float().div_(255.0) if self.dtype == "U8" else x.float()
+        if self.dtype != "U8":
+            finite = torch.isfinite(x).flatten(1).all(1)
+            if not bool(finite.all()):
+                rows = [i for lo, hi in runs for i in range(lo, hi)]
+                bad = [rows[j] for j in torch.nonzero(~finite).flatten().tolist()]
+                raise ProbeError(f"{self.path}: images at index {', '.join(map(str, bad[:10]))} "
+                                 "hold NaN or infinite pixel values")
         x = _convert_channels(x, self.channels, str(self.path))
         return self._resize(x)
 
@@ -438,13 +460,14 @@ def open_probe(path: os.PathLike, *, channels: int = 3, normalize: Optional[str]
             unknown = [c for c in probe.classes if c not in model_classes]
             if unknown:
                 raise ProbeError(
-                    f"probe classes {', '.join(unknown[:10])} are not among the model's classes "
-                    f"({', '.join(list(model_classes)[:20])})")
+                    f"probe {path}: classes {', '.join(unknown[:10])} are not among the model's "
+                    f"classes ({', '.join(list(model_classes)[:20])})")
             remap = torch.tensor([list(model_classes).index(c) for c in probe.classes])
             probe.labels = remap[probe.labels]
             probe.classes = tuple(model_classes)
     elif path.suffix.lower() == ".safetensors":
-        probe = TensorFileProbe(path, channels=channels, normalization=normalization, resize=size)
+        probe = TensorFileProbe(path, channels=channels, normalization=normalization, resize=size,
+                                num_classes=num_classes)
     else:
         raise ProbeError(f"probe {path} is neither a directory nor a .safetensors tensor file")
     if len(probe) == 0:

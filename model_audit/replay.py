@@ -15,14 +15,16 @@ and keeps its running statistics and dropout is off. No hooks are registered. Th
 the displacement ``theta_K - theta_0`` per parameter and the damping regime of every step.
 
 Defaults (:class:`ReplayConfig`): 5 steps from lr 0.01 (momentum 0.80) to 0.001 (0.94). The
-learning rate is that of a typical fine-tuning run; a handful of steps is enough to see which
-parameters the errors pull on, and keeps the cost at a few passes over the errors.
+learning rate is that of a typical fine-tuning run, halved while the first step fails an
+Armijo check (see :func:`replay`), so that a model with sharper curvature gets a smaller rate
+instead of an overshooting replay; a handful of steps is enough to see which parameters the
+errors pull on, and keeps the cost at a few passes over the errors.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +42,8 @@ class ReplayConfig:
     """Options of the replay (documented defaults; see the module docstring)."""
 
     steps: int = 5              # K full-batch steps over the misclassified images
-    lr: float = 0.01            # peak learning rate (first step)
+    lr: float = 0.01            # peak learning rate (first step), halved while too large
+    lr_search: bool = True      # halve lr until the first step passes the Armijo check
     lr_min_ratio: float = 0.1   # last step's lr = lr * lr_min_ratio (cosine in between)
     schedule: str = "beta"      # beta | hybrid | constant (0.9)
 
@@ -57,7 +60,7 @@ class ReplayConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"steps": self.steps, "lr": self.lr, "lr_min_ratio": self.lr_min_ratio,
-                "schedule": self.schedule}
+                "schedule": self.schedule, "lr_search": self.lr_search}
 
 
 @dataclass(frozen=True)
@@ -84,10 +87,16 @@ class ReplayResult:
     n: int                     # misclassified images replayed
     forward_images: int
     backward_images: int
+    peak_lr: float = 0.0       # the peak learning rate used (after the step-size check)
+    lr_trials: int = 0         # forward passes the step-size check took
+    initial_losses: Optional[torch.Tensor] = None   # per image, at theta_0
+    lr_check_passed: bool = True   # False: no rate in the search passed the Armijo check
 
     def to_dict(self) -> Dict[str, Any]:
         return {"n": self.n, "initial_loss": self.initial_loss, "final_loss": self.final_loss,
-                "fixed_by_replay": self.fixed, "steps": [s.to_dict() for s in self.steps]}
+                "fixed_by_replay": self.fixed, "peak_lr": self.peak_lr,
+                "lr_trials": self.lr_trials, "lr_check_passed": self.lr_check_passed,
+                "steps": [s.to_dict() for s in self.steps]}
 
 
 def detached_params(model: nn.Module, device: str) -> Dict[str, torch.Tensor]:
@@ -109,9 +118,28 @@ def per_sample_losses(model: nn.Module, params: Dict[str, torch.Tensor], batches
     return torch.cat(losses), torch.cat(right)
 
 
+#: Largest number of halvings of the peak learning rate in the step-size check.
+MAX_HALVINGS = 10
+#: Armijo constant of the step-size check: the first (momentum-free) step must remove at least
+#: this fraction of the loss decrease that its gradient predicts to first order.
+ARMIJO = 0.5
+
+
+def _mean_loss(model: nn.Module, params: Dict[str, torch.Tensor], batches: BatchCache,
+               device: str) -> float:
+    losses, _ = per_sample_losses(model, params, batches, device)
+    return float(losses.mean())
+
+
 def replay(model: nn.Module, batches: BatchCache, *, config: ReplayConfig = ReplayConfig(),
            device: str = "cpu", progress: bool = False) -> ReplayResult:
     """Run the beta-scheduled replay over the images in ``batches``.
+
+    Step size: the peak learning rate ``config.lr`` is halved (up to :data:`MAX_HALVINGS`
+    times) until the first step, which has no momentum yet, passes the Armijo check
+    ``L(theta_0 - lr g_0) <= L(theta_0) - ARMIJO * lr * |g_0|^2``; a learning rate too large for
+    the model's curvature would otherwise overshoot and make the displacement a poor direction.
+    It costs one forward pass over the errors per trial; the chosen rate is recorded.
 
     Raises:
         ReplayError: empty batches or a non-finite loss/gradient (e.g. NaN weights).
@@ -129,20 +157,25 @@ def replay(model: nn.Module, batches: BatchCache, *, config: ReplayConfig = Repl
     names = list(theta)
     steps: List[ReplayStep] = []
     forward = backward = 0
+    peak = config.lr
+    trials = 0
+    passed = not config.lr_search
+    initial: List[torch.Tensor] = []
     for t in progress_bar(range(config.steps), total=config.steps, desc="replay", enabled=progress):
-        lr = cosine_lr(t, config.steps, config.lr, config.lr * config.lr_min_ratio)
-        mu = schedule(lr)
         grads = {k: torch.zeros_like(v) for k, v in theta.items()}
         total_loss = 0.0
         leaves = {k: v.requires_grad_(True) for k, v in theta.items()}
         for _, x, y in batches:
             x, y = x.to(device), y.to(device)
             logits = functional_call(model, leaves, (x,), strict=False).float()
-            loss = F.cross_entropy(logits, y, reduction="sum")
+            per_image = F.cross_entropy(logits, y, reduction="none")
+            loss = per_image.sum()
             chunk = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
             for k, g in zip(names, chunk):
                 if g is not None:
                     grads[k] += g
+            if t == 0:
+                initial.append(per_image.detach().cpu())
             total_loss += float(loss.detach())
             forward += len(y)
             backward += len(y)
@@ -150,10 +183,7 @@ def replay(model: nn.Module, batches: BatchCache, *, config: ReplayConfig = Repl
         with torch.no_grad():
             sq = 0.0
             for k in names:
-                g = grads[k].div_(n)
-                sq += float(g.pow(2).sum())
-                velocity[k].mul_(mu).add_(g)
-                theta[k] = leaves[k].detach().sub(velocity[k], alpha=lr)
+                sq += float(grads[k].div_(n).pow(2).sum())
         if not (math.isfinite(mean_loss) and math.isfinite(sq)):
             if t == 0:
                 raise ReplayError(
@@ -162,11 +192,31 @@ def replay(model: nn.Module, batches: BatchCache, *, config: ReplayConfig = Repl
                     "images hold NaN/Inf values")
             raise ReplayError(
                 f"the replay diverged at step {t} (loss {mean_loss} after starting at "
-                f"{steps[0].loss:.4g}) with peak learning rate {config.lr} and the "
+                f"{steps[0].loss:.4g}) with peak learning rate {peak:.4g} and the "
                 f"{config.schedule} schedule; lower the replay learning rate (--replay-lr)")
+        if t == 0 and config.lr_search:
+            with torch.no_grad():
+                for _ in range(MAX_HALVINGS + 1):
+                    trial = {k: theta0[k] - peak * grads[k] for k in names}
+                    trials += 1
+                    forward += n
+                    value = _mean_loss(model, trial, batches, device)
+                    if math.isfinite(value) and value <= mean_loss - ARMIJO * peak * sq:
+                        passed = True
+                        break
+                    if trials > MAX_HALVINGS:
+                        break
+                    peak /= 2.0
+        lr = cosine_lr(t, config.steps, peak, peak * config.lr_min_ratio)
+        mu = schedule(lr)
+        with torch.no_grad():
+            for k in names:
+                velocity[k].mul_(mu).add_(grads[k])
+                theta[k] = leaves[k].detach().sub(velocity[k], alpha=lr)
         steps.append(ReplayStep(step_record(t, lr, mu), mean_loss, math.sqrt(sq)))
     final_losses, right = per_sample_losses(model, theta, batches, device)
     forward += n
     displacement = {k: (theta[k] - theta0[k]).detach() for k in names}
     return ReplayResult(tuple(steps), displacement, steps[0].loss, float(final_losses.mean()),
-                        int(right.sum()), n, forward, backward)
+                        int(right.sum()), n, forward, backward, peak, trials,
+                        torch.cat(initial), passed)

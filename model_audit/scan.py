@@ -23,7 +23,7 @@ import torch
 from . import __version__
 from .attribution import METRIC_NAME, Attribution, GroupReductions, attribute, group_reductions
 from .baselines import DEFAULT_BASELINES, Agreement, BaselineResult, resolve_baselines
-from .checkpoint import LoadedCheckpoint, atomic_write_bytes, same_file
+from .checkpoint import LoadedCheckpoint, atomic_write_bytes, atomic_write_files, same_file
 from .errors import ConfigError, OutputError, ReplayError
 from .evaluate import EvaluationResult, evaluate
 from .layers import LayerGroup, layer_groups
@@ -229,7 +229,18 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
             timing["replay_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             reductions = group_reductions(model, cache, result_replay.displacement, groups,
-                                          device=device, progress=progress)
+                                          device=device, progress=progress,
+                                          base_losses=result_replay.initial_losses)
+            if not result_replay.lr_check_passed:
+                warnings.append(
+                    f"no replay learning rate from {config.replay.lr:g} down to "
+                    f"{result_replay.peak_lr:.3g} passed the step-size check; the replay used "
+                    f"{result_replay.peak_lr:.3g}: give a smaller --replay-lr")
+            if result_replay.final_loss >= result_replay.initial_loss:
+                warnings.append(
+                    f"the replay did not lower the error loss ({result_replay.initial_loss:.4g} "
+                    f"-> {result_replay.final_loss:.4g}): its displacement is a poor direction "
+                    "and the scores are unreliable; try a smaller --replay-lr")
             timing["attribution_s"] = time.perf_counter() - t0
             passes["forward_images"] += result_replay.forward_images + reductions.forward_images
             passes["backward_images"] += result_replay.backward_images
@@ -274,12 +285,23 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
 
 def write_json(data: Dict[str, Any], path: Path, inputs: Tuple[Path, ...] = ()) -> Path:
     """Write ``data`` as indented JSON atomically; refuse to overwrite an input."""
-    for src in inputs:
-        if path.exists() and same_file(path, src):
-            raise OutputError(f"refusing to write {path}: it is an input ({src})")
-    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False, default=_json_default)
-    atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+    _refuse_inputs([Path(path)], inputs)
+    atomic_write_bytes(path, _json_bytes(data))
     return path
+
+
+def _json_bytes(data: Dict[str, Any]) -> bytes:
+    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False, default=_json_default)
+    return (text + "\n").encode("utf-8")
+
+
+def _refuse_inputs(targets: List[Path], inputs: Tuple[Path, ...]) -> None:
+    """OutputError when a target is (also through a symlink or hard link) one of ``inputs``."""
+    for target in targets:
+        for src in inputs:
+            if target.exists() and same_file(target, src):
+                raise OutputError(f"refusing to write {target}: it is an input ({src}); "
+                                  "choose another output path")
 
 
 def _json_default(obj: Any) -> Any:
@@ -291,19 +313,22 @@ def _json_default(obj: Any) -> Any:
 
 
 def write_scan(result: ScanResult, out_dir: Union[str, os.PathLike]) -> Dict[str, Path]:
-    """Write ``audit.json`` and ``report.html`` into ``out_dir`` (atomically, each)."""
+    """Write ``audit.json`` and ``report.html`` into ``out_dir`` (atomically, both or neither)."""
     from .report import render_scan_report
 
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} exists and is not a directory")
     inputs = (Path(result.checkpoint.path), Path(result.probe.source))
     for src in inputs:
         if out.exists() and same_file(out, src):
             raise OutputError(f"--out {out} is an input ({src}); choose another directory")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} exists and is not a directory")
+    paths = {"audit": out / "audit.json", "report": out / "report.html"}
+    _refuse_inputs(list(paths.values()), inputs)
     data = result.to_dict()
     html = render_scan_report(data, result.probe)
-    paths = {"audit": out / "audit.json", "report": out / "report.html"}
-    write_json(data, paths["audit"], inputs)
-    atomic_write_bytes(paths["report"], html.encode("utf-8"))
+    # Both files are written in full before either replaces an old one: a full disk or an
+    # unwritable directory leaves the previous audit.json and report.html as they were.
+    atomic_write_files([(paths["audit"], _json_bytes(data)),
+                        (paths["report"], html.encode("utf-8"))])
     return paths

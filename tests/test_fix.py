@@ -159,12 +159,12 @@ def _refused(work, output, *needles, extra=()):
 
 
 def test_output_equal_to_input_is_refused(work):
-    _refused(work, work / "digits-sgd.safetensors", "is an input")
+    _refused(work, work / "digits-sgd.safetensors", "refusing to write", "input")
     os.symlink(work / "digits-sgd.safetensors", work / "link.safetensors")
-    _refused(work, work / "link.safetensors", "is an input")
+    _refused(work, work / "link.safetensors", "refusing to write", "input")
     os.link(work / "digits-sgd.safetensors", work / "hard.safetensors")
-    _refused(work, work / "hard.safetensors", "is an input")
-    _refused(work, work / "digits-train.safetensors", "is an input")
+    _refused(work, work / "hard.safetensors", "refusing to write", "input")
+    _refused(work, work / "digits-train.safetensors", "refusing to write", "input")
 
 
 def test_bad_outputs_and_layers(work):

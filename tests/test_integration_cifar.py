@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 
 TRAIN_PER_CLASS = 200
 TEST_PER_CLASS = 50
-TRAIN_STEPS = 250
+TRAIN_STEPS = 200
 BATCH = 64
 PEAK_LR = 0.05
 WIDTH = 16

@@ -1,0 +1,40 @@
+"""``python -m bench scan [...]``: the project's benchmarks (see ``bench/scan_bench.py``).
+
+Each benchmark is a module ``bench/<name>_bench.py`` with ``add_arguments(parser)`` and
+``run(args) -> exit code``; ``compare`` is registered when ``bench/compare_bench.py`` exists.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+BENCHMARKS = {
+    "scan": "time `scan` on a CIFAR-10 ResNet-18 against a forward+backward floor",
+    "compare": "flagged-set overlap across optimizers vs across seeds",
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench",
+                                     description="model-audit benchmarks")
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH")
+    sub.required = True
+    modules = {}
+    for name, help_text in BENCHMARKS.items():
+        try:
+            module = importlib.import_module(f"{__package__ or 'bench'}.{name}_bench")
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.endswith(f"{name}_bench"):
+                continue  # that benchmark is not in this checkout
+            raise
+        modules[name] = module
+        doc = (module.__doc__ or "").strip().split("\n\n")[0] or None
+        module.add_arguments(sub.add_parser(name, help=help_text, description=doc))
+    args = parser.parse_args(argv)
+    return int(modules[args.bench].run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
