@@ -13,6 +13,8 @@ from typing import List, Optional
 BENCHMARKS = {
     "scan": "time `scan` on a CIFAR-10 ResNet-18 against a forward+backward floor",
     "compare": "flagged-set overlap across optimizers vs across seeds",
+    "baselines": "the own metric against each Captum baseline: cost ratio and rank agreement",
+    "fix": "surgical repair of the flagged groups against all/random/Auto-RGN controls",
 }
 
 
