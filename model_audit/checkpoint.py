@@ -240,13 +240,42 @@ def _reject_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
     seen: Dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:
-            raise ValueError(f"duplicate key {key!r}")
+            raise ValueError(f"duplicate key {_show(key)}")
         seen[key] = value
     return seen
 
 
+#: Most elements a tensor may have (torch sizes are int64), and most dimensions.
+_MAX_ELEMENTS = 2 ** 63 - 1
+MAX_DIMS = 64
+
+
+def _exceeds(shape: Sequence[int], limit: int) -> bool:
+    """Whether the product of the non-zero dimensions exceeds ``limit`` (stops early)."""
+    total = 1
+    for d in shape:
+        if d:
+            total *= d
+            if total > limit:
+                return True
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of a library's message (torch appends C++ stack frames to some)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """``repr`` of a value from a file, cut short: messages stay one readable paragraph."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _safe_name(name: str) -> str:
-    return name if name.isprintable() else repr(name)
+    shown = name if name.isprintable() else repr(name)
+    return shown if len(shown) <= 200 else f"{shown[:200]}... ({len(shown)} characters)"
 
 
 def validate_safetensors_header(path: Path) -> Tuple[Dict[str, Any], Dict[str, str]]:
@@ -293,20 +322,24 @@ def validate_safetensors_header(path: Path) -> Tuple[Dict[str, Any], Dict[str, s
         if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"}:
             raise CheckpointError(f"{where}: tensor {shown} has a malformed entry")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in _ST_DTYPES:
-            raise CheckpointError(f"{where}: tensor {shown} has unknown dtype {dtype!r}")
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:  # a list is unhashable
+            raise CheckpointError(f"{where}: tensor {shown} has unknown dtype {_show(dtype)}")
         if (not isinstance(shape, list) or
                 not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-            raise CheckpointError(f"{where}: tensor {shown} has an invalid shape {shape!r}")
+            raise CheckpointError(f"{where}: tensor {shown} has an invalid shape {_show(shape)}")
         if (not isinstance(offsets, list) or len(offsets) != 2 or
                 not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
                 or offsets[0] > offsets[1]):
-            raise CheckpointError(f"{where}: tensor {shown} has invalid data_offsets {offsets!r}")
-        nbytes = math.prod(shape) * _ST_DTYPES[dtype]
+            raise CheckpointError(f"{where}: tensor {shown} has invalid data_offsets {_show(offsets)}")
+        # (no big-number product of a hostile shape: a non-empty tensor larger than the
+        # file is wrong whatever its exact size)
+        elements = 0 if 0 in shape else None if _exceeds(shape, size) else math.prod(shape)
+        nbytes = None if elements is None else elements * _ST_DTYPES[dtype]
         if offsets[1] - offsets[0] != nbytes:
+            need = f"more than the file's {size}" if nbytes is None else str(nbytes)
             raise CheckpointError(
                 f"{where}: tensor {shown} spans {offsets[1] - offsets[0]} bytes but its shape "
-                f"{shape} and dtype {dtype} need {nbytes}")
+                f"{_show(shape)} and dtype {dtype} need {need}")
         spans.append((offsets[0], offsets[1], shown))
     spans.sort()
     position = 0
@@ -325,13 +358,23 @@ def validate_safetensors_header(path: Path) -> Tuple[Dict[str, Any], Dict[str, s
 
 
 def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    _, metadata = validate_safetensors_header(path)
+    header, metadata = validate_safetensors_header(path)
     from safetensors.torch import load_file
+
+    for name, entry in header.items():
+        # Valid for the format (u64 sizes), but torch sizes are int64: the library accepts
+        # larger dimensions, then torch fails (a C++ stack trace in its message) or the byte
+        # count overflows.
+        if len(entry["shape"]) > MAX_DIMS or _exceeds(entry["shape"], _MAX_ELEMENTS):
+            raise CheckpointError(
+                f"{path}: cannot read safetensors file: tensor {_safe_name(name)} has shape "
+                f"{_show(entry['shape'])}; torch tensors have at most {MAX_DIMS} dimensions "
+                "and 2**63 - 1 elements")
 
     try:
         tensors = load_file(str(path), device="cpu")
     except Exception as exc:  # the library raises its own SafetensorError and others
-        raise CheckpointError(f"{path}: cannot read safetensors file: {exc}") from exc
+        raise CheckpointError(f"{path}: cannot read safetensors file: {_first_line(exc)}") from exc
     return dict(tensors), metadata
 
 
@@ -367,7 +410,8 @@ def _read_pickle(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
             f"({first}). Only plain state dicts of tensors are read; re-save with "
             "torch.save(model.state_dict(), path) or convert to .safetensors") from exc
     except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read torch checkpoint: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(
+            f"{path}: cannot read torch checkpoint: {type(exc).__name__}: {_first_line(exc)}") from exc
     return _unwrap_state_dict(obj, path), {}
 
 

@@ -78,7 +78,7 @@ class AuditGroup(click.Group):
             for path in targets:
                 for src_name, src in inputs.items():
                     if path.exists() and same_file(path, src):
-                        kind = (" (a directory is expected, and this is not a directory)"
+                        kind = (": not a directory"
                                 if name == "out" and path == target and not path.is_dir() else "")
                         raise OutputError(
                             f"refusing to write {path} (--{name}{kind}): it is the {src_name} "

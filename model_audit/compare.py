@@ -307,11 +307,11 @@ def format_compare(result: CompareResult) -> str:
 
 def write_compare(result: CompareResult, out_dir: Union[str, os.PathLike],
                   inputs: Sequence[Union[str, os.PathLike]] = ()) -> Dict[str, Path]:
-    """Write ``compare.json`` and ``report.html`` into ``out_dir`` (atomically, each)."""
-    from .checkpoint import atomic_write_bytes, same_file
+    """Write ``compare.json`` and ``report.html`` into ``out_dir`` (atomically, both or neither)."""
+    from .checkpoint import atomic_write_files, same_file
     from .errors import OutputError
     from .report import render_compare_report
-    from .scan import write_json
+    from .scan import _json_bytes
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -322,6 +322,7 @@ def write_compare(result: CompareResult, out_dir: Union[str, os.PathLike],
     data = result.to_dict()
     html = render_compare_report(data)
     paths = {"compare": out / "compare.json", "report": out / "report.html"}
-    write_json(data, paths["compare"], tuple(Path(p) for p in inputs))
-    atomic_write_bytes(paths["report"], html.encode("utf-8"))
+    # both files or neither: a full disk leaves the old pair as it was
+    atomic_write_files([(paths["compare"], _json_bytes(data)),
+                        (paths["report"], html.encode("utf-8"))])
     return paths

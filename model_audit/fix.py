@@ -548,9 +548,10 @@ def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
 
 
 def write_fix(result: FixResult, out_dir: Union[str, os.PathLike]) -> Dict[str, Path]:
-    """Write ``fix.json`` and ``report.html`` into ``out_dir``."""
+    """Write ``fix.json`` and ``report.html`` into ``out_dir`` (atomically, both or neither)."""
+    from .checkpoint import atomic_write_files
     from .report import render_fix_report
-    from .scan import write_json
+    from .scan import _json_bytes, _refuse_inputs
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -560,8 +561,9 @@ def write_fix(result: FixResult, out_dir: Union[str, os.PathLike]) -> Dict[str, 
     paths = {"fix": out / "fix.json", "report": out / "report.html"}
     inputs = tuple(Path(p) for p in (result.checkpoint.path, result.train_source,
                                      result.probe.source))
-    write_json(data, paths["fix"], inputs)
-    atomic_write_bytes(paths["report"], html.encode("utf-8"))
+    _refuse_inputs(list(paths.values()), inputs)
+    atomic_write_files([(paths["fix"], _json_bytes(data)),
+                        (paths["report"], html.encode("utf-8"))])
     return paths
 
 

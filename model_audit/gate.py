@@ -403,11 +403,12 @@ def write_gate(result: GateResult, out_dir: Union[str, os.PathLike], *,
                junit: Optional[Union[str, os.PathLike]] = None,
                summary: Optional[Union[str, os.PathLike]] = None,
                inputs: Tuple[Union[str, os.PathLike], ...] = ()) -> Dict[str, Path]:
-    """Write gate.json, report.html (and audit.json when a scan ran), JUnit and Markdown."""
-    from .checkpoint import atomic_write_bytes, same_file
+    """Write gate.json, report.html (and audit.json when a scan ran), JUnit and Markdown,
+    all or none of them (atomically)."""
+    from .checkpoint import atomic_write_files, same_file
     from .errors import OutputError
     from .report import render_gate_report, reopen_probe
-    from .scan import write_json
+    from .scan import _json_bytes
 
     out = Path(out_dir)
     targets = [out / "gate.json"] + [Path(p) for p in (junit, summary) if p is not None]
@@ -419,14 +420,15 @@ def write_gate(result: GateResult, out_dir: Union[str, os.PathLike], *,
     data = result.to_dict()
     html = render_gate_report(data, result.audit,
                               reopen_probe(result.audit) if result.audit else None)
-    write_json(data, paths["gate"])
+    files = [(paths["gate"], _json_bytes(data)), (paths["report"], html.encode("utf-8"))]
     if result.audit is not None:
-        paths["audit"] = write_json(result.audit, out / "audit.json")
-    atomic_write_bytes(paths["report"], html.encode("utf-8"))
+        paths["audit"] = out / "audit.json"
+        files.append((paths["audit"], _json_bytes(result.audit)))
     if junit is not None:
-        atomic_write_bytes(junit, junit_xml(result).encode("utf-8"))
         paths["junit"] = Path(junit)
+        files.append((paths["junit"], junit_xml(result).encode("utf-8")))
     if summary is not None:
-        atomic_write_bytes(summary, markdown_summary(result).encode("utf-8"))
         paths["summary"] = Path(summary)
+        files.append((paths["summary"], markdown_summary(result).encode("utf-8")))
+    atomic_write_files(files)  # all of them or none: a full disk leaves the old ones
     return paths

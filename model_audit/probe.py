@@ -117,6 +117,12 @@ def parse_resize(value: Optional[str]) -> Optional[Tuple[int, int]]:
     return parts[0], parts[1]
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of a library's message (torch appends C++ stack frames to some)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _convert_channels(x: torch.Tensor, channels: int, where: str) -> torch.Tensor:
     """(N,C,H,W) float -> (N,channels,H,W): gray to RGB by repetition, RGB to gray by luma."""
     c = x.shape[1]
@@ -343,7 +349,7 @@ class TensorFileProbe(ProbeSet):
             with safe_open(str(self.path), framework="pt") as fh:
                 labels = fh.get_tensor("labels").long()
         except Exception as exc:  # the library's SafetensorError and others
-            raise ProbeError(f"{path}: cannot read the labels: {exc}") from exc
+            raise ProbeError(f"{path}: cannot read the labels: {_first_line(exc)}") from exc
         if labels.numel() == 0:
             raise EmptyProbeError(f"{path}: the probe holds no images")
         if int(labels.min()) < 0:
@@ -392,7 +398,7 @@ class TensorFileProbe(ProbeSet):
                 images = fh.get_slice("images")
                 x = torch.cat([images[lo:hi] for lo, hi in runs])
         except Exception as exc:  # the library's SafetensorError and others
-            raise ProbeError(f"{self.path}: cannot read the images: {exc}") from exc
+            raise ProbeError(f"{self.path}: cannot read the images: {_first_line(exc)}") from exc
         x = x.float().div_(255.0) if self.dtype == "U8" else x.float()
         if self.dtype != "U8":
             finite = torch.isfinite(x).flatten(1).all(1)
