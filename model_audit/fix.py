@@ -66,6 +66,10 @@ class OverlapError(ProbeError):
     """The probe and the repair data share images."""
 
 
+class RepairDiverged(ConfigError):
+    """The repair's loss became NaN/Inf."""
+
+
 @dataclass(frozen=True)
 class FixConfig:
     """Options of a repair (the model/probe options live in ``options``)."""
@@ -118,6 +122,7 @@ class RepairRun:
     seconds: float
     after: EvaluationResult
     before: EvaluationResult
+    diverged: Optional[str] = None   # the message when this run's loss became NaN/Inf
 
     @property
     def fixed(self) -> List[int]:
@@ -139,7 +144,7 @@ class RepairRun:
                 "compute_param_steps": self.steps * self.trainable,
                 "seconds": round(self.seconds, 3), "accuracy_before": self.before.accuracy,
                 "accuracy_after": self.after.accuracy, "fixed": len(self.fixed),
-                "broken": len(self.broken), "net": self.net}
+                "broken": len(self.broken), "net": self.net, "diverged": self.diverged}
 
 
 @dataclass(frozen=True)
@@ -191,7 +196,8 @@ class FixResult:
         controls = []
         for run in self.controls:
             s = run.summary()
-            s["flagged_beat_it"] = sel.net > run.net
+            # a control that diverged produced no model to compare with
+            s["flagged_beat_it"] = None if run.diverged else sel.net > run.net
             controls.append(s)
         full = next((r for r in self.controls if r.name == "all"), None)
         saving = (1.0 - sel.trainable / full.trainable) if full and full.trainable else None
@@ -211,10 +217,13 @@ class FixResult:
                         "param_steps_saving_vs_full": saving},
             "per_class": per_class,
             "controls": controls,
-            "verdict": {"beat_all_controls": all(c["flagged_beat_it"] for c in controls)
-                        if controls else None,
+            "verdict": {"beat_all_controls": all(c["flagged_beat_it"] for c in controls
+                                                 if c["flagged_beat_it"] is not None)
+                        if any(c["flagged_beat_it"] is not None for c in controls) else None,
                         "beat": [c["name"] for c in controls if c["flagged_beat_it"]],
-                        "did_not_beat": [c["name"] for c in controls if not c["flagged_beat_it"]]},
+                        "did_not_beat": [c["name"] for c in controls
+                                         if c["flagged_beat_it"] is False],
+                        "diverged": [c["name"] for c in controls if c["diverged"]]},
             "images": {"fixed": [item(i) for i in sel.fixed],
                        "broken": [item(i) for i in sel.broken],
                        "still_wrong": [item(i) for i in still]},
@@ -305,12 +314,14 @@ def _retrain(base: nn.Module, groups: Sequence[LayerGroup], selected: Sequence[s
     momentum = MomentumScheduler(opt, config.schedule)
     start = time.perf_counter()
     torch.manual_seed(config.options.seed)
-    for idx in progress_bar(plan, total=len(plan), desc=desc, enabled=progress):
+    for step, idx in enumerate(progress_bar(plan, total=len(plan), desc=desc, enabled=progress)):
         x = train.load(idx).to(device)
         y = train.labels[idx].to(device)
         loss = F.cross_entropy(model(x).float(), y)
         if not math.isfinite(float(loss.detach())):
-            raise ConfigError(f"the repair diverged (loss {float(loss.detach())}); lower --lr")
+            raise RepairDiverged(
+                f"the repair of {', '.join(selected)} diverged at step {step} (loss "
+                f"{float(loss.detach())}) with lr {config.lr}; lower --lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -520,7 +531,13 @@ def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
             order = sorted(range(len(groups)), key=lambda i: (-np.nan_to_num(rgn[i], nan=-1), i))
             top = {groups[i].name for i in order[:len(selected)]}
             chosen = tuple(g.name for g in groups if g.name in top)
-        controls.append(run(control, chosen)[0])
+        try:
+            controls.append(run(control, chosen)[0])
+        except RepairDiverged as exc:  # a failed control is a result, not a failed command
+            trainable = sum(g.params for g in groups if g.name in chosen)
+            controls.append(RepairRun(control, tuple(chosen), trainable, trainable / total,
+                                      len(plan), 0.0, before, before, str(exc)))
+            warnings.append(f"control {control!r} diverged: {exc}")
     sha = None
     identical = 0
     if output is not None:
@@ -593,5 +610,7 @@ def format_fix(data: Dict[str, Any]) -> str:
     if data["controls"]:
         lines.append("the flagged selection beat: " + (", ".join(verdict["beat"]) or "none") +
                      ("; did not beat: " + ", ".join(verdict["did_not_beat"])
-                      if verdict["did_not_beat"] else ""))
+                      if verdict["did_not_beat"] else "") +
+                     ("; diverged: " + ", ".join(verdict["diverged"])
+                      if verdict["diverged"] else ""))
     return "\n".join(lines)

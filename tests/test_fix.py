@@ -198,3 +198,25 @@ def test_input_is_never_modified(work):
     after = snapshot(work)
     assert after.pop("new.safetensors")
     assert after == before
+
+
+def test_a_diverging_control_is_recorded_not_fatal(monkeypatch, tmp_path):
+    import model_audit.fix as fixmod
+
+    real = fixmod._retrain
+
+    def retrain(base, groups, selected, *args, **kwargs):
+        if len(selected) == len(groups):  # the "all" control
+            raise fixmod.RepairDiverged("the repair of everything diverged at step 3 (loss nan)")
+        return real(base, groups, selected, *args, **kwargs)
+
+    monkeypatch.setattr(fixmod, "_retrain", retrain)
+    result = fix(SAMPLES / "digits-sgd.safetensors", TRAIN, PROBE, None,
+                 FixConfig(steps=3, controls=("all", "random"), layers=("fc",)))
+    d = result.to_dict()
+    runs = {c["name"]: c for c in d["controls"]}
+    assert runs["all"]["diverged"] and runs["all"]["flagged_beat_it"] is None
+    assert runs["all"]["fixed"] == runs["all"]["broken"] == 0
+    assert d["verdict"]["diverged"] == ["all"] and "all" not in d["verdict"]["did_not_beat"]
+    assert runs["random"]["diverged"] is None
+    assert any("diverged" in w for w in result.warnings)
