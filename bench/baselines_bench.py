@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -72,12 +71,8 @@ def _n(v: Any, fmt: str = "{:.2f}") -> str:
 
 
 def markdown(results, device, command, commit, args) -> str:
-    machine = sb.machine_info(device)
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"## {when} — own metric vs Captum baselines, resnet18-cifar, {device}", "",
-             f"- command: `{command.strip()}`", f"- commit: `{commit}`",
-             f"- machine: {machine.get('cpu')}, {machine.get('threads')} threads, torch "
-             f"{machine.get('torch')}" + (f", GPU {machine['gpu']}" if machine.get("gpu") else ""),
+    lines = sb.section_header(f"own metric vs Captum baselines, resnet18-cifar, {device}",
+                              command, commit, device) + [
              f"- model: the `python -m bench scan` checkpoint ({args.train_steps} steps x batch "
              f"{args.train_batch}); path methods at n_steps={args.steps}", ""]
     for r in results:

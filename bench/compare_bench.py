@@ -24,7 +24,6 @@ import itertools
 import json
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -167,12 +166,8 @@ def _ci(v: Any) -> str:
 
 
 def markdown(rows, runs, arch, device, epochs, per_class, args, command, commit) -> str:
-    machine = sb.machine_info(device)
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"## {when} — compare: optimizer vs seed, {arch}, {device}", "",
-             f"- command: `{command.strip()}`", f"- commit: `{commit}`",
-             f"- machine: {machine.get('cpu')}, {machine.get('threads')} threads, torch "
-             f"{machine.get('torch')}" + (f", GPU {machine['gpu']}" if machine.get("gpu") else ""),
+    lines = sb.section_header(f"compare: optimizer vs seed, {arch}, {device}",
+                              command, commit, device) + [
              f"- training: {per_class} CIFAR-10 train images per class, {epochs:g} epochs, batch "
              f"{args.batch}, cosine lr (SGD 0.05, Adam 0.002), weight decay 5e-4, flips; "
              "sgd = constant momentum 0.9, beta = the beta schedule, adam = Adam",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 from . import scan_bench as sb
@@ -66,12 +65,8 @@ def run(args: argparse.Namespace) -> int:
                  FixConfig(options=AuditOptions(device=device, seed=args.seed),
                            steps=args.steps, lr=args.lr))
     d = result.to_dict()
-    machine = sb.machine_info(device)
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"## {when} — fix: flagged selection vs controls, {d['model']['arch']}, {device}", "",
-             f"- command: `{command.strip()}`", f"- commit: `{commit}`",
-             f"- machine: {machine.get('cpu')}, {machine.get('threads')} threads, torch "
-             f"{machine.get('torch')}" + (f", GPU {machine['gpu']}" if machine.get("gpu") else ""),
+    lines = sb.section_header(f"fix: flagged selection vs controls, {d['model']['arch']}, "
+                              f"{device}", command, commit, device) + [
              f"- checkpoint: `{Path(ckpt).name}`; repair data: {d['train']['n']} CIFAR-10 train "
              f"images ({d['train']['wrong']} wrong before); probe: {d['probe']['n']} held-out "
              f"test images; {d['selection']['steps']} steps, batch {d['config']['batch_size']}, "

@@ -186,6 +186,15 @@ def machine_info(device: str) -> Dict[str, Any]:
     return info
 
 
+def section_header(title: str, command: str, commit: str, device: str) -> List[str]:
+    """The first lines of a RESULTS.md section: title with the date, command, commit, machine."""
+    machine = machine_info(device)
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return [f"## {when} — {title}", "", f"- command: `{command.strip()}`", f"- commit: `{commit}`",
+            f"- machine: {machine.get('cpu')}, {machine.get('threads')} threads, torch "
+            f"{machine.get('torch')}" + (f", GPU {machine['gpu']}" if machine.get("gpu") else "")]
+
+
 def _inside_repo(path: Path) -> bool:
     path = path.resolve()
     return path == ROOT or ROOT in path.parents

@@ -45,3 +45,13 @@ def write_tensor_probe(path: Path, images: torch.Tensor, labels: torch.Tensor, c
     meta = {"classes": json.dumps(classes)} if classes is not None else None
     save_file({"images": images.contiguous(), "labels": labels.contiguous()}, str(path), metadata=meta)
     return path
+
+
+def without_timing(d):
+    """An audit without its wall-time fields (timing, seconds, ratios of seconds)."""
+    if isinstance(d, dict):
+        return {k: without_timing(v) for k, v in d.items()
+                if k not in ("timing", "seconds", "relative_to_own")}
+    if isinstance(d, list):
+        return [without_timing(v) for v in d]
+    return d

@@ -64,7 +64,7 @@ from PIL import Image
 from safetensors.torch import save as st_save
 
 import model_audit.checkpoint as ckpt_mod
-from conftest import ROOT, snapshot, write_tensor_probe
+from conftest import ROOT, snapshot, write_tensor_probe, without_timing
 from model_audit.checkpoint import (
     MAX_HEADER_BYTES, TinyResNet, read_tensors, save_checkpoint, validate_safetensors_header)
 from model_audit.cli import cli
@@ -809,19 +809,12 @@ def test_ctrl_c_in_process_reports_what_was_written(work, tmp_path, monkeypatch)
 # item 11: reproducible
 
 
-def _without_timing(d):
-    if isinstance(d, dict):
-        return {k: _without_timing(v) for k, v in d.items()
-                if k not in ("timing", "seconds", "relative_to_own")}
-    if isinstance(d, list):
-        return [_without_timing(v) for v in d]
-    return d
 
 
 def test_two_cli_scans_give_identical_audits(audits):
     a, b = (json.loads(p.read_text()) for p in audits)
     assert a["seed"] == 3 and a["device"] == "cpu" and a["agreement"]  # baselines included
-    assert _without_timing(a) == _without_timing(b)
+    assert without_timing(a) == without_timing(b)
     assert a["timing"].keys() == b["timing"].keys()
 
 

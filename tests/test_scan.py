@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import without_timing
 from model_audit import AuditOptions, ReplayConfig, ScanConfig, load_checkpoint, open_probe, scan
 from model_audit.attribution import attribute, flag_rule, group_reductions, scores_from_reductions
 from model_audit.errors import ReplayError
@@ -26,14 +27,6 @@ def _no_hooks(model):
         assert not m._backward_hooks and not getattr(m, "_backward_pre_hooks", {})
 
 
-def _without_timing(d):
-    """The audit without wall-time fields (timing, seconds, and ratios of seconds)."""
-    if isinstance(d, dict):
-        return {k: _without_timing(v) for k, v in d.items()
-                if k not in ("timing", "seconds", "relative_to_own")}
-    if isinstance(d, list):
-        return [_without_timing(v) for v in d]
-    return d
 
 
 def test_scan_result_and_audit_schema(sgd_checkpoint, digits_probe):
@@ -106,7 +99,7 @@ def test_model_untouched_when_an_error_is_raised_midway(sgd_checkpoint, digits_p
 def test_same_seed_same_audit(sgd_checkpoint, digits_probe):
     a = scan(sgd_checkpoint, digits_probe, FAST).to_dict()
     b = scan(sgd_checkpoint, digits_probe, FAST).to_dict()
-    assert _without_timing(a) == _without_timing(b)
+    assert without_timing(a) == without_timing(b)
     c = scan(sgd_checkpoint, digits_probe, ScanConfig(AuditOptions(seed=1), bootstrap=50)).to_dict()
     assert [x["flag_frequency"] for x in a["layers"]] != [x["flag_frequency"] for x in c["layers"]] \
         or a["probe"] == c["probe"]
