@@ -77,12 +77,14 @@ def run(args: argparse.Namespace) -> int:
              "| selection | groups | params % | fixed | broken | net | parameter-steps | seconds |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in [d["selection"]] + d["controls"]:
+        counts = ("diverged (loss NaN) | - | -" if r.get("diverged") else
+                  f"{r['fixed']} | {r['broken']} | {r['net']:+d}")
         lines.append(f"| {r['name']} | {', '.join(r['groups'])} | {r['params_percent']:.1f} | "
-                     f"{r['fixed']} | {r['broken']} | {r['net']:+d} | "
-                     f"{r['compute_param_steps']:.3g} | {r['seconds']:.1f} |")
+                     f"{counts} | {r['compute_param_steps']:.3g} | {r['seconds']:.1f} |")
     v = d["verdict"]
     lines += ["", f"- the flagged selection beat: {', '.join(v['beat']) or 'none'}; did not "
-              f"beat: {', '.join(v['did_not_beat']) or 'none'} (by net)", ""]
+              f"beat: {', '.join(v['did_not_beat']) or 'none'}; diverged: "
+              f"{', '.join(v['diverged']) or 'none'} (by net; a tie is not a win)", ""]
     section = "\n".join(lines)
     print(section)
     sb.append_results(args.out, section)
