@@ -1,10 +1,13 @@
 """model-audit: which layer groups of a trained PyTorch classifier are responsible for its errors.
 
-Public API::
+Public API (one call per pipeline stage, each returning a frozen result with ``to_dict()``)::
 
-    from model_audit import scan, ScanConfig, AuditOptions, load_checkpoint, open_probe
+    from model_audit import scan, compare, fix, check_gate, load_policy, ScanConfig, AuditOptions
     result = scan("model.safetensors", "probe/", ScanConfig(AuditOptions(arch="resnet18-cifar")))
     result.flagged, result.to_dict()
+    compare(result_a, result_b).jaccard
+    fix("model.safetensors", "train/", "probe/", "fixed.safetensors").to_dict()["net"]
+    check_gate("model.safetensors", "probe/", load_policy("policy.toml")).exit_code
 """
 __version__ = "0.1.0"
 
@@ -17,11 +20,18 @@ from .options import AuditOptions  # noqa: E402
 from .probe import ProbeSet, open_probe  # noqa: E402
 from .replay import ReplayConfig  # noqa: E402
 from .scan import LayerScore, ScanConfig, ScanResult, scan, write_scan  # noqa: E402
+from .compare import CompareConfig, CompareResult, compare, write_compare  # noqa: E402
+from .fix import FixConfig, FixResult, fix, write_fix  # noqa: E402
+from .gate import GateResult, Policy, check_gate, load_policy, write_gate  # noqa: E402
+from .report import render_directory  # noqa: E402
 from .schedules import (  # noqa: E402
     MomentumScheduler, beta_momentum, damping_ratio, damping_regime, hybrid_momentum)
 
 __all__ = [
     "__version__", "ArchitectureError", "AuditError", "AuditOptions", "CheckpointError",
+    "CompareConfig", "CompareResult", "FixConfig", "FixResult", "GateResult", "Policy",
+    "check_gate", "compare", "fix", "load_policy", "render_directory", "write_compare",
+    "write_fix", "write_gate",
     "ConfigError", "LayerGroup", "LayerScore", "LoadedCheckpoint", "MomentumScheduler",
     "OutputError", "ProbeError", "ProbeSet", "ReplayConfig", "ReplayError", "ScanConfig",
     "ScanResult", "available_architectures", "beta_momentum", "build_model", "damping_ratio",
