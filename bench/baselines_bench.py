@@ -77,7 +77,6 @@ def markdown(results, device, command, commit, args) -> str:
              f"{args.train_batch}); path methods at n_steps={args.steps}", ""]
     for r in results:
         a = r["audit"]
-        own = a["cost"]["replay_reduction"]["seconds"]
         lines += [f"### probe of {r['size']} images: accuracy {100 * a['probe']['accuracy']:.1f}%, "
                   f"{a['probe']['misclassified']} misclassified, flagged "
                   f"{', '.join(a['flagged']) or 'none'}", "",

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import pickle
-import re
 import struct
 import tempfile
 import zipfile

@@ -26,7 +26,7 @@ import os
 import sys
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -35,7 +35,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .errors import AuditError, CheckpointError, ConfigError, EmptyInputError
+from .errors import CheckpointError, ConfigError, EmptyInputError
 
 EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_NOTHING = 0, 1, 2, 3
 EXIT_CODES = {EXIT_PASS: "all checks passed", EXIT_FAIL: "a check failed",

@@ -23,7 +23,7 @@ import torch
 from . import __version__
 from .attribution import METRIC_NAME, Attribution, GroupReductions, attribute, group_reductions
 from .baselines import DEFAULT_BASELINES, Agreement, BaselineResult, resolve_baselines
-from .checkpoint import LoadedCheckpoint, atomic_write_bytes, atomic_write_files, same_file
+from .checkpoint import LoadedCheckpoint, atomic_write_files, same_file
 from .errors import ConfigError, OutputError, ReplayError
 from .evaluate import EvaluationResult, evaluate
 from .layers import LayerGroup, layer_groups
@@ -281,13 +281,6 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
     return ScanResult(ckpt, probe, ev, layers, result_replay, config, device,
                       {k: round(v, 4) for k, v in timing.items()}, passes, tuple(warnings),
                       reductions, baseline_results, agreements)
-
-
-def write_json(data: Dict[str, Any], path: Path, inputs: Tuple[Path, ...] = ()) -> Path:
-    """Write ``data`` as indented JSON atomically; refuse to overwrite an input."""
-    _refuse_inputs([Path(path)], inputs)
-    atomic_write_bytes(path, _json_bytes(data))
-    return path
 
 
 def _json_bytes(data: Dict[str, Any]) -> bytes:

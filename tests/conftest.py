@@ -55,3 +55,17 @@ def without_timing(d):
     if isinstance(d, list):
         return [without_timing(v) for v in d]
     return d
+
+
+def png_declaring(width: int, height: int, color_type: int = 2) -> bytes:
+    """A PNG whose header declares width x height (the pixel data is never reached)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))

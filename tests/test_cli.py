@@ -1,7 +1,6 @@
 """The command line, through click's CliRunner: output, files, config defaults, bad inputs."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """compare: overlap, rank correlation, bootstrap intervals and chance level of two scans."""
 import json
-import math
 
 import pytest
 import torch

@@ -1,17 +1,14 @@
 """fix: surgical retraining on the digits models, frozen tensors, counts, controls, refusals."""
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 from conftest import SAMPLES, snapshot
-from model_audit import AuditOptions
 from model_audit.checkpoint import load_checkpoint, read_tensors, save_checkpoint
 from model_audit.cli import cli
-from model_audit.errors import ConfigError, OutputError
 from model_audit.fix import FixConfig, OverlapError, fix, write_fix
 from model_audit.layers import layer_groups
 

@@ -1,6 +1,5 @@
 """gate: policy validation, every check passing and failing, exit codes, JUnit and Markdown."""
 import json
-import pickle
 import xml.etree.ElementTree as ET
 from pathlib import Path
 

@@ -51,7 +51,6 @@ import time
 import tracemalloc
 import warnings
 import zipfile
-import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -64,7 +63,7 @@ from PIL import Image
 from safetensors.torch import save as st_save
 
 import model_audit.checkpoint as ckpt_mod
-from conftest import ROOT, snapshot, write_tensor_probe, without_timing
+from conftest import ROOT, snapshot, write_tensor_probe, without_timing, png_declaring
 from model_audit.checkpoint import (
     MAX_HEADER_BYTES, TinyResNet, read_tensors, save_checkpoint, validate_safetensors_header)
 from model_audit.cli import cli
@@ -374,14 +373,6 @@ def _png(path: Path, value: int = 128, size=(8, 8), mode="L") -> Path:
     return path
 
 
-def _png_declaring(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
 
 
 def _folder(root: Path) -> Path:
@@ -416,7 +407,7 @@ def _folder_cases():
     def bomb(root):
         _folder(root)
         path = root / "1" / "bomb.png"
-        path.write_bytes(_png_declaring(30_000, 30_000))
+        path.write_bytes(png_declaring(30_000, 30_000, color_type=0))
         return path, "decompression bomb"
 
     def symlink_out(root):

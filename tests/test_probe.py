@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
-import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import model_audit.probe as probe_mod
-from conftest import snapshot, write_tensor_probe
+from conftest import snapshot, write_tensor_probe, png_declaring
 from model_audit.errors import AuditError, ProbeError
 from model_audit.probe import (
     NORMALIZATIONS, BatchCache, ImageFolderProbe, TensorFileProbe, open_probe, parse_normalize,
@@ -44,15 +42,6 @@ def make_folder(root: Path, spec) -> Path:
     return root
 
 
-def png_declaring(width: int, height: int) -> bytes:
-    """A PNG whose header declares width x height (the pixel data is never reached)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
 
 
 def load_all(probe, **kwargs):
@@ -104,7 +93,7 @@ def test_image_modes_and_channels(tmp_path, suffix, tol, mode, color, rgb, chann
 
 
 def test_sixteen_bit_png_refused(tmp_path):
-    path = save_image(tmp_path / "p" / "c" / "deep.png", "I;16", 1000)
+    save_image(tmp_path / "p" / "c" / "deep.png", "I;16", 1000)
     probe = open_probe(tmp_path / "p", normalize="none")
     with pytest.raises(ProbeError, match=r"deep\.png.*16/32-bit"):
         load_all(probe)
