@@ -17,6 +17,7 @@ from .errors import AuditError
 from .layers import GRANULARITIES
 from .options import DEVICES, AuditOptions
 from .replay import ReplayConfig
+from .fix import BATCHNORM_MODES
 from .schedules import SCHEDULES
 
 COMMANDS_WITH_MODEL = ("scan", "compare", "gate", "fix")
@@ -372,6 +373,16 @@ def gate(checkpoint: Optional[Path], policy: Optional[Path], baseline: Optional[
     click.get_current_context().exit(result.exit_code)
 
 
+def _wrong_fraction(text: str) -> Optional[float]:
+    if text.strip().lower() == "natural":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise _fail(f"--wrong-fraction must be a number between 0 and 1 or 'natural', got "
+                    f"{text!r}") from None
+
+
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @model_options
@@ -388,7 +399,15 @@ def gate(checkpoint: Optional[Path], policy: Optional[Path], baseline: Optional[
 @click.option("--epochs", type=float, default=None,
               help="Passes over the repair data instead of --steps.")
 @click.option("--fix-batch-size", type=int, default=64, show_default=True,
-              help="Images per repair step (half wrong, half right).")
+              help="Images per repair step.")
+@click.option("--wrong-fraction", default="0.5", show_default=True,
+              help="Share of each repair batch drawn from the images the model gets wrong "
+                   "(the rest from those it gets right), or 'natural' to sample the repair "
+                   "data uniformly (plain fine-tuning).")
+@click.option("--batchnorm", type=click.Choice(BATCHNORM_MODES), default="frozen",
+              show_default=True,
+              help="frozen: every BatchNorm keeps its statistics; train: the BatchNorm layers "
+                   "of the retrained groups use batch statistics and update them.")
 @click.option("--lr", type=float, default=0.01, show_default=True,
               help="Peak learning rate of the repair (cosine to 0).")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="beta", show_default=True,
@@ -402,7 +421,8 @@ def gate(checkpoint: Optional[Path], policy: Optional[Path], baseline: Optional[
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Directory for fix.json and report.html [default: reports/fix-<name>].")
 def fix(checkpoint: Path, train: Path, output: Path, layers: str, audit: Optional[Path],
-        steps: int, epochs: Optional[float], fix_batch_size: int, lr: float, schedule: str,
+        steps: int, epochs: Optional[float], fix_batch_size: int, wrong_fraction: str,
+        batchnorm: str, lr: float, schedule: str,
         controls: str, train_limit: Optional[int], allow_overlap: bool, out: Optional[Path],
         **kw: Any) -> None:
     """Retrain only the flagged layer groups of CHECKPOINT; count fixed, broken and net.
@@ -420,7 +440,9 @@ def fix(checkpoint: Path, train: Path, output: Path, layers: str, audit: Optiona
         options=_audit_options(kw),
         layers="auto" if layers.strip() == "auto" else tuple(
             n.strip() for n in layers.split(",") if n.strip()),
-        steps=steps, epochs=epochs, batch_size=fix_batch_size, lr=lr, schedule=schedule,
+        steps=steps, epochs=epochs, batch_size=fix_batch_size,
+        wrong_fraction=_wrong_fraction(wrong_fraction), batchnorm=batchnorm, lr=lr,
+        schedule=schedule,
         controls=() if names == ["none"] else tuple(names), allow_overlap=allow_overlap,
         train_limit=train_limit)
     config.validate()

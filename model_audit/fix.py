@@ -57,8 +57,12 @@ from .layers import LayerGroup, layer_groups
 from .options import AuditOptions, load_inputs, resolve_device, seed_everything
 from .probe import BatchCache, ProbeSet, open_probe
 from .schedules import SCHEDULES, MomentumScheduler
+from .stats import mcnemar_exact
 
 CONTROLS = ("all", "random", "rgn")
+BATCHNORM_MODES = ("frozen", "train")
+#: Level of the exact McNemar tests in the verdict ("significantly" better/worse, net != 0).
+SIGNIFICANCE_LEVEL = 0.05
 SCHEMA_VERSION = 1
 
 
@@ -78,9 +82,14 @@ class FixConfig:
     layers: Union[str, Tuple[str, ...]] = "auto"   # "auto" or group names
     steps: Optional[int] = 200          # optimizer steps (or give epochs)
     epochs: Optional[float] = None      # passes over the repair data (overrides steps)
-    batch_size: int = 64                # images per step (half wrong, half right)
+    batch_size: int = 64                # images per step
+    wrong_fraction: Optional[float] = 0.5  # share of each batch drawn from the errors; None:
+                                        # sample the repair data uniformly (plain fine-tuning)
     lr: float = 0.01                    # peak learning rate (cosine to 0)
     schedule: str = "beta"              # momentum: beta | hybrid | constant
+    batchnorm: str = "frozen"           # frozen: all BN in eval mode; train: BN layers of the
+                                        # retrained groups normalise with batch statistics and
+                                        # update their running statistics
     controls: Tuple[str, ...] = CONTROLS
     allow_overlap: bool = False
     train_limit: Optional[int] = None   # class-stratified subset of the repair data
@@ -98,13 +107,20 @@ class FixConfig:
         if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         if self.batch_size < 2:
-            raise ConfigError(f"batch size must be >= 2 (half wrong, half right), got {self.batch_size}")
+            raise ConfigError(f"batch size must be >= 2, got {self.batch_size}")
+        if self.batchnorm not in BATCHNORM_MODES:
+            raise ConfigError(f"unknown batchnorm mode {self.batchnorm!r}; valid: "
+                              f"{', '.join(BATCHNORM_MODES)}")
+        if self.wrong_fraction is not None and not 0.0 <= self.wrong_fraction <= 1.0:
+            raise ConfigError(f"wrong fraction must be between 0 and 1 (or natural), got "
+                              f"{self.wrong_fraction}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"learning rate must be > 0, got {self.lr}")
 
     def to_dict(self) -> Dict[str, Any]:
         return {"layers": self.layers if isinstance(self.layers, str) else list(self.layers),
                 "steps": self.steps, "epochs": self.epochs, "batch_size": self.batch_size,
+                "wrong_fraction": self.wrong_fraction, "batchnorm": self.batchnorm,
                 "lr": self.lr, "schedule": self.schedule, "controls": list(self.controls),
                 "allow_overlap": self.allow_overlap, "train_limit": self.train_limit,
                 "options": self.options.to_dict()}
@@ -144,7 +160,11 @@ class RepairRun:
                 "compute_param_steps": self.steps * self.trainable,
                 "seconds": round(self.seconds, 3), "accuracy_before": self.before.accuracy,
                 "accuracy_after": self.after.accuracy, "fixed": len(self.fixed),
-                "broken": len(self.broken), "net": self.net, "diverged": self.diverged}
+                "broken": len(self.broken), "net": self.net,
+                # exact McNemar (sign) test of fixed vs broken: how likely a net at least this
+                # far from 0 is if each changed image were as likely to break as to be fixed
+                "net_p_value": mcnemar_exact(len(self.fixed), len(self.broken)),
+                "diverged": self.diverged}
 
 
 @dataclass(frozen=True)
@@ -194,11 +214,21 @@ class FixResult:
                 "broken": sum(1 for i in sel.broken if int(before.labels[i]) == c)})
         total = self.checkpoint.parameters
         controls = []
+        sel_right = after.predictions == after.labels
         for run in self.controls:
             s = run.summary()
             # a control that diverged produced no model to compare with
             s["flagged_beat_it"] = None if run.diverged else sel.net > run.net
+            s["vs_flagged"] = None
+            if not run.diverged:
+                # paired on the same probe images: sel.net - run.net = only_flagged - only_control
+                ctl_right = run.after.predictions == run.after.labels
+                b = int((sel_right & ~ctl_right).sum())
+                c = int((~sel_right & ctl_right).sum())
+                s["vs_flagged"] = {"only_flagged_right": b, "only_control_right": c,
+                                   "p_value": mcnemar_exact(b, c)}
             controls.append(s)
+        alpha = SIGNIFICANCE_LEVEL
         full = next((r for r in self.controls if r.name == "all"), None)
         saving = (1.0 - sel.trainable / full.trainable) if full and full.trainable else None
         return {
@@ -223,7 +253,15 @@ class FixResult:
                         "beat": [c["name"] for c in controls if c["flagged_beat_it"]],
                         "did_not_beat": [c["name"] for c in controls
                                          if c["flagged_beat_it"] is False],
-                        "diverged": [c["name"] for c in controls if c["diverged"]]},
+                        "diverged": [c["name"] for c in controls if c["diverged"]],
+                        "significance_level": alpha,
+                        "beat_significantly": [
+                            c["name"] for c in controls if c["flagged_beat_it"]
+                            and c["vs_flagged"]["p_value"] < alpha],
+                        "worse_significantly": [
+                            c["name"] for c in controls if c["flagged_beat_it"] is False
+                            and c["vs_flagged"]["p_value"] < alpha],
+                        "net_significant": sel.summary()["net_p_value"] < alpha},
             "images": {"fixed": [item(i) for i in sel.fixed],
                        "broken": [item(i) for i in sel.broken],
                        "still_wrong": [item(i) for i in still]},
@@ -283,18 +321,38 @@ def _random_control(groups: Sequence[LayerGroup], selected: Sequence[str], seed:
     return best[1] if best else tuple(g.name for g in groups)
 
 
-def _batch_plan(wrong: List[int], right: List[int], steps: int, batch: int, seed: int
-                ) -> List[List[int]]:
-    """Train positions of every step: half wrong, half right (all right when none is wrong)."""
+def _batch_plan(wrong: List[int], right: List[int], steps: int, batch: int, seed: int,
+                wrong_fraction: Optional[float] = 0.5) -> List[List[int]]:
+    """Train positions of every step.
+
+    With a ``wrong_fraction``, each batch holds ``round(batch * wrong_fraction)`` images drawn
+    from the errors and the rest from the images the model gets right (with replacement,
+    seeded); when one pool is empty the other fills the batch. With ``None`` the repair data
+    is sampled uniformly, epoch by epoch without replacement (plain fine-tuning: errors appear
+    at their natural rate).
+    """
     rng = np.random.default_rng(seed)
-    plan = []
-    half = batch // 2 if wrong and right else batch
+    plan: List[List[int]] = []
+    if wrong_fraction is None:
+        pool = np.asarray(sorted(wrong + right))
+        order = np.empty(0, dtype=np.int64)
+        for _ in range(steps):
+            while len(order) < batch:
+                order = np.concatenate([order, rng.permutation(pool)])
+            plan.append(order[:batch].tolist())
+            order = order[batch:]
+        return plan
+    n_wrong = int(round(batch * wrong_fraction))
+    if not right:
+        n_wrong = batch
+    elif not wrong:
+        n_wrong = 0
     for _ in range(steps):
         idx: List[int] = []
-        if wrong:
-            idx += rng.choice(wrong, size=half if right else batch, replace=True).tolist()
-        if right:
-            idx += rng.choice(right, size=batch - len(idx), replace=True).tolist()
+        if n_wrong:
+            idx += rng.choice(wrong, size=n_wrong, replace=True).tolist()
+        if batch - n_wrong:
+            idx += rng.choice(right, size=batch - n_wrong, replace=True).tolist()
         plan.append(idx)
     return plan
 
@@ -309,6 +367,12 @@ def _retrain(base: nn.Module, groups: Sequence[LayerGroup], selected: Sequence[s
         p.requires_grad_(name in chosen)
         if name in chosen:
             trainable.append(p)
+    if config.batchnorm == "train":
+        buffers = {b for g in groups if g.name in selected for b in g.buffer_names}
+        for name, module in model.named_modules():
+            if (isinstance(module, nn.modules.batchnorm._BatchNorm)
+                    and f"{name}.running_mean" in buffers):
+                module.train()
     opt = torch.optim.SGD(trainable, lr=config.lr, momentum=0.0)
     lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=len(plan))
     momentum = MomentumScheduler(opt, config.schedule)
@@ -370,7 +434,10 @@ def write_repaired(ckpt: LoadedCheckpoint, model: nn.Module, groups: Sequence[La
     for key in raw:
         stripped = strip_wrapper_prefixes({key: raw[key]})
         key_of[next(iter(stripped))] = key
-    retrained = {p for g in groups if g.name in selected for p in g.parameter_names}
+    # the selected groups' parameters and buffers (BatchNorm statistics change with
+    # batchnorm="train"; with "frozen" they are written back unchanged)
+    retrained = {n for g in groups if g.name in selected
+                 for n in g.parameter_names + g.buffer_names if n in key_of}
     new_state = model.state_dict()
     out: Dict[str, torch.Tensor] = {}
     for key, value in raw.items():
@@ -504,7 +571,8 @@ def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
     steps = config.steps or 1
     if config.epochs is not None:
         steps = max(1, math.ceil(config.epochs * len(train_set) / config.batch_size))
-    plan = _batch_plan(wrong, right, steps, config.batch_size, opts.seed)
+    plan = _batch_plan(wrong, right, steps, config.batch_size, opts.seed,
+                        config.wrong_fraction)
     total = sum(g.params for g in groups)
 
     def run(name: str, chosen: Sequence[str]) -> Tuple[RepairRun, nn.Module]:
@@ -584,6 +652,12 @@ def write_fix(result: FixResult, out_dir: Union[str, os.PathLike]) -> Dict[str, 
     return paths
 
 
+def _p(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2g}" if value >= 0.001 else "<0.001"
+
+
 def format_fix(data: Dict[str, Any]) -> str:
     """The readable summary the CLI prints."""
     sel = data["selection"]
@@ -595,22 +669,36 @@ def format_fix(data: Dict[str, Any]) -> str:
         f"{100 * data['accuracy']['after']:.2f}%: fixed {data['fixed']}, broken "
         f"{data['broken']}, net {data['net']:+d}",
     ]
-    rows = [("selection", "groups", "params %", "fixed", "broken", "net", "param-steps", "seconds")]
+    rows = [("selection", "groups", "params %", "fixed", "broken", "net", "p(net)",
+             "param-steps", "seconds")]
     for run in [sel] + data["controls"]:
         rows.append((run["name"], ",".join(run["groups"]) if len(run["groups"]) <= 4 else
                      f"{len(run['groups'])} groups", f"{run['params_percent']:.1f}",
                      str(run["fixed"]), str(run["broken"]), f"{run['net']:+d}",
-                     f"{run['compute_param_steps']:.3g}", f"{run['seconds']:.1f}"))
+                     _p(run["net_p_value"]), f"{run['compute_param_steps']:.3g}",
+                     f"{run['seconds']:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
                        enumerate(zip(r, widths))).rstrip() for r in rows]
     table.insert(1, "-" * len(table[0]))
     lines += table
     verdict = data["verdict"]
+    alpha = verdict.get("significance_level", SIGNIFICANCE_LEVEL)
+    lines.append(f"p(net): exact McNemar test of fixed vs broken; the net is "
+                 f"{'' if verdict.get('net_significant') else 'NOT '}distinguishable from churn "
+                 f"(p {_p(sel['net_p_value'])}, level {alpha:g})")
     if data["controls"]:
         lines.append("the flagged selection beat: " + (", ".join(verdict["beat"]) or "none") +
                      ("; did not beat: " + ", ".join(verdict["did_not_beat"])
                       if verdict["did_not_beat"] else "") +
                      ("; diverged: " + ", ".join(verdict["diverged"])
                       if verdict["diverged"] else ""))
+        paired = [f"{c['name']} p {_p(c['vs_flagged']['p_value'])}" for c in data["controls"]
+                  if c.get("vs_flagged")]
+        if paired:
+            lines.append("paired McNemar test against each control on the same probe images: " +
+                         ", ".join(paired) + "; significantly better than: " +
+                         (", ".join(verdict["beat_significantly"]) or "none") +
+                         "; significantly worse than: " +
+                         (", ".join(verdict["worse_significantly"]) or "none"))
     return "\n".join(lines)

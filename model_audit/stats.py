@@ -104,6 +104,33 @@ def hypergeom_sf(x: int, total: int, a: int, b: int) -> float:
     return float(min(1.0, sum(hypergeom_pmf(k, total, a, b) for k in range(x, min(a, b) + 1))))
 
 
+def mcnemar_exact(b: int, c: int) -> float:
+    """Exact two-sided McNemar test of ``b`` vs ``c`` discordant pairs (a sign test).
+
+    Under the null hypothesis each of the ``n = b + c`` discordant pairs goes either way with
+    probability 1/2; the p-value is ``min(1, 2 * P(X <= min(b, c)))`` for ``X ~ Bin(n, 1/2)``,
+    as ``scipy.stats.binomtest(b, n).pvalue``. Used for "fixed vs broken" (is the net change
+    more than churn?) and for two repairs of the same model on the same images.
+
+    Example:
+        >>> round(mcnemar_exact(9, 1), 4), mcnemar_exact(5, 5)
+        (0.0215, 1.0)
+    """
+    b, c = int(b), int(c)
+    if b < 0 or c < 0:
+        raise ValueError(f"counts must be >= 0, got {b}, {c}")
+    n = b + c
+    if n == 0 or b == c:
+        return 1.0
+    k = min(b, c)
+    log_half_n = -n * math.log(2.0)
+    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + log_half_n
+             for i in range(k + 1)]
+    top = max(terms)
+    tail = math.exp(top) * sum(math.exp(t - top) for t in terms)
+    return min(1.0, 2.0 * tail)
+
+
 def percentile_interval(values: Iterable[Optional[float]], level: float = 0.95):
     """The central ``level`` percentile interval of the finite values, or None."""
     arr = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)

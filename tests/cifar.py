@@ -45,8 +45,12 @@ def _is_complete(directory: Path, classes: Sequence[str], per_class: int) -> boo
 
 def cifar_subset(root_cache_dir: Union[str, os.PathLike], split: str, per_class: int, *,
                  tarball: Union[str, os.PathLike, None] = None,
-                 classes: Sequence[str] = CIFAR10_CLASSES) -> Path:
+                 classes: Sequence[str] = CIFAR10_CLASSES, skip: int = 0) -> Path:
     """The first ``per_class`` images of every class of ``split`` as an ImageFolder directory.
+
+    With ``skip``, the ``per_class`` images after the first ``skip`` of every class: a subset
+    disjoint from the one with ``skip=0`` (e.g. unseen repair data for a model trained on the
+    first images), in ``<split>-<per_class>-from<skip>``.
 
     Extracts into ``root_cache_dir/<split>-<per_class>/<class>/*.jpg`` by streaming through
     the tar.gz once (stopping as soon as every class is full) and returns that directory. A
@@ -62,11 +66,11 @@ def cifar_subset(root_cache_dir: Union[str, os.PathLike], split: str, per_class:
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if per_class < 1:
-        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    if per_class < 1 or skip < 0:
+        raise ValueError(f"per_class must be >= 1 and skip >= 0, got {per_class}, {skip}")
     tar_path = Path(tarball) if tarball is not None else CIFAR_TARBALL
     root = Path(root_cache_dir)
-    target = root / f"{split}-{per_class}"
+    target = root / (f"{split}-{per_class}" + (f"-from{skip}" if skip else ""))
     if _is_complete(target, classes, per_class):
         return target
     if not tar_path.is_file():
@@ -75,6 +79,7 @@ def cifar_subset(root_cache_dir: Union[str, os.PathLike], split: str, per_class:
     staging = Path(tempfile.mkdtemp(prefix=f".{split}-{per_class}.", dir=root))
     try:
         counts: Dict[str, int] = {name: 0 for name in classes}
+        skipped: Dict[str, int] = {name: 0 for name in classes}
         for name in classes:
             (staging / name).mkdir()
         remaining = len(classes)
@@ -87,6 +92,9 @@ def cifar_subset(root_cache_dir: Union[str, os.PathLike], split: str, per_class:
                     continue
                 cls, fname = parts[1], parts[2]
                 if cls not in counts or counts[cls] >= per_class:
+                    continue
+                if skipped[cls] < skip:
+                    skipped[cls] += 1
                     continue
                 # Read the bytes ourselves instead of tar.extract(): only plain files with a
                 # known class and a plain file name are written, nothing else in the archive.
@@ -103,9 +111,10 @@ def cifar_subset(root_cache_dir: Union[str, os.PathLike], split: str, per_class:
                         break
         short = {c: n for c, n in counts.items() if n < per_class}
         if short:
-            raise ValueError(f"{tar_path} has fewer than {per_class} {split} images for "
+            raise ValueError(f"{tar_path} has fewer than {per_class} {split} images "
+                             f"{f'after the first {skip} ' if skip else ''}for "
                              f"{', '.join(f'{c} ({n})' for c, n in short.items())}")
-        (staging / COMPLETE_MARKER).write_text(f"{split} {per_class}\n")
+        (staging / COMPLETE_MARKER).write_text(f"{split} {per_class} from {skip}\n")
         if target.exists():
             shutil.rmtree(target)  # an incomplete leftover
         try:

@@ -1,4 +1,5 @@
 """fix: surgical retraining on the digits models, frozen tensors, counts, controls, refusals."""
+import importlib
 import json
 import os
 
@@ -36,11 +37,14 @@ def test_frozen_tensors_are_byte_identical(repaired):
     assert set(src) == set(new)
     groups = layer_groups(load_checkpoint(SAMPLES / "digits-sgd.safetensors").model)
     trained = {p for g in groups if g.name in ("layer2", "fc") for p in g.parameter_names}
+    buffers = {b for g in groups if g.name in ("layer2", "fc") for b in g.buffer_names}
     changed = [k for k in src if not torch.equal(_bytes(src[k]), _bytes(new[k]))]
     assert changed and set(changed) <= trained
-    # BatchNorm statistics stay, inside the retrained groups too
+    # BatchNorm statistics stay (batchnorm="frozen", the default), inside the groups too
     assert all(torch.equal(src[k], new[k]) for k in src if "running_" in k or "num_batches" in k)
-    assert result.verified_identical == len(src) - len(trained)
+    # verified byte-identical: every tensor outside the retrained groups (their buffers count
+    # as retrained: with batchnorm="train" they change)
+    assert result.verified_identical == len(src) - len(trained | buffers)
     # provenance
     assert meta["model_audit.fix.source_sha256"] == result.checkpoint.sha256
     assert json.loads(meta["model_audit.fix.groups"]) == ["layer2", "fc"]
@@ -220,3 +224,69 @@ def test_a_diverging_control_is_recorded_not_fatal(monkeypatch, tmp_path):
     assert d["verdict"]["diverged"] == ["all"] and "all" not in d["verdict"]["did_not_beat"]
     assert runs["random"]["diverged"] is None
     assert any("diverged" in w for w in result.warnings)
+
+
+def test_bad_wrong_fraction_and_batchnorm_are_refused(work):
+    _refused(work, work / "x.safetensors", "--wrong-fraction must be a number between 0 and 1 "
+             "or 'natural'", extra=("--wrong-fraction", "most"))
+    _refused(work, work / "x.safetensors", "wrong fraction must be between 0 and 1",
+             extra=("--wrong-fraction", "1.5"))
+    _refused(work, work / "x.safetensors", "Invalid value for '--batchnorm'",
+             extra=("--batchnorm", "update"))
+
+
+def test_batch_plan_mixes_at_the_asked_fraction():
+    fixmod = importlib.import_module("model_audit.fix")
+    wrong, right = list(range(0, 30)), list(range(30, 100))
+    plan = fixmod._batch_plan(wrong, right, steps=20, batch=16, seed=0, wrong_fraction=0.25)
+    assert all(len(b) == 16 and sum(i < 30 for i in b) == 4 for b in plan)
+    assert fixmod._batch_plan(wrong, right, 3, 16, 0, 0.25) == plan[:3]  # seeded
+    assert all(i < 30 for b in fixmod._batch_plan(wrong, right, 5, 8, 0, 1.0) for i in b)
+    assert all(i >= 30 for b in fixmod._batch_plan(wrong, right, 5, 8, 0, 0.0) for i in b)
+    assert all(i >= 30 for b in fixmod._batch_plan([], right, 5, 8, 0, 0.5) for i in b)
+    assert all(i < 30 for b in fixmod._batch_plan(wrong, [], 5, 8, 0, 0.5) for i in b)
+    # natural: epochs without replacement over everything, errors at their own rate
+    natural = fixmod._batch_plan(wrong, right, steps=25, batch=8, seed=0, wrong_fraction=None)
+    flat = [i for b in natural for i in b]
+    assert sorted(flat[:100]) == list(range(100)) and sorted(flat[100:200]) == list(range(100))
+    assert all(len(b) == 8 for b in natural)
+
+
+def test_batchnorm_train_updates_only_the_selected_groups_statistics(tmp_path):
+    out = tmp_path / "bn.safetensors"
+    result = fix(SAMPLES / "digits-sgd.safetensors", TRAIN, PROBE, out,
+                 FixConfig(steps=10, controls=(), layers=("layer2",), batchnorm="train",
+                           wrong_fraction=None))
+    src, _ = read_tensors(SAMPLES / "digits-sgd.safetensors")
+    new, _ = read_tensors(out)
+    changed = {k for k in src if not torch.equal(_bytes(src[k]), _bytes(new[k]))}
+    assert any(k.startswith("layer2.") and "running_mean" in k for k in changed)
+    assert all(k.startswith("layer2.") for k in changed)
+    d = result.to_dict()
+    assert d["config"]["batchnorm"] == "train" and d["config"]["wrong_fraction"] is None
+    # the repaired file reproduces the evaluation the result reports
+    from model_audit.evaluate import evaluate
+    from model_audit.probe import open_probe
+    repaired = load_checkpoint(out)
+    again = evaluate(repaired.model.eval(), open_probe(PROBE, channels=1, normalize=repaired.normalize or "none"))
+    assert again.accuracy == pytest.approx(d["accuracy"]["after"])
+
+
+def test_net_and_controls_come_with_exact_mcnemar_tests(repaired):
+    from model_audit.stats import mcnemar_exact
+
+    result, _ = repaired
+    d = result.to_dict()
+    sel = d["selection"]
+    assert sel["net_p_value"] == mcnemar_exact(sel["fixed"], sel["broken"])
+    assert d["verdict"]["net_significant"] == (sel["net_p_value"] < 0.05)
+    for c in d["controls"]:
+        v = c["vs_flagged"]
+        # paired on the same images: the difference of the nets is the discordant difference
+        assert v["only_flagged_right"] - v["only_control_right"] == sel["net"] - c["net"]
+        assert v["p_value"] == mcnemar_exact(v["only_flagged_right"], v["only_control_right"])
+        assert (c["name"] in d["verdict"]["beat_significantly"]) == (
+            c["flagged_beat_it"] and v["p_value"] < 0.05)
+    from model_audit.fix import format_fix
+    text = format_fix(d)
+    assert "p(net)" in text and "paired McNemar test" in text
