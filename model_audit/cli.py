@@ -400,11 +400,11 @@ def _wrong_fraction(text: str) -> Optional[float]:
               help="Passes over the repair data instead of --steps.")
 @click.option("--fix-batch-size", type=int, default=64, show_default=True,
               help="Images per repair step.")
-@click.option("--wrong-fraction", default="0.5", show_default=True,
+@click.option("--wrong-fraction", default="natural", show_default=True,
               help="Share of each repair batch drawn from the images the model gets wrong "
                    "(the rest from those it gets right), or 'natural' to sample the repair "
                    "data uniformly (plain fine-tuning).")
-@click.option("--batchnorm", type=click.Choice(BATCHNORM_MODES), default="frozen",
+@click.option("--batchnorm", type=click.Choice(BATCHNORM_MODES), default="train",
               show_default=True,
               help="frozen: every BatchNorm keeps its statistics; train: the BatchNorm layers "
                    "of the retrained groups use batch statistics and update them.")
@@ -428,7 +428,7 @@ def fix(checkpoint: Path, train: Path, output: Path, layers: str, audit: Optiona
     """Retrain only the flagged layer groups of CHECKPOINT; count fixed, broken and net.
 
     Trains the selected groups on --train (everything else frozen, BatchNorm statistics
-    included), evaluates before and after on the held-out --probe, runs the controls with the
+    outside the selection included), evaluates before and after on the held-out --probe, runs the controls with the
     same budget, writes the repaired checkpoint to --output (verified: frozen tensors
     byte-identical) and OUT/fix.json and OUT/report.html.
     """

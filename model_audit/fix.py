@@ -5,25 +5,35 @@ Localise, then repair, then check the repair against the obvious alternatives:
 1. **Selection.** ``layers="auto"`` takes the groups that ``scan`` flags (a scan runs first on
    the probe, or a given ``audit.json`` of the same checkpoint is reused); or name the groups.
 2. **Repair data.** The training split (``--train``), never the probe. The model is evaluated
-   on it once; every step's batch mixes images it gets wrong with images it gets right, half
-   and half (sampled with replacement, seeded), so that it learns from its errors without
-   forgetting what it knew.
+   on it once. By default (``wrong_fraction=None``, "natural") the batches sample it uniformly,
+   epoch by epoch, so the errors appear at their own rate among images the model gets right
+   and it learns from its errors without forgetting what it knew; ``wrong_fraction=f`` makes
+   every batch a fraction ``f`` of errors instead (seeded, with replacement). Over-weighting
+   the errors (f = 0.5) measured worse on CIFAR-10 (``bench/RESULTS.md``).
 3. **Training.** Only the selected groups' parameters get gradients; every other parameter is
-   frozen. The model stays in eval mode, so **all** BatchNorm statistics stay as they were
-   (inside the selection too: small mixed batches would otherwise drift them) and dropout is
-   off; BatchNorm affine weights of selected groups are trained like any parameter. SGD with a
-   cosine learning rate and the momentum from the chosen schedule (beta by default), applied by
-   :class:`~model_audit.schedules.MomentumScheduler`.
+   frozen, and every module outside the selection stays in eval mode (dropout off, BatchNorm
+   statistics fixed). With ``batchnorm="train"`` (default) the BatchNorm layers *inside* the
+   selection normalise with batch statistics and update their running statistics, as in
+   training: a BatchNorm network's convolutions are only stable under gradient steps when
+   their normalisation follows them (in eval mode a step is not scale-invariant, and the full
+   fine-tune diverged at lr 0.01 on CIFAR-10). ``batchnorm="frozen"`` keeps every statistic
+   as it was. BatchNorm affine weights of selected groups are trained like any parameter. SGD
+   with a cosine learning rate and the momentum from the chosen schedule (beta by default),
+   applied by :class:`~model_audit.schedules.MomentumScheduler`.
 4. **Evaluation** before and after on the held-out probe: fixed (wrong -> right), broken
-   (right -> wrong), net = fixed - broken = change in the number correct, per class.
+   (right -> wrong), net = fixed - broken = change in the number correct, per class, and an
+   exact McNemar test of fixed vs broken (is the net more than churn?).
 5. **Controls**, each with the same data, batches and step budget: ``all`` (full fine-tune),
    ``random`` (random groups with about the same parameter share as the selection: the closest
    of 64 seeded random draws that is not the selection itself) and ``rgn`` (the Auto-RGN
    selection of Lee et al. 2023: the same number of groups, those with the largest
-   ||grad|| / ||weight|| on the repair data's errors).
+   ||grad|| / ||weight|| on the repair data's errors). Each control is also compared with
+   the flagged repair image by image (exact McNemar test on the probe images where exactly
+   one of the two is right), so "beat" comes with a p-value.
 6. **Output.** A new safetensors checkpoint, written atomically (temp file in the same
    directory, fsync, rename), re-opened and verified: every tensor outside the retrained groups
-   is byte-identical to the input (same key, dtype and bytes), retrained tensors are cast back
+   is byte-identical to the input (same key, dtype and bytes; the selected groups' BatchNorm
+   statistics count as retrained), retrained tensors are cast back
    to their input dtype. Provenance goes in the metadata. The input is never modified.
 
 Compute is reported as optimizer steps x trainable parameters (the parameter-count proxy the
@@ -83,11 +93,11 @@ class FixConfig:
     steps: Optional[int] = 200          # optimizer steps (or give epochs)
     epochs: Optional[float] = None      # passes over the repair data (overrides steps)
     batch_size: int = 64                # images per step
-    wrong_fraction: Optional[float] = 0.5  # share of each batch drawn from the errors; None:
-                                        # sample the repair data uniformly (plain fine-tuning)
+    wrong_fraction: Optional[float] = None  # share of each batch drawn from the errors;
+                                        # None ("natural"): sample the repair data uniformly
     lr: float = 0.01                    # peak learning rate (cosine to 0)
     schedule: str = "beta"              # momentum: beta | hybrid | constant
-    batchnorm: str = "frozen"           # frozen: all BN in eval mode; train: BN layers of the
+    batchnorm: str = "train"            # frozen: all BN in eval mode; train: BN layers of the
                                         # retrained groups normalise with batch statistics and
                                         # update their running statistics
     controls: Tuple[str, ...] = CONTROLS
