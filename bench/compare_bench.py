@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "[default: ~/.cache/model-audit-bench]")
     parser.add_argument("--data", type=Path, default=None,
                         help="the CIFAR-10 JPEG archive [default: ../shared/data/...]")
+    parser.add_argument("--from-train", action="store_true",
+                        help="compare the checkpoints of the last `python -m bench train` run "
+                             "(all its methods and seeds) instead of training here")
 
 
 def train(arch: str, optimizer: str, seed: int, x, y, epochs: float, batch: int,
@@ -94,11 +97,40 @@ def train(arch: str, optimizer: str, seed: int, x, y, epochs: float, batch: int,
                                 "final_loss": float(loss.detach())}
 
 
+def checkpoints(args, arch, epochs, per_class, cache, train_dir, classes, device
+                ) -> Dict[Tuple[str, int], Tuple[str, Path, Dict[str, Any]]]:
+    """(method, seed) -> (name, checkpoint, training stats): trained here (cached), or the
+    runs of the last ``python -m bench train`` with ``--from-train``."""
+    from model_audit.checkpoint import audit_metadata, save_checkpoint
+
+    out: Dict[Tuple[str, int], Tuple[str, Path, Dict[str, Any]]] = {}
+    if args.from_train:
+        last = cache.parent / "train" / "last-train.json"
+        if not last.is_file():
+            raise SystemExit(f"{last} not found: run `python -m bench train` first")
+        for r in json.loads(last.read_text())["runs"]:
+            out[(r["method"], r["seed"])] = (r["name"], last.parent / f"{r['name']}.safetensors",
+                                            {"seconds": r["train_seconds"], "arch": r["arch"]})
+        return out
+    cifar = sb._cifar_module()
+    x, y, _ = cifar.load_images(train_dir, normalize="cifar10", classes=classes)
+    for optimizer, seed in itertools.product(OPTIMIZERS, range(args.seeds)):
+        name = f"{arch}-{optimizer}-s{seed}-e{epochs:g}-n{per_class}"
+        path = cache / f"{name}.safetensors"
+        stats: Dict[str, Any] = {"cached": True}
+        if not path.exists():
+            print(f"training {name} on {device} ...", flush=True)
+            model, stats = train(arch, optimizer, seed, x, y, epochs, args.batch, device)
+            save_checkpoint(model.state_dict(), path,
+                            metadata=audit_metadata(arch, 10, normalize="cifar10", classes=classes))
+        out[(optimizer, seed)] = (name, path, stats)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from model_audit import AuditOptions, ScanConfig, scan
-    from model_audit.checkpoint import audit_metadata, save_checkpoint
     from model_audit.compare import CompareConfig, compare
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
@@ -116,31 +148,28 @@ def run(args: argparse.Namespace) -> int:
     train_dir = cifar.cifar_subset(cache.parent, "train", per_class, **kwargs)
     probe_dir = cifar.cifar_subset(cache.parent, "test", args.probe_size // 10, **kwargs)
     classes = list(cifar.CIFAR10_CLASSES)
-    x, y, _ = cifar.load_images(train_dir, normalize="cifar10", classes=classes)
     scans: Dict[Tuple[str, int], Dict[str, Any]] = {}
     runs: List[Dict[str, Any]] = []
-    for optimizer, seed in itertools.product(OPTIMIZERS, range(args.seeds)):
-        name = f"{arch}-{optimizer}-s{seed}-e{epochs:g}-n{per_class}"
-        path = cache / f"{name}.safetensors"
-        stats: Dict[str, Any] = {"cached": True}
-        if not path.exists():
-            print(f"training {name} on {device} ...", flush=True)
-            model, stats = train(arch, optimizer, seed, x, y, epochs, args.batch, device)
-            save_checkpoint(model.state_dict(), path,
-                            metadata=audit_metadata(arch, 10, normalize="cifar10", classes=classes))
+    for (optimizer, seed), (name, path, stats) in checkpoints(
+            args, arch, epochs, per_class, cache, train_dir, classes, device).items():
+        arch = stats.get("arch", arch)
         print(f"scanning {name} ...", flush=True)
         result = scan(path, probe_dir, ScanConfig(options=AuditOptions(device=device, seed=0)))
         scans[(optimizer, seed)] = result.to_dict()
         runs.append({"name": name, "optimizer": optimizer, "seed": seed,
                      "accuracy": result.evaluation.accuracy, "flagged": list(result.flagged),
                      "train_seconds": stats.get("seconds"), "scan_seconds": result.timing["total_s"]})
+    methods = [m for m in dict.fromkeys(k[0] for k in scans)]
+    seeds = sorted({k[1] for k in scans})
     pairs: List[Tuple[str, Tuple[str, int], Tuple[str, int]]] = []
-    for seed in range(args.seeds):
-        for a, b in (("sgd", "adam"), ("beta", "adam"), ("sgd", "beta")):
-            pairs.append(("optimizer", (a, seed), (b, seed)))
-    for optimizer in OPTIMIZERS:
-        for s1, s2 in itertools.combinations(range(args.seeds), 2):
-            pairs.append(("seed", (optimizer, s1), (optimizer, s2)))
+    for seed in seeds:
+        for a, b in itertools.combinations(methods, 2):
+            if (a, seed) in scans and (b, seed) in scans:
+                pairs.append(("optimizer", (a, seed), (b, seed)))
+    for optimizer in methods:
+        for s1, s2 in itertools.combinations(seeds, 2):
+            if (optimizer, s1) in scans and (optimizer, s2) in scans:
+                pairs.append(("seed", (optimizer, s1), (optimizer, s2)))
     rows = []
     for kind, a, b in pairs:
         d = compare(scans[a], scans[b], CompareConfig(resamples=args.resamples, seed=0)).to_dict()
@@ -166,11 +195,16 @@ def _ci(v: Any) -> str:
 
 
 def markdown(rows, runs, arch, device, epochs, per_class, args, command, commit) -> str:
+    training = (
+        f"- training: {per_class} CIFAR-10 train images per class, {epochs:g} epochs, batch "
+        f"{args.batch}, cosine lr (SGD 0.05, Adam 0.002), weight decay 5e-4, flips; "
+        "sgd = constant momentum 0.9, beta = the beta schedule, adam = Adam")
+    if getattr(args, "from_train", False):
+        training = ("- checkpoints: the runs of the last `python -m bench train` (its section "
+                    "above has the recipe; method names as there)")
     lines = sb.section_header(f"compare: optimizer vs seed, {arch}, {device}",
                               command, commit, device) + [
-             f"- training: {per_class} CIFAR-10 train images per class, {epochs:g} epochs, batch "
-             f"{args.batch}, cosine lr (SGD 0.05, Adam 0.002), weight decay 5e-4, flips; "
-             "sgd = constant momentum 0.9, beta = the beta schedule, adam = Adam",
+             training,
              f"- probe: {args.probe_size} CIFAR-10 test images (stratified); scan defaults; "
              f"{args.resamples} paired bootstrap resamples per comparison", "",
              "| run | probe accuracy | flagged | train s | scan s |", "|---|---:|---|---:|---:|"]

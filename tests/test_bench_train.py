@@ -142,6 +142,13 @@ def test_tiny_training_run_end_to_end(tmp_path):
     assert bench_main(argv) == 0
     assert ckpt.stat().st_mtime_ns == mtime
     assert out.read_text().count("train: epochs to 15%") == 2
+    # the audit benchmark runs on those checkpoints: compare --from-train scans and compares them
+    assert bench_main(["compare", "--from-train", "--device", "cpu", "--probe-size", "50",
+                       "--resamples", "20", "--cache-dir", str(tmp_path / "cache"),
+                       "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "compare: optimizer vs seed, tiny-resnet, cpu" in text
+    assert "| optimizer | beta s0 | adam s0 |" in text and "last `python -m bench train`" in text
 
 
 def test_bad_method_is_refused(tmp_path, capsys):
