@@ -73,6 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bfloat16 autocast [default: on for cuda, off for cpu]")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds: do not start a run that would likely end after this "
+                             "(estimated from the runs so far); the finished runs stay cached, "
+                             "so calling again goes on where this call stopped (for machines "
+                             "with a per-command time limit)")
     parser.add_argument("--retrain", action="store_true",
                         help="train again even when a run's checkpoint is cached")
     parser.add_argument("--out", type=Path, default=sb.DEFAULT_RESULTS,
@@ -426,6 +431,9 @@ def run(args: argparse.Namespace) -> int:
                                                      **kwargs), classes),
                       device, norm.mean, norm.std)
     runs: List[Dict[str, Any]] = []
+    started = time.perf_counter()
+    longest = 0.0  # the longest run trained in this call, as the estimate of the next one
+    pending = 0
     for method in methods:
         for seed in range(args.seeds):
             name = (f"{arch}-{method}-s{seed}-e{epochs}-n{per_class}-lr{args.lr:g}"
@@ -435,8 +443,15 @@ def run(args: argparse.Namespace) -> int:
                 stats = json.loads(info.read_text())
                 print(f"re-using {name} (cached; --retrain to train again)", flush=True)
             else:
+                elapsed = time.perf_counter() - started
+                if args.time_budget is not None and longest and \
+                        elapsed + 1.1 * longest > args.time_budget:
+                    pending += 1
+                    continue
                 print(f"training {name} on {device} ...", flush=True)
+                t0 = time.perf_counter()
                 model, stats = train_run(arch, method, seed, train, test, epochs, args, amp)
+                longest = max(longest, time.perf_counter() - t0)
                 save_checkpoint(model.state_dict(), path,
                                 metadata=audit_metadata(arch, 10, normalize="cifar10",
                                                         classes=classes))
@@ -445,6 +460,10 @@ def run(args: argparse.Namespace) -> int:
                 tmp.replace(info)
             stats["name"] = name
             runs.append(stats)
+    if pending:
+        print(f"time budget reached: {pending} run(s) not started; the {len(runs)} finished "
+              "ones are cached; run the same command again to go on (no section written yet)")
+        return 3
     summary = summarize(runs, targets)
     setup = {"arch": arch, "train_images": len(train), "test_images": len(test),
              "epochs": epochs, "batch": args.batch, "lr": args.lr, "adam_lr": args.adam_lr,

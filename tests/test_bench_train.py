@@ -156,3 +156,18 @@ def test_bad_method_is_refused(tmp_path, capsys):
                      targets="0.5", methods="sgd,rmsprop", seeds=1, amp=None)
     assert tb.run(args) == 2
     assert "methods from sgd, nesterov, beta, hybrid, adam" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_time_budget_stops_between_runs_and_resumes(tmp_path, capsys):
+    if not CIFAR_TARBALL.is_file():
+        pytest.skip(missing_data_message(CIFAR_TARBALL))
+    out = tmp_path / "RESULTS.md"
+    argv = ["train", "--device", "cpu", "--train-per-class", "10", "--test-per-class", "5",
+            "--epochs", "1", "--seeds", "1", "--methods", "sgd,hybrid", "--batch", "25",
+            "--time-budget", "0.001", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert bench_main(argv) == 3  # the first run always starts; the second would overrun
+    assert "1 run(s) not started" in capsys.readouterr().out and not out.exists()
+    assert len(list((tmp_path / "cache" / "train").glob("*-sgd-*.safetensors"))) == 1
+    assert bench_main(argv) == 0  # sgd from the cache, hybrid trained now
+    assert "| sgd |" in out.read_text() and "| hybrid |" in out.read_text()
