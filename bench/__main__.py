@@ -15,6 +15,7 @@ BENCHMARKS = {
     "compare": "flagged-set overlap across optimizers vs across seeds",
     "baselines": "the own metric against each Captum baseline: cost ratio and rank agreement",
     "fix": "surgical repair of the flagged groups against all/random/Auto-RGN controls",
+    "cuda": "scan, baselines and fix on the CPU and on CUDA: do they agree?",
     "train": "epochs to 90%/95% test accuracy: sgd, nesterov, beta, hybrid, adam",
 }
 
