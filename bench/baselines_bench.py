@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-batch", type=int, default=sb.DEFAULT_TRAIN_BATCH)
     parser.add_argument("--train-per-class", type=int, default=sb.DEFAULT_TRAIN_PER_CLASS)
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="a CIFAR-10 checkpoint (e.g. from `python -m bench train`) instead "
+                             "of the scan bench's briefly trained one")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +54,10 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {"tarball": args.data} if args.data else {}
     classes = list(cifar.CIFAR10_CLASSES)
     train_dir = cifar.cifar_subset(cache, "train", args.train_per_class, **kwargs)
-    ckpt, _ = sb.prepare_checkpoint(cache, train_dir, args, device, classes)
+    ckpt, training = sb.prepare_checkpoint(cache, train_dir, args, device, classes)
+    args.model_text = (f"`{training['checkpoint']}`" if training.get("checkpoint") else
+                       f"the `python -m bench scan` checkpoint ({args.train_steps} steps x "
+                       f"batch {args.train_batch})")
     results: List[Dict[str, Any]] = []
     for size, names in ((args.probe_size, DEFAULT_BASELINES),
                         (args.path_probe_size, tuple(BASELINES))):
@@ -71,10 +77,11 @@ def _n(v: Any, fmt: str = "{:.2f}") -> str:
 
 
 def markdown(results, device, command, commit, args) -> str:
-    lines = sb.section_header(f"own metric vs Captum baselines, resnet18-cifar, {device}",
+    arch = results[0]["audit"]["model"]["arch"] if results else "resnet18-cifar"
+    lines = sb.section_header(f"own metric vs Captum baselines, {arch}, {device}",
                               command, commit, device) + [
-             f"- model: the `python -m bench scan` checkpoint ({args.train_steps} steps x batch "
-             f"{args.train_batch}); path methods at n_steps={args.steps}", ""]
+             f"- model: {getattr(args, 'model_text', 'the scan bench checkpoint')}; path "
+             f"methods at n_steps={args.steps}", ""]
     for r in results:
         a = r["audit"]
         lines += [f"### probe of {r['size']} images: accuracy {100 * a['probe']['accuracy']:.1f}%, "

@@ -95,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{DEFAULT_TRAIN_PER_CLASS}]")
     parser.add_argument("--retrain", action="store_true",
                         help="train again even when a cached checkpoint exists")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="scan this CIFAR-10 checkpoint (with the tool's metadata, e.g. "
+                             "one of `python -m bench train`) instead of the briefly trained one")
     parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS,
                         help="Markdown file the result section is appended to "
                              "[default: bench/RESULTS.md]")
@@ -265,7 +268,17 @@ def train_model(train_dir: Path, steps: int, batch: int, device: str, classes,
 
 def prepare_checkpoint(cache: Path, train_dir: Path, args, device: str, classes
                        ) -> Tuple[Path, Dict[str, Any]]:
+    """The checkpoint to benchmark: ``--checkpoint`` when given, else the briefly trained one
+    (cached)."""
     from model_audit.checkpoint import audit_metadata, save_checkpoint
+
+    given = getattr(args, "checkpoint", None)
+    if given is not None:
+        info = Path(given).with_suffix(".json")  # the train bench's curve, when it is beside
+        stats = json.loads(info.read_text()) if info.is_file() else {}
+        return Path(given), {"checkpoint": Path(given).name,
+                             "epochs": stats.get("epochs"),
+                             "final_accuracy": stats.get("final_accuracy")}
 
     name = (f"{ARCH}-steps{args.train_steps}-batch{args.train_batch}-"
             f"pc{args.train_per_class}-lr{DEFAULT_PEAK_LR:g}-seed0")
@@ -362,14 +375,19 @@ def markdown_section(r: Dict[str, Any]) -> str:
     load = r.get("load_average")
     load_text = ", ".join(f"{v:.2f}" for v in load) if load else "unknown"
     device = m["device"] + (f" ({m['gpu']})" if m.get("gpu") else "")
-    trained = (f"{t['steps']} steps x batch {t['batch']} = {t['steps'] * t['batch']:,} images "
-               f"({t['epochs']:.1f} epochs of a {t['train_images']:,}-image train subset) in "
-               f"{t['seconds']:.0f} s")
+    if t.get("checkpoint"):
+        trained = f"as given: `{t['checkpoint']}`" + (
+            f" ({t['epochs']} epochs, test accuracy {100 * t['final_accuracy']:.2f}%, from "
+            "`python -m bench train`)" if t.get("epochs") else "")
+    else:
+        trained = (f"{t['steps']} steps x batch {t['batch']} = {t['steps'] * t['batch']:,} "
+                   f"images ({t['epochs']:.1f} epochs of a {t['train_images']:,}-image train "
+                   f"subset) in {t['seconds']:.0f} s")
     if t.get("reused"):
         trained += " (checkpoint re-used from the cache; that time is from the run that trained it)"
     met = "met" if s["wall_s"] < TARGET_SCAN_S else "NOT met"
     lines = [
-        f"## {r['date']} — scan of {ARCH} on a {r['probe_size']}-image CIFAR-10 probe, "
+        f"## {r['date']} — scan of {r.get('arch', ARCH)} on a {r['probe_size']}-image CIFAR-10 probe, "
         f"{m['device']}",
         "",
         f"- command: `{r['command']}`",
@@ -380,7 +398,7 @@ def markdown_section(r: Dict[str, Any]) -> str:
         + (", ".join(f"{v:.2f}" for v in r["load_average_after"])
            if r.get("load_average_after") else "unknown"),
         f"- other processes during the timings: {_busy_text(r.get('other_cores'), m)}",
-        f"- model: {ARCH}, {r['parameters']:,} parameters; trained {trained}",
+        f"- model: {r.get('arch', ARCH)}, {r['parameters']:,} parameters; trained {trained}",
         f"- probe: {r['probe_size']} images ({r['probe_size'] // 10} per class), accuracy "
         f"{100 * s['accuracy']:.1f}%, **{s['misclassified']} misclassified**; batch size "
         f"{r['batch_size']}",
@@ -490,6 +508,7 @@ def run(args: argparse.Namespace) -> int:
                                    tarball=data)
     print(f"CIFAR-10 subsets ready in {time.perf_counter() - t0:.1f} s: {train_dir}, {probe_dir}")
     ckpt_path, training = prepare_checkpoint(cache, train_dir, args, device, classes)
+    arch = getattr(args, "checkpoint", None) and load_checkpoint(ckpt_path).arch or ARCH
 
     options = AuditOptions(normalize="cifar10", device=device)
     config = ScanConfig(options=options)
@@ -529,7 +548,7 @@ def run(args: argparse.Namespace) -> int:
 
     record = {"date": date, "command": command, "commit": commit,
               "machine": machine_info(device), "load_average": load_before,
-              "load_average_after": load_average(), "training": training,
+              "load_average_after": load_average(), "training": training, "arch": arch,
               "probe_size": args.probe_size, "batch_size": batch_size,
               "parameters": parameters, "floor_s": floor_s, "forward_s": forward_s,
               "decode_s": decode_s, "scan": scan_info, "other_cores": other_cores}
