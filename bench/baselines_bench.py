@@ -39,13 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from model_audit import AuditOptions, ScanConfig, scan
     from model_audit.baselines import BASELINES, DEFAULT_BASELINES
 
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if args.device == "auto" else args.device)
+    device = sb.pick_device(args.device)
     command = "python -m bench baselines " + " ".join(sys.argv[2:])
     commit = sb.git_commit()
     cache = args.cache_dir or sb.default_cache_dir()

@@ -128,13 +128,10 @@ def checkpoints(args, arch, epochs, per_class, cache, train_dir, classes, device
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from model_audit import AuditOptions, ScanConfig, scan
     from model_audit.compare import CompareConfig, compare
 
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if args.device == "auto" else args.device)
+    device = sb.pick_device(args.device)
     gpu = device.startswith("cuda")
     arch = args.arch or ("resnet18-cifar" if gpu else "tiny-resnet")
     epochs = args.epochs or (30.0 if gpu else 6.0)

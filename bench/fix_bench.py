@@ -47,13 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from model_audit import AuditOptions
     from model_audit.fix import FixConfig, fix
 
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if args.device == "auto" else args.device)
+    device = sb.pick_device(args.device)
     gpu = device.startswith("cuda")
     command = "python -m bench fix " + " ".join(sys.argv[2:])
     commit = sb.git_commit()

@@ -207,6 +207,15 @@ def _inside_repo(path: Path) -> bool:
 # Model and data
 
 
+def pick_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else as given."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def _sync(device: str) -> None:
     import torch
 

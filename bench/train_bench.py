@@ -394,13 +394,10 @@ def markdown(summary: Dict[str, Any], runs: Sequence[Dict[str, Any]], targets: S
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from model_audit.checkpoint import audit_metadata, save_checkpoint
     from model_audit.probe import parse_normalize
 
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if args.device == "auto" else args.device)
+    device = sb.pick_device(args.device)
     gpu = device.startswith("cuda")
     arch = args.arch or ("resnet18-cifar" if gpu else "tiny-resnet")
     epochs = args.epochs or (30 if gpu else 15)
