@@ -124,7 +124,9 @@ def markdown(results, ckpt, device, command, commit, repair_data: str) -> str:
                 nets.setdefault(run["name"], []).append(run["net"])
             paired = _p((run.get("vs_flagged") or {}).get("p_value")) \
                 if run["name"] != "flagged" else ""
-            lines.append(f"| {r['seed']} | {run['name']} | {', '.join(run['groups'])} | "
+            where = {True: " (outside the selection)", False: " (overlaps the selection)"}.get(
+                run.get("disjoint_from_selection"), "")
+            lines.append(f"| {r['seed']} | {run['name']} | {', '.join(run['groups'])}{where} | "
                          f"{run['params_percent']:.1f} | {counts} | {paired} | "
                          f"{run['seconds']:.1f} |")
     lines += ["", "| selection | mean net | min | max | runs (not diverged) |",

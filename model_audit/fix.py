@@ -24,8 +24,8 @@ Localise, then repair, then check the repair against the obvious alternatives:
    (right -> wrong), net = fixed - broken = change in the number correct, per class, and an
    exact McNemar test of fixed vs broken (is the net more than churn?).
 5. **Controls**, each with the same data, batches and step budget: ``all`` (full fine-tune),
-   ``random`` (random groups with about the same parameter share as the selection: the closest
-   of 64 seeded random draws that is not the selection itself) and ``rgn`` (the Auto-RGN
+   ``random`` (random parameter-owning modules outside the selection with about the same
+   parameter share; see :func:`_random_control`) and ``rgn`` (the Auto-RGN
    selection of Lee et al. 2023: the same number of groups, those with the largest
    ||grad|| / ||weight|| on the repair data's errors). Each control is also compared with
    the flagged repair image by image (exact McNemar test on the probe images where exactly
@@ -149,6 +149,7 @@ class RepairRun:
     after: EvaluationResult
     before: EvaluationResult
     diverged: Optional[str] = None   # the message when this run's loss became NaN/Inf
+    disjoint: Optional[bool] = None  # random control: trains no parameter of the selection
 
     @property
     def fixed(self) -> List[int]:
@@ -174,7 +175,7 @@ class RepairRun:
                 # exact McNemar (sign) test of fixed vs broken: how likely a net at least this
                 # far from 0 is if each changed image were as likely to break as to be fixed
                 "net_p_value": mcnemar_exact(len(self.fixed), len(self.broken)),
-                "diverged": self.diverged}
+                "diverged": self.diverged, "disjoint_from_selection": self.disjoint}
 
 
 @dataclass(frozen=True)
@@ -307,9 +308,14 @@ def check_overlap(probe: ProbeSet, train: ProbeSet) -> List[Tuple[int, int]]:
     return [(i, train_index[h]) for i, h in enumerate(content_hashes(probe)) if h in train_index]
 
 
-def _random_control(groups: Sequence[LayerGroup], selected: Sequence[str], seed: int
-                    ) -> Tuple[str, ...]:
-    """Random groups with the parameter share closest to the selection's (not the selection)."""
+#: A disjoint random control is used when its parameter share is within this relative
+#: distance of the selection's; otherwise the control falls back to whole groups.
+RANDOM_SHARE_TOLERANCE = 0.25
+
+
+def _random_groups(groups: Sequence[LayerGroup], selected: Sequence[str], seed: int
+                   ) -> Tuple[str, ...]:
+    """Random whole groups with the share closest to the selection's (not the selection)."""
     target = sum(g.share for g in groups if g.name in selected)
     rng = np.random.default_rng(seed + 7919)
     best: Optional[Tuple[float, Tuple[str, ...]]] = None
@@ -329,6 +335,45 @@ def _random_control(groups: Sequence[LayerGroup], selected: Sequence[str], seed:
         if best is None or gap < best[0]:
             best = (gap, names)
     return best[1] if best else tuple(g.name for g in groups)
+
+
+def _random_control(model: nn.Module, groups: Sequence[LayerGroup], selected: Sequence[str],
+                    seed: int) -> Tuple[Tuple[str, ...], List[LayerGroup], bool]:
+    """The ``random`` control: (names, the units they name, disjoint from the selection?).
+
+    Whole groups are too coarse for a fair random control: in a ResNet the only sets of groups
+    with the share of the flagged group usually *contain* it (layer2 + bn1 for layer2), and
+    then the control is the selection again. So the control draws parameter-owning *modules*
+    outside the selected groups, at random (256 seeded draws; each adds modules in random
+    order and keeps the prefix whose share is closest), and keeps the draw closest to the
+    selection's parameter share. When no such draw comes within
+    :data:`RANDOM_SHARE_TOLERANCE` of it (relative), it falls back to random whole groups
+    with the closest share, which may overlap the selection (reported as not disjoint).
+    """
+    target = sum(g.share for g in groups if g.name in selected)
+    taken = {p for g in groups if g.name in selected for p in g.parameter_names}
+    modules = [u for u in layer_groups(model, "module") if not taken & set(u.parameter_names)]
+    rng = np.random.default_rng(seed + 7919)
+    best: Optional[Tuple[float, List[LayerGroup]]] = None
+    for _ in range(256 if modules else 0):
+        order = rng.permutation(len(modules))
+        chosen: List[LayerGroup] = []
+        share = 0.0
+        for i in order:
+            unit = modules[int(i)]
+            if abs(share + unit.share - target) > abs(share - target) and chosen:
+                continue  # adding it moves away from the target: try the next one
+            chosen.append(unit)
+            share += unit.share
+        gap = abs(share - target)
+        if best is None or gap < best[0]:
+            best = (gap, chosen)
+    if best is not None and target > 0 and best[0] <= RANDOM_SHARE_TOLERANCE * target:
+        keep = {u.name for u in best[1]}
+        units = [u for u in modules if u.name in keep]  # forward order
+        return tuple(u.name for u in units), units, True
+    names = _random_groups(groups, selected, seed)
+    return names, list(groups), not (set(names) & set(selected))
 
 
 def _batch_plan(wrong: List[int], right: List[int], steps: int, batch: int, seed: int,
@@ -585,21 +630,24 @@ def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
                         config.wrong_fraction)
     total = sum(g.params for g in groups)
 
-    def run(name: str, chosen: Sequence[str]) -> Tuple[RepairRun, nn.Module]:
-        repaired, seconds = _retrain(model, groups, chosen, train_set, plan, config, device,
+    def run(name: str, chosen: Sequence[str], units: Sequence[LayerGroup],
+            disjoint: Optional[bool] = None) -> Tuple[RepairRun, nn.Module]:
+        repaired, seconds = _retrain(model, units, chosen, train_set, plan, config, device,
                                      progress, f"retrain {name}")
         after = evaluate(repaired, probe_set, device=device, batch_size=opts.batch_size)
-        trainable = sum(g.params for g in groups if g.name in chosen)
+        trainable = sum(g.params for g in units if g.name in chosen)
         return RepairRun(name, tuple(chosen), trainable, trainable / total, len(plan),
-                         seconds, after, before), repaired
+                         seconds, after, before, disjoint=disjoint), repaired
 
-    selection, repaired = run("flagged", selected)
+    selection, repaired = run("flagged", selected, groups)
     controls: List[RepairRun] = []
     for control in config.controls:
+        units: List[LayerGroup] = list(groups)
+        disjoint: Optional[bool] = None
         if control == "all":
             chosen: Tuple[str, ...] = tuple(g.name for g in groups)
         elif control == "random":
-            chosen = _random_control(groups, selected, opts.seed)
+            chosen, units, disjoint = _random_control(model, groups, selected, opts.seed)
         else:
             from .baselines import compute_baselines
 
@@ -610,11 +658,11 @@ def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
             top = {groups[i].name for i in order[:len(selected)]}
             chosen = tuple(g.name for g in groups if g.name in top)
         try:
-            controls.append(run(control, chosen)[0])
+            controls.append(run(control, chosen, units, disjoint)[0])
         except RepairDiverged as exc:  # a failed control is a result, not a failed command
-            trainable = sum(g.params for g in groups if g.name in chosen)
+            trainable = sum(g.params for g in units if g.name in chosen)
             controls.append(RepairRun(control, tuple(chosen), trainable, trainable / total,
-                                      len(plan), 0.0, before, before, str(exc)))
+                                      len(plan), 0.0, before, before, str(exc), disjoint))
             warnings.append(f"control {control!r} diverged: {exc}")
     sha = None
     identical = 0

@@ -79,7 +79,10 @@ def test_controls_share_the_budget(repaired):
     assert set(runs) == {"all", "random", "rgn"}
     assert runs["all"]["params_percent"] == pytest.approx(100.0)
     assert runs["random"]["groups"] != d["selection"]["groups"]
-    assert abs(runs["random"]["params_percent"] - d["selection"]["params_percent"]) < 30
+    # random modules outside the selection, with the selection's parameter share (within 25%)
+    assert runs["random"]["disjoint_from_selection"] is True
+    assert not any(m.split(".")[0] in ("layer2", "fc") for m in runs["random"]["groups"])
+    assert abs(runs["random"]["params_percent"] / d["selection"]["params_percent"] - 1) <= 0.25
     assert len(runs["rgn"]["groups"]) == len(d["selection"]["groups"])
     assert all(c["steps"] == d["selection"]["steps"] for c in d["controls"])
     for c in d["controls"]:
@@ -210,7 +213,7 @@ def test_a_diverging_control_is_recorded_not_fatal(monkeypatch, tmp_path):
     real = fixmod._retrain
 
     def retrain(base, groups, selected, *args, **kwargs):
-        if len(selected) == len(groups):  # the "all" control
+        if {"conv1", "fc"} <= set(selected):  # the "all" control (the selection is fc alone)
             raise fixmod.RepairDiverged("the repair of everything diverged at step 3 (loss nan)")
         return real(base, groups, selected, *args, **kwargs)
 
@@ -295,3 +298,22 @@ def test_net_and_controls_come_with_exact_mcnemar_tests(repaired):
     from model_audit.fix import format_fix
     text = format_fix(d)
     assert "p(net)" in text and "paired McNemar test" in text
+
+
+def test_random_control_is_disjoint_when_it_can_be_and_says_so_when_not():
+    from model_audit.checkpoint import TinyResNet
+
+    fixmod = importlib.import_module("model_audit.fix")
+    model = TinyResNet()
+    groups = layer_groups(model)
+    share = {g.name: g.share for g in groups}
+    names, units, disjoint = fixmod._random_control(model, groups, ["layer2"], seed=0)
+    assert disjoint and not any(n.startswith("layer2.") for n in names)
+    got = sum(u.share for u in units if u.name in names)
+    assert abs(got / share["layer2"] - 1) <= fixmod.RANDOM_SHARE_TOLERANCE
+    assert fixmod._random_control(model, groups, ["layer2"], seed=0)[0] == names  # seeded
+    # layer3 holds most parameters: no set of other modules comes near its share, so the
+    # control falls back to whole groups (here: overlapping the selection), and says so
+    names, units, disjoint = fixmod._random_control(model, groups, ["layer3"], seed=0)
+    assert units == groups and set(names) != {"layer3"}
+    assert disjoint == (not set(names) & {"layer3"})
