@@ -71,6 +71,10 @@ from .stats import mcnemar_exact
 
 CONTROLS = ("all", "random", "rgn")
 BATCHNORM_MODES = ("frozen", "train")
+#: Warn when the repair data's error rate is below the probe's divided by this (the model was
+#: probably trained on the repair data).
+FIT_RATIO = 3.0
+
 #: Level of the exact McNemar tests in the verdict ("significantly" better/worse, net != 0).
 SIGNIFICANCE_LEVEL = 0.05
 SCHEMA_VERSION = 1
@@ -620,9 +624,17 @@ def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
     wrong = train_eval.misclassified
     wrong_set = set(wrong)
     right = [i for i in range(train_eval.n) if i not in wrong_set]
+    train_error, probe_error = 1.0 - train_eval.accuracy, 1.0 - before.accuracy
     if not wrong:
         warnings.append("the model makes no errors on the repair data: batches hold only "
-                        "images it already gets right")
+                        "images it already gets right; a held-out validation split (not the "
+                        "probe) as --train gives the repair errors to learn from")
+    elif train_error < probe_error / FIT_RATIO:
+        warnings.append(
+            f"the model fits the repair data far better than the probe ({100 * train_error:.1f}%"
+            f" vs {100 * probe_error:.1f}% errors): it was probably trained on it, so there "
+            "are few errors to learn from; a held-out validation split (not the probe) as "
+            "--train is a better repair set")
     steps = config.steps or 1
     if config.epochs is not None:
         steps = max(1, math.ceil(config.epochs * len(train_set) / config.batch_size))
