@@ -347,3 +347,18 @@ def test_warns_when_the_repair_data_has_few_or_no_errors(tmp_path):
     result = fix(SAMPLES / "digits-sgd.safetensors", TRAIN, PROBE, None,
                  FixConfig(steps=2, controls=(), layers=("fc",)))
     assert not result.warnings
+
+
+def test_bench_fix_section_summarises_seeds(repaired):
+    from bench import fix_bench
+
+    result, _ = repaired
+    d = result.to_dict()
+    other = json.loads(json.dumps(d))
+    other["seed"] = 1
+    text = fix_bench.markdown([d, other], SAMPLES / "digits-sgd.safetensors", "cpu", "cmd",
+                              "abc", "seen")
+    assert "seeds 0, 1" in text and "wrong fraction natural, batchnorm train" in text
+    assert f"| flagged | {d['net']:+.1f} | {d['net']:+d} | {d['net']:+d} | 2/2 |" in text
+    assert "(outside the selection)" in text
+    assert f"net > 0 in {2 if d['net'] > 0 else 0}/2 seeds" in text
