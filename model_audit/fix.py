@@ -742,8 +742,9 @@ def format_fix(data: Dict[str, Any]) -> str:
     rows = [("selection", "groups", "params %", "fixed", "broken", "net", "p(net)",
              "param-steps", "seconds")]
     for run in [sel] + data["controls"]:
+        unit = "modules" if run.get("disjoint_from_selection") else "groups"
         rows.append((run["name"], ",".join(run["groups"]) if len(run["groups"]) <= 4 else
-                     f"{len(run['groups'])} groups", f"{run['params_percent']:.1f}",
+                     f"{len(run['groups'])} {unit}", f"{run['params_percent']:.1f}",
                      str(run["fixed"]), str(run["broken"]), f"{run['net']:+d}",
                      _p(run["net_p_value"]), f"{run['compute_param_steps']:.3g}",
                      f"{run['seconds']:.1f}"))
