@@ -315,6 +315,9 @@ def check_overlap(probe: ProbeSet, train: ProbeSet) -> List[Tuple[int, int]]:
 #: A disjoint random control is used when its parameter share is within this relative
 #: distance of the selection's; otherwise the control falls back to whole groups.
 RANDOM_SHARE_TOLERANCE = 0.25
+#: The first random draw within this relative distance is taken as it is (so that the control
+#: varies with the seed instead of converging on the one best-fitting subset).
+RANDOM_SHARE_ACCEPT = 0.1
 
 
 def _random_groups(groups: Sequence[LayerGroup], selected: Sequence[str], seed: int
@@ -348,9 +351,10 @@ def _random_control(model: nn.Module, groups: Sequence[LayerGroup], selected: Se
     Whole groups are too coarse for a fair random control: in a ResNet the only sets of groups
     with the share of the flagged group usually *contain* it (layer2 + bn1 for layer2), and
     then the control is the selection again. So the control draws parameter-owning *modules*
-    outside the selected groups, at random (256 seeded draws; each adds modules in random
-    order and keeps the prefix whose share is closest), and keeps the draw closest to the
-    selection's parameter share. When no such draw comes within
+    outside the selected groups, at random (seeded draws; each adds modules in random order,
+    skipping those that would move its share away from the selection's), and takes the first
+    draw within :data:`RANDOM_SHARE_ACCEPT` of the selection's share (else the closest of 256
+    draws). When no draw comes within
     :data:`RANDOM_SHARE_TOLERANCE` of it (relative), it falls back to random whole groups
     with the closest share, which may overlap the selection (reported as not disjoint).
     """
@@ -372,6 +376,8 @@ def _random_control(model: nn.Module, groups: Sequence[LayerGroup], selected: Se
         gap = abs(share - target)
         if best is None or gap < best[0]:
             best = (gap, chosen)
+        if gap <= RANDOM_SHARE_ACCEPT * target:
+            break  # the first draw close enough: random, not the one best-fitting subset
     if best is not None and target > 0 and best[0] <= RANDOM_SHARE_TOLERANCE * target:
         keep = {u.name for u in best[1]}
         units = [u for u in modules if u.name in keep]  # forward order

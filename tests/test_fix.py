@@ -362,3 +362,16 @@ def test_bench_fix_section_summarises_seeds(repaired):
     assert f"| flagged | {d['net']:+.1f} | {d['net']:+d} | {d['net']:+d} | 2/2 |" in text
     assert "(outside the selection)" in text
     assert f"net > 0 in {2 if d['net'] > 0 else 0}/2 seeds" in text
+
+
+def test_random_control_varies_with_the_seed():
+    # twelve equal layers: many sets of two outside the selection match its share exactly
+    # (in a ResNet the stages grow 4x, so usually one family of module sets fits)
+    fixmod = importlib.import_module("model_audit.fix")
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(12)])
+    groups = layer_groups(model)
+    draws = [fixmod._random_control(model, groups, ["0", "1"], seed=s) for s in range(8)]
+    assert len({d[0] for d in draws}) > 1
+    for names, units, disjoint in draws:
+        assert disjoint and len(names) == 2 and not {"0", "1"} & set(names)
+    assert fixmod._random_control(model, groups, ["0", "1"], seed=3) == draws[3]
