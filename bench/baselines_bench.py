@@ -25,10 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path-probe-size", type=int, default=50,
                         help="probe for all baselines, path methods included [default: 50]")
     parser.add_argument("--steps", type=int, default=50, help="n_steps of the path methods")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--out", type=Path, default=sb.DEFAULT_RESULTS)
-    parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--data", type=Path, default=None)
+    sb.add_common_arguments(parser)
     parser.add_argument("--train-steps", type=int, default=sb.DEFAULT_TRAIN_STEPS)
     parser.add_argument("--train-batch", type=int, default=sb.DEFAULT_TRAIN_BATCH)
     parser.add_argument("--train-per-class", type=int, default=sb.DEFAULT_TRAIN_PER_CLASS)

@@ -43,16 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe-size", type=int, default=1000,
                         help="probe images (test split, stratified) [default: 1000]")
     parser.add_argument("--batch", type=int, default=128, help="batch size [default: 128]")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    sb.add_common_arguments(parser)
     parser.add_argument("--resamples", type=int, default=1000,
                         help="bootstrap resamples of each comparison [default: 1000]")
-    parser.add_argument("--out", type=Path, default=sb.DEFAULT_RESULTS,
-                        help="Markdown file the section is appended to [default: bench/RESULTS.md]")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="checkpoints and data (outside the repository) "
-                             "[default: ~/.cache/model-audit-bench]")
-    parser.add_argument("--data", type=Path, default=None,
-                        help="the CIFAR-10 JPEG archive [default: ../shared/data/...]")
     parser.add_argument("--from-train", action="store_true",
                         help="compare the checkpoints of the last `python -m bench train` run "
                              "(all its methods and seeds) instead of training here")
@@ -133,9 +126,8 @@ def run(args: argparse.Namespace) -> int:
 
     device = sb.pick_device(args.device)
     gpu = device.startswith("cuda")
-    arch = args.arch or ("resnet18-cifar" if gpu else "tiny-resnet")
+    arch, per_class = sb.scale_defaults(device, args.arch, args.train_per_class)
     epochs = args.epochs or (30.0 if gpu else 6.0)
-    per_class = args.train_per_class or (5000 if gpu else 1000)
     command = "python -m bench compare " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])
     commit = sb.git_commit()
     cache = (args.cache_dir or sb.default_cache_dir()) / "compare"

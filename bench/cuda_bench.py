@@ -39,10 +39,9 @@ def _scan(device: str) -> Dict[str, Any]:
     seconds = time.perf_counter() - start
     d = result.to_dict()
     scores = {"replay_reduction": [layer["score"] for layer in d["layers"]]}
-    for layer in d["layers"]:
+    for layer in d["layers"]:  # audit.json: layers[i].baselines.<name> is the group's score
         for name, value in (layer.get("baselines") or {}).items():
-            scores.setdefault(name, []).append(value.get("score") if isinstance(value, dict)
-                                               else value)
+            scores.setdefault(name, []).append(value)
     return {"accuracy": result.evaluation.accuracy, "flagged": list(result.flagged),
             "scores": scores, "seconds": seconds, "device": result.device}
 

@@ -40,10 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repair-data", default="seen", choices=("seen", "unseen"),
                         help="seen: the subset the model was trained on; unseen: the next "
                              "images of the training split [default: seen]")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--out", type=Path, default=sb.DEFAULT_RESULTS)
-    parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--data", type=Path, default=None)
+    sb.add_common_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,16 +48,14 @@ def run(args: argparse.Namespace) -> int:
     from model_audit.fix import FixConfig, fix
 
     device = sb.pick_device(args.device)
-    gpu = device.startswith("cuda")
     command = "python -m bench fix " + " ".join(sys.argv[2:])
     commit = sb.git_commit()
     cache = args.cache_dir or sb.default_cache_dir()
     cifar = sb._cifar_module()
     kwargs = {"tarball": args.data} if args.data else {}
-    per_class = 5000 if gpu else 1000
+    arch, per_class = sb.scale_defaults(device, None, None)
     ckpt = args.checkpoint
     if ckpt is None:
-        arch = "resnet18-cifar" if gpu else "tiny-resnet"
         found = sorted((cache / "compare").glob(f"{arch}-sgd-s0-*-n{per_class}.safetensors"))
         if not found:
             print("no compare-bench checkpoint: run `python -m bench compare` first, or give "
@@ -90,12 +85,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _p(value) -> str:
-    return "-" if value is None else (f"{value:.2g}" if value >= 0.001 else "<0.001")
-
-
 def markdown(results, ckpt, device, command, commit, repair_data: str) -> str:
     import statistics
+
+    from model_audit.fix import format_p
 
     d = results[0]
     cfg = d["config"]
@@ -120,9 +113,9 @@ def markdown(results, ckpt, device, command, commit, repair_data: str) -> str:
                 counts = "diverged (loss NaN) | - | - | -"
             else:
                 counts = (f"{run['fixed']} | {run['broken']} | {run['net']:+d} | "
-                          f"{_p(run['net_p_value'])}")
+                          f"{format_p(run['net_p_value'])}")
                 nets.setdefault(run["name"], []).append(run["net"])
-            paired = _p((run.get("vs_flagged") or {}).get("p_value")) \
+            paired = format_p((run.get("vs_flagged") or {}).get("p_value")) \
                 if run["name"] != "flagged" else ""
             where = {True: " (outside the selection)", False: " (overlaps the selection)"}.get(
                 run.get("disjoint_from_selection"), "")
@@ -134,16 +127,14 @@ def markdown(results, ckpt, device, command, commit, repair_data: str) -> str:
     for name, values in nets.items():
         lines.append(f"| {name} | {statistics.mean(values):+.1f} | {min(values):+d} | "
                      f"{max(values):+d} | {len(values)}/{len(results)} |")
-    beat = [sum(1 for r in results if c in r["verdict"]["beat"]) for c in
-            [c["name"] for c in d["controls"]]]
-    sig = [sum(1 for r in results if c in r["verdict"]["beat_significantly"]) for c in
-           [c["name"] for c in d["controls"]]]
-    worse = [sum(1 for r in results if c in r["verdict"]["worse_significantly"]) for c in
-             [c["name"] for c in d["controls"]]]
+    counts = []  # per control: seeds it was beaten in, significantly, significantly worse
+    for name in (c["name"] for c in d["controls"]):
+        counts.append([sum(1 for r in results if name in r["verdict"][key])
+                       for key in ("beat", "beat_significantly", "worse_significantly")])
     lines += ["", "- the flagged selection's net was higher than: " + ", ".join(
         f"{c['name']} in {b}/{len(results)} seeds ({s} significantly at p < 0.05; "
         f"significantly worse in {w})"
-        for c, b, s, w in zip(d["controls"], beat, sig, worse)) + "; net > 0 in "
+        for c, (b, s, w) in zip(d["controls"], counts)) + "; net > 0 in "
         f"{sum(1 for r in results if r['net'] > 0)}/{len(results)} seeds, significantly in "
         f"{sum(1 for r in results if r['net'] > 0 and r['verdict']['net_significant'])}", ""]
     return "\n".join(lines)

@@ -84,8 +84,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe-size", type=int, default=1000,
                         help="probe images, a multiple of 10 (stratified: size/10 per class) "
                              "[default: 1000]")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="where to run (auto: cuda when available) [default: auto]")
     parser.add_argument("--train-steps", type=int, default=DEFAULT_TRAIN_STEPS,
                         help=f"SGD steps of the brief training [default: {DEFAULT_TRAIN_STEPS}]")
     parser.add_argument("--train-batch", type=int, default=DEFAULT_TRAIN_BATCH,
@@ -98,11 +96,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="scan this CIFAR-10 checkpoint (with the tool's metadata, e.g. "
                              "one of `python -m bench train`) instead of the briefly trained one")
+    add_common_arguments(parser)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--out``, ``--cache-dir`` and ``--data``: the same in every CIFAR bench."""
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where to run (auto: cuda when available) [default: auto]")
     parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS,
                         help="Markdown file the result section is appended to "
                              "[default: bench/RESULTS.md]")
     parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="where the checkpoint and CIFAR subsets are kept (outside the "
+                        help="where the checkpoints and CIFAR subsets are kept (outside the "
                              "repository) [default: ~/.cache/model-audit-bench]")
     parser.add_argument("--data", type=Path, default=None,
                         help="the CIFAR-10 JPEG archive [default: "
@@ -205,6 +210,16 @@ def _inside_repo(path: Path) -> bool:
 
 # ------------------------------------------------------------------------------------------
 # Model and data
+
+
+def scale_defaults(device: str, arch: Optional[str], per_class: Optional[int]
+                   ) -> Tuple[str, int]:
+    """The architecture and training images per class when not given: the paper's scale
+    (``resnet18-cifar``, all 5,000 per class) on a GPU, a reduced one (``tiny-resnet``, 1,000)
+    on a CPU."""
+    gpu = device.startswith("cuda")
+    return (arch or ("resnet18-cifar" if gpu else "tiny-resnet"),
+            per_class or (5000 if gpu else 1000))
 
 
 def pick_device(name: str) -> str:

@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bfloat16 autocast [default: on for cuda, off for cpu]")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    sb.add_common_arguments(parser)
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds: do not start a run that would likely end after this "
                              "(estimated from the runs so far); the finished runs stay cached, "
@@ -80,13 +80,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "with a per-command time limit)")
     parser.add_argument("--retrain", action="store_true",
                         help="train again even when a run's checkpoint is cached")
-    parser.add_argument("--out", type=Path, default=sb.DEFAULT_RESULTS,
-                        help="Markdown file the section is appended to [default: bench/RESULTS.md]")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="checkpoints, curves and data (outside the repository) "
-                             "[default: ~/.cache/model-audit-bench]")
-    parser.add_argument("--data", type=Path, default=None,
-                        help="the CIFAR-10 JPEG archive [default: ../shared/data/...]")
 
 
 # ------------------------------------------------------------------------------------------
@@ -399,9 +392,8 @@ def run(args: argparse.Namespace) -> int:
 
     device = sb.pick_device(args.device)
     gpu = device.startswith("cuda")
-    arch = args.arch or ("resnet18-cifar" if gpu else "tiny-resnet")
+    arch, per_class = sb.scale_defaults(device, args.arch, args.train_per_class)
     epochs = args.epochs or (30 if gpu else 15)
-    per_class = args.train_per_class or (5000 if gpu else 1000)
     targets = [float(t) for t in (args.targets or ("0.90,0.95" if gpu else "0.60,0.65"))
                .split(",")]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -16,8 +16,8 @@ from .config import load_defaults
 from .errors import AuditError
 from .layers import GRANULARITIES
 from .options import DEVICES, AuditOptions
-from .replay import ReplayConfig
 from .fix import BATCHNORM_MODES
+from .replay import ReplayConfig
 from .schedules import SCHEDULES
 
 COMMANDS_WITH_MODEL = ("scan", "compare", "gate", "fix")
@@ -428,8 +428,8 @@ def fix(checkpoint: Path, train: Path, output: Path, layers: str, audit: Optiona
     """Retrain only the flagged layer groups of CHECKPOINT; count fixed, broken and net.
 
     Trains the selected groups on --train (everything else frozen, BatchNorm statistics
-    outside the selection included), evaluates before and after on the held-out --probe, runs the controls with the
-    same budget, writes the repaired checkpoint to --output (verified: frozen tensors
+    outside the selection included), evaluates before and after on the held-out --probe,
+    runs the controls with the same budget, writes the repaired checkpoint to --output (verified: frozen tensors
     byte-identical) and OUT/fix.json and OUT/report.html.
     """
     from .fix import FixConfig, fix as run_fix, format_fix, write_fix

@@ -49,6 +49,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -155,12 +156,12 @@ class RepairRun:
     diverged: Optional[str] = None   # the message when this run's loss became NaN/Inf
     disjoint: Optional[bool] = None  # random control: trains no parameter of the selection
 
-    @property
+    @cached_property
     def fixed(self) -> List[int]:
         return torch.nonzero((self.before.predictions != self.before.labels)
                              & (self.after.predictions == self.after.labels)).flatten().tolist()
 
-    @property
+    @cached_property
     def broken(self) -> List[int]:
         return torch.nonzero((self.before.predictions == self.before.labels)
                              & (self.after.predictions != self.after.labels)).flatten().tolist()
@@ -244,6 +245,7 @@ class FixResult:
                                    "p_value": mcnemar_exact(b, c)}
             controls.append(s)
         alpha = SIGNIFICANCE_LEVEL
+        sel_summary = sel.summary()
         full = next((r for r in self.controls if r.name == "all"), None)
         saving = (1.0 - sel.trainable / full.trainable) if full and full.trainable else None
         return {
@@ -253,7 +255,7 @@ class FixResult:
             "probe": {**self.probe.describe(), "n": len(self.probe)},
             "train": {"source": self.train_source, "n": self.train_n, "wrong": self.train_wrong},
             "config": self.config.to_dict(),
-            "selection": {**sel.summary(), "source": self.selection_source,
+            "selection": {**sel_summary, "source": self.selection_source,
                           "total_params": total},
             "accuracy": {"before": before.accuracy, "after": after.accuracy},
             "fixed": len(sel.fixed), "broken": len(sel.broken), "net": sel.net,
@@ -276,7 +278,7 @@ class FixResult:
                         "worse_significantly": [
                             c["name"] for c in controls if c["flagged_beat_it"] is False
                             and c["vs_flagged"]["p_value"] < alpha],
-                        "net_significant": sel.summary()["net_p_value"] < alpha},
+                        "net_significant": sel_summary["net_p_value"] < alpha},
             "images": {"fixed": [item(i) for i in sel.fixed],
                        "broken": [item(i) for i in sel.broken],
                        "still_wrong": [item(i) for i in still]},
@@ -387,7 +389,7 @@ def _random_control(model: nn.Module, groups: Sequence[LayerGroup], selected: Se
 
 
 def _batch_plan(wrong: List[int], right: List[int], steps: int, batch: int, seed: int,
-                wrong_fraction: Optional[float] = 0.5) -> List[List[int]]:
+                wrong_fraction: Optional[float] = None) -> List[List[int]]:
     """Train positions of every step.
 
     With a ``wrong_fraction``, each batch holds ``round(batch * wrong_fraction)`` images drawn
@@ -728,7 +730,8 @@ def write_fix(result: FixResult, out_dir: Union[str, os.PathLike]) -> Dict[str, 
     return paths
 
 
-def _p(value: Optional[float]) -> str:
+def format_p(value: Optional[float]) -> str:
+    """A p-value for tables: two significant digits, ``<0.001`` below that, ``-`` for None."""
     if value is None:
         return "-"
     return f"{value:.2g}" if value >= 0.001 else "<0.001"
@@ -752,7 +755,7 @@ def format_fix(data: Dict[str, Any]) -> str:
         rows.append((run["name"], ",".join(run["groups"]) if len(run["groups"]) <= 4 else
                      f"{len(run['groups'])} {unit}", f"{run['params_percent']:.1f}",
                      str(run["fixed"]), str(run["broken"]), f"{run['net']:+d}",
-                     _p(run["net_p_value"]), f"{run['compute_param_steps']:.3g}",
+                     format_p(run["net_p_value"]), f"{run['compute_param_steps']:.3g}",
                      f"{run['seconds']:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
@@ -763,14 +766,14 @@ def format_fix(data: Dict[str, Any]) -> str:
     alpha = verdict.get("significance_level", SIGNIFICANCE_LEVEL)
     lines.append(f"p(net): exact McNemar test of fixed vs broken; the net is "
                  f"{'' if verdict.get('net_significant') else 'NOT '}distinguishable from churn "
-                 f"(p {_p(sel['net_p_value'])}, level {alpha:g})")
+                 f"(p {format_p(sel['net_p_value'])}, level {alpha:g})")
     if data["controls"]:
         lines.append("the flagged selection beat: " + (", ".join(verdict["beat"]) or "none") +
                      ("; did not beat: " + ", ".join(verdict["did_not_beat"])
                       if verdict["did_not_beat"] else "") +
                      ("; diverged: " + ", ".join(verdict["diverged"])
                       if verdict["diverged"] else ""))
-        paired = [f"{c['name']} p {_p(c['vs_flagged']['p_value'])}" for c in data["controls"]
+        paired = [f"{c['name']} p {format_p(c['vs_flagged']['p_value'])}" for c in data["controls"]
                   if c.get("vs_flagged")]
         if paired:
             lines.append("paired McNemar test against each control on the same probe images: " +

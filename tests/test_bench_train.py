@@ -16,6 +16,13 @@ except ImportError:  # tests/ is not a package
     from cifar import CIFAR_TARBALL, missing_data_message
 
 
+@pytest.fixture
+def cifar_archive():
+    if not CIFAR_TARBALL.is_file():
+        pytest.skip(missing_data_message(CIFAR_TARBALL))
+    return CIFAR_TARBALL
+
+
 def _data(n=6, h=5, w=7):
     x = torch.arange(n * 3 * h * w, dtype=torch.int64).remainder(251).add(1).to(torch.uint8)
     return tb.DeviceData(x.view(n, 3, h, w), torch.arange(n), "cpu", (0.5,) * 3, (0.25,) * 3)
@@ -113,10 +120,8 @@ def test_summary_when_nothing_reaches_the_target():
 
 
 @pytest.mark.slow
-def test_tiny_training_run_end_to_end(tmp_path):
+def test_tiny_training_run_end_to_end(tmp_path, cifar_archive):
     """Two methods, one epoch each, on a real 200-image CIFAR-10 subset; cached on re-run."""
-    if not CIFAR_TARBALL.is_file():
-        pytest.skip(missing_data_message(CIFAR_TARBALL))
     out = tmp_path / "RESULTS.md"
     argv = ["train", "--device", "cpu", "--train-per-class", "20", "--test-per-class", "10",
             "--epochs", "2", "--seeds", "1", "--methods", "beta,adam", "--batch", "32",
@@ -159,9 +164,7 @@ def test_bad_method_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_time_budget_stops_between_runs_and_resumes(tmp_path, capsys):
-    if not CIFAR_TARBALL.is_file():
-        pytest.skip(missing_data_message(CIFAR_TARBALL))
+def test_time_budget_stops_between_runs_and_resumes(tmp_path, capsys, cifar_archive):
     out = tmp_path / "RESULTS.md"
     argv = ["train", "--device", "cpu", "--train-per-class", "10", "--test-per-class", "5",
             "--epochs", "1", "--seeds", "1", "--methods", "sgd,hybrid", "--batch", "25",
