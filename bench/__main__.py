@@ -37,7 +37,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         doc = (module.__doc__ or "").strip().split("\n\n")[0] or None
         module.add_arguments(sub.add_parser(name, help=help_text, description=doc))
     args = parser.parse_args(argv)
-    return int(modules[args.bench].run(args))
+    from model_audit.errors import AuditError
+    try:
+        return int(modules[args.bench].run(args))
+    except AuditError as exc:  # a bad argument or input: the message says what to do
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

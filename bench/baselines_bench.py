@@ -8,6 +8,8 @@ groups x 51 forward+backward passes per misclassified image: hours on a 2-core C
 images). Every cost ratio is measured inside one scan, where the own metric and the baseline
 see the same misclassified images, so it does not depend on the probe size; the rank agreement
 (Spearman, Kendall, top-k overlap with the flagged set) is reported for both probes.
+``--path-baselines`` chooses the baselines of the path probe (all by default); when both probes
+have the same size, one scan runs the cheap baselines and those together.
 """
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="probe for the own metric and the cheap baselines [default: 1000]")
     parser.add_argument("--path-probe-size", type=int, default=50,
                         help="probe for all baselines, path methods included [default: 50]")
+    parser.add_argument("--path-baselines", default="all",
+                        help="baselines run on the path probe, as `model-audit scan --baselines` "
+                             "takes them (e.g. `default,conductance` when the other path "
+                             "methods would not fit the time) [default: all]")
     parser.add_argument("--steps", type=int, default=50, help="n_steps of the path methods")
     sb.add_common_arguments(parser)
     parser.add_argument("--train-steps", type=int, default=sb.DEFAULT_TRAIN_STEPS)
@@ -37,8 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from model_audit import AuditOptions, ScanConfig, scan
-    from model_audit.baselines import BASELINES, DEFAULT_BASELINES
+    from model_audit.baselines import DEFAULT_BASELINES, resolve_baselines
 
+    path_names = resolve_baselines(args.path_baselines)  # a bad name fails before any work
     device = sb.pick_device(args.device)
     command = "python -m bench baselines " + " ".join(sys.argv[2:])
     commit = sb.git_commit()
@@ -52,9 +59,11 @@ def run(args: argparse.Namespace) -> int:
     args.model_text = (f"`{training['checkpoint']}`" if training.get("checkpoint") else
                        f"the `python -m bench scan` checkpoint ({args.train_steps} steps x "
                        f"batch {args.train_batch})")
+    runs = [(args.probe_size, DEFAULT_BASELINES), (args.path_probe_size, path_names)]
+    if args.path_probe_size == args.probe_size:  # one probe: one scan with every baseline
+        runs = [(args.probe_size, resolve_baselines(",".join(DEFAULT_BASELINES + path_names)))]
     results: List[Dict[str, Any]] = []
-    for size, names in ((args.probe_size, DEFAULT_BASELINES),
-                        (args.path_probe_size, tuple(BASELINES))):
+    for size, names in runs:
         probe = cifar.cifar_subset(cache, "test", size // 10, **kwargs)
         print(f"scanning {size} images with {', '.join(names)} ...", flush=True)
         result = scan(ckpt, probe, ScanConfig(options=AuditOptions(device=device),

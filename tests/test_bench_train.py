@@ -154,6 +154,23 @@ def test_tiny_training_run_end_to_end(tmp_path, cifar_archive):
     text = out.read_text()
     assert "compare: optimizer vs seed, tiny-resnet, cpu" in text
     assert "| optimizer | beta s0 | adam s0 |" in text and "last `python -m bench train`" in text
+    # and baselines: one probe size for both scans runs one scan, with the chosen path method
+    assert bench_main(["baselines", "--checkpoint", str(ckpt), "--device", "cpu",
+                       "--probe-size", "20", "--path-probe-size", "20", "--path-baselines",
+                       "conductance", "--steps", "2", "--train-per-class", "2",
+                       "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    section = out.read_text().split("own metric vs Captum baselines, tiny-resnet, cpu")[1]
+    assert section.count("### probe of 20 images") == 1
+    assert "| conductance |" in section and "| grad_x_activation |" in section
+    assert "integrated_gradients" not in section and "internal_influence" not in section
+
+
+def test_baselines_bench_refuses_an_unknown_baseline_before_any_work(tmp_path, capsys):
+    out, cache = tmp_path / "RESULTS.md", tmp_path / "cache"
+    assert bench_main(["baselines", "--path-baselines", "conductance,saliency", "--device", "cpu",
+                       "--cache-dir", str(cache), "--out", str(out)]) == 2
+    assert "unknown baseline 'saliency'" in capsys.readouterr().err
+    assert not out.exists() and not cache.exists()
 
 
 def test_bad_method_is_refused(tmp_path, capsys):
