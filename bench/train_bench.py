@@ -43,6 +43,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from . import scan_bench as sb
 
 METHODS = ("sgd", "nesterov", "beta", "hybrid", "adam")
+METHOD_TEXT = {"sgd": "momentum 0.9", "nesterov": "Nesterov 0.9",
+               "beta": "1 - 2 sqrt(lr) (`MomentumScheduler('beta')`)",
+               "hybrid": "beta until 0.9, then 0.9", "adam": "Adam"}
 CONSTANT_MOMENTUM = 0.9
 PAD = 4
 
@@ -326,8 +329,10 @@ def summarize(runs: Sequence[Dict[str, Any]], targets: Sequence[float]) -> Dict[
 
 def markdown(summary: Dict[str, Any], runs: Sequence[Dict[str, Any]], targets: Sequence[float],
              setup: Dict[str, Any], command: str, commit: str, device: str) -> str:
+    ran = list(summary["methods"])
+    which = "five momentum methods" if len(ran) == len(METHODS) else ", ".join(ran)
     lines = sb.section_header(f"train: epochs to {', '.join(f'{100 * t:g}%' for t in targets)}"
-                              f", five momentum methods, {setup['arch']}, {device}",
+                              f", {which}, {setup['arch']}, {device}",
                               command, commit, device)
     lines += [f"- scale: **{setup['scale']}**",
               f"- data: {setup['train_images']} CIFAR-10 training images, random crop (pad 4) + "
@@ -337,8 +342,9 @@ def markdown(summary: Dict[str, Any], runs: Sequence[Dict[str, Any]], targets: S
               f"cosine lr from {setup['lr']:g} (Adam {setup['adam_lr']:g}) to 0, weight decay "
               f"{setup['weight_decay']:g}, bfloat16 autocast {'on' if setup['amp'] else 'off'}; "
               f"seeds {', '.join(str(s) for s in setup['seeds'])}",
-              "- methods: sgd = momentum 0.9; nesterov = Nesterov 0.9; beta = 1 - 2 sqrt(lr) "
-              "(`MomentumScheduler('beta')`); hybrid = beta until 0.9, then 0.9; adam = Adam", "",
+              "- methods: " + "; ".join(f"{m} = {METHOD_TEXT[m]}" for m in ran)
+              + ("" if len(ran) == len(METHODS) else
+                 f" (not run: {', '.join(m for m in METHODS if m not in ran)})"), "",
               "Mean over seeds (min-max); epochs are the first epoch whose test accuracy reached "
               "the target, seconds the training time up to it (evaluation excluded).", ""]
     head = "| method | " + " | ".join(f"epochs to {100 * t:g}% | s to {100 * t:g}%"
@@ -378,8 +384,10 @@ def markdown(summary: Dict[str, Any], runs: Sequence[Dict[str, Any]], targets: S
         order = (" < ".join(c["ranking"]) + " (by the number of seeds that missed it, then mean "
                  "epochs; methods that never reached it left out)") if c["ranking"] else \
             "no method reached it within the budget"
+        verdict = ("not run" if "hybrid" not in ran else
+                   "yes" if c["hybrid_fastest"] else "no")
         lines.append(f"- fastest to {100 * c['target']:g}% (paper: hybrid, of five): {order}; "
-                     f"hybrid strictly fastest: **{'yes' if c['hybrid_fastest'] else 'no'}**")
+                     f"hybrid strictly fastest: **{verdict}**")
     return "\n".join(lines) + "\n"
 
 

@@ -104,6 +104,16 @@ def test_summary_epochs_to_target_and_claims():
         "seeds": [0, 1], "scale": "reduced"}, "python -m bench train", "abc", "cpu")
     assert "| sgd | 3.5 (3.0-4.0) | 35 (30-40) | 4.0, reached by 1/2 |" in text
     assert "**2.75x**" in text and "hybrid strictly fastest: **yes**" in text
+    assert "epochs to 90%, 95%, sgd, beta, hybrid, tiny-resnet" in text
+    assert "(not run: nesterov, adam)" in text
+    # without the hybrid, the claim about it is not judged
+    runs = [r for r in runs if r["method"] != "hybrid"]
+    s = tb.summarize(runs, [0.9, 0.95])
+    text = tb.markdown(s, runs, [0.9, 0.95], {
+        "arch": "tiny-resnet", "train_images": 100, "test_images": 50, "epochs": 4,
+        "batch": 8, "lr": 0.1, "adam_lr": 0.001, "weight_decay": 5e-4, "amp": False,
+        "seeds": [0, 1], "scale": "reduced"}, "python -m bench train", "abc", "cpu")
+    assert "hybrid strictly fastest: **not run**" in text and "hybrid =" not in text
 
 
 def test_summary_when_nothing_reaches_the_target():
