@@ -741,7 +741,10 @@ def test_killed_mid_write_leaves_the_old_output(tmp_path):
 # item 10: Ctrl-C
 
 
+# The child gets Python's usual SIGINT handler, as in a terminal: a shell that runs the suite in
+# the background (`make test &`, nohup) starts it with SIGINT ignored, and Python keeps that.
 _RUN_AFTER_IMPORT = ("import faulthandler, signal, sys, runpy, model_audit.cli; "
+                     "signal.signal(signal.SIGINT, signal.default_int_handler); "
                      "faulthandler.register(signal.SIGUSR1); print('ready', flush=True); "
                      "sys.argv[0] = 'model-audit'; runpy.run_module('model_audit', run_name='__main__')")
 
