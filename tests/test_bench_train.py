@@ -85,6 +85,11 @@ def _run(method, seed, accs):
                       for i, a in enumerate(accs)]}
 
 
+_SETUP = {"arch": "tiny-resnet", "train_images": 100, "test_images": 50, "epochs": 4, "batch": 8,
+          "lr": 0.1, "adam_lr": 0.001, "weight_decay": 5e-4, "amp": False, "seeds": [0, 1],
+          "scale": "reduced"}
+
+
 def test_summary_epochs_to_target_and_claims():
     runs = [_run("sgd", 0, [0.5, 0.7, 0.91, 0.96]), _run("sgd", 1, [0.5, 0.8, 0.85, 0.93]),
             _run("beta", 0, [0.6, 0.92, 0.95, 0.95]), _run("beta", 1, [0.9, 0.91, 0.94, 0.94]),
@@ -98,10 +103,7 @@ def test_summary_epochs_to_target_and_claims():
     f = s["claims"]["fastest_to_last_target"]
     # hybrid: both seeds at epoch 3; beta: one seed (epoch 3) -> ranks after; sgd one seed
     assert f["ranking"][0] == "hybrid" and f["hybrid_fastest"]
-    text = tb.markdown(s, runs, [0.9, 0.95], {
-        "arch": "tiny-resnet", "train_images": 100, "test_images": 50, "epochs": 4,
-        "batch": 8, "lr": 0.1, "adam_lr": 0.001, "weight_decay": 5e-4, "amp": False,
-        "seeds": [0, 1], "scale": "reduced"}, "python -m bench train", "abc", "cpu")
+    text = tb.markdown(s, runs, [0.9, 0.95], _SETUP, "python -m bench train", "abc", "cpu")
     assert "| sgd | 3.5 (3.0-4.0) | 35 (30-40) | 4.0, reached by 1/2 |" in text
     assert "**2.75x**" in text and "hybrid strictly fastest: **yes**" in text
     assert "epochs to 90%, 95%, sgd, beta, hybrid, tiny-resnet" in text
@@ -109,10 +111,7 @@ def test_summary_epochs_to_target_and_claims():
     # without the hybrid, the claim about it is not judged
     runs = [r for r in runs if r["method"] != "hybrid"]
     s = tb.summarize(runs, [0.9, 0.95])
-    text = tb.markdown(s, runs, [0.9, 0.95], {
-        "arch": "tiny-resnet", "train_images": 100, "test_images": 50, "epochs": 4,
-        "batch": 8, "lr": 0.1, "adam_lr": 0.001, "weight_decay": 5e-4, "amp": False,
-        "seeds": [0, 1], "scale": "reduced"}, "python -m bench train", "abc", "cpu")
+    text = tb.markdown(s, runs, [0.9, 0.95], _SETUP, "python -m bench train", "abc", "cpu")
     assert "hybrid strictly fastest: **not run**" in text and "hybrid =" not in text
 
 
