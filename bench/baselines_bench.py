@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                        f"batch {args.train_batch})")
     runs = [(args.probe_size, DEFAULT_BASELINES), (args.path_probe_size, path_names)]
     if args.path_probe_size == args.probe_size:  # one probe: one scan with every baseline
-        runs = [(args.probe_size, resolve_baselines(",".join(DEFAULT_BASELINES + path_names)))]
+        runs = [(args.probe_size, resolve_baselines(DEFAULT_BASELINES + path_names))]
     results: List[Dict[str, Any]] = []
     for size, names in runs:
         probe = cifar.cifar_subset(cache, "test", size // 10, **kwargs)

@@ -429,8 +429,8 @@ def fix(checkpoint: Path, train: Path, output: Path, layers: str, audit: Optiona
 
     Trains the selected groups on --train (everything else frozen, BatchNorm statistics
     outside the selection included), evaluates before and after on the held-out --probe,
-    runs the controls with the same budget, writes the repaired checkpoint to --output (verified: frozen tensors
-    byte-identical) and OUT/fix.json and OUT/report.html.
+    runs the controls with the same budget, writes the repaired checkpoint to --output
+    (verified: frozen tensors byte-identical) and OUT/fix.json and OUT/report.html.
     """
     from .fix import FixConfig, fix as run_fix, format_fix, write_fix
 
