@@ -10,6 +10,12 @@ see the same misclassified images, so it does not depend on the probe size; the 
 (Spearman, Kendall, top-k overlap with the flagged set) is reported for both probes.
 ``--path-baselines`` chooses the baselines of the path probe (all by default); when both probes
 have the same size, one scan runs the cheap baselines and those together.
+
+The tool computes conductance for every group from one backward pass per path point, where
+captum's ``LayerConductance`` runs once per group. ``--captum-reference N`` measures what that
+saves: on the first N misclassified images of the largest probe it times captum's class one
+layer at a time (with the same images per forward) against the tool's shared pass, checks that
+their per-group values agree, and reports the seconds per image of both and of the own metric.
 """
 from __future__ import annotations
 
@@ -31,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "takes them (e.g. `default,conductance` when the other path "
                              "methods would not fit the time) [default: all]")
     parser.add_argument("--steps", type=int, default=50, help="n_steps of the path methods")
+    parser.add_argument("--captum-reference", type=int, default=32, metavar="N",
+                        help="time captum's LayerConductance one layer at a time against the "
+                             "tool's shared pass on N misclassified images (0: off) "
+                             "[default: 32]")
     sb.add_common_arguments(parser)
     parser.add_argument("--train-steps", type=int, default=sb.DEFAULT_TRAIN_STEPS)
     parser.add_argument("--train-batch", type=int, default=sb.DEFAULT_TRAIN_BATCH)
@@ -69,17 +79,115 @@ def run(args: argparse.Namespace) -> int:
         result = scan(ckpt, probe, ScanConfig(options=AuditOptions(device=device),
                                               baselines=names, baseline_steps=args.steps))
         results.append({"size": size, "audit": result.to_dict()})
-    section = markdown(results, device, command, commit, args)
+    reference = None
+    if args.captum_reference > 0:
+        size = max(args.probe_size, args.path_probe_size)
+        probe = cifar.cifar_subset(cache, "test", size // 10, **kwargs)
+        print(f"captum's LayerConductance one layer at a time on {args.captum_reference} "
+              "errors ...", flush=True)
+        reference = captum_reference(ckpt, probe, args.captum_reference, args.steps, device)
+    section = markdown(results, device, command, commit, args, reference)
     print(section)
     sb.append_results(args.out, section)
     return 0
+
+
+def captum_reference(checkpoint: Path, probe_dir: Path, n_images: int, n_steps: int,
+                     device: str) -> Dict[str, Any]:
+    """captum's ``LayerConductance`` per group vs the tool's shared pass, on the same errors.
+
+    Both see the same prepared copy of the model (group outputs protected from in-place
+    operations, as in every scan) and the same images per forward (whole paths of
+    ``internal_batch_size // (n_steps + 1)`` images, the scan's batch size as the internal
+    batch size), so the ratio is the saving of one backward pass for every group.
+    """
+    import copy
+    import time
+
+    import captum.attr as ca
+    import numpy as np
+    import torch
+
+    from model_audit import AuditOptions
+    from model_audit.baselines import _Counter, _abs_sum, _shared_path_totals, prepare_layers
+    from model_audit.evaluate import evaluate
+    from model_audit.layers import layer_groups
+    from model_audit.options import load_inputs
+
+    opts = AuditOptions(device=device)
+    ckpt, probe, _ = load_inputs(checkpoint, probe_dir, opts)
+    model = ckpt.model.to(device).eval()
+    ev = evaluate(model, probe, device=device, batch_size=opts.batch_size)
+    errors = ev.misclassified[:n_images]
+    x = probe.load(errors).to(device)
+    y = ev.labels[errors].to(device).long()
+    groups = layer_groups(model)
+    net = copy.deepcopy(model)
+    layers = prepare_layers(net, groups, x)
+    ibs = opts.batch_size
+    per_forward = max(1, ibs // (n_steps + 1))
+
+    counter = _Counter()
+    forward = counter.wrap(net)
+    t0 = time.perf_counter()
+    with torch.enable_grad():
+        shared = _shared_path_totals("conductance", forward, layers, x, y, n_steps, ibs)
+    shared_s = time.perf_counter() - t0
+    shared_passes = counter.forward
+
+    counter = _Counter()
+    forward = counter.wrap(net)
+    per_layer: Dict[int, List[Any]] = {j: [] for j in layers}
+    t0 = time.perf_counter()
+    with torch.enable_grad():
+        for j, module in layers.items():
+            cond = ca.LayerConductance(forward, module)
+            for start in range(0, len(errors), per_forward):
+                a = cond.attribute(x[start:start + per_forward], target=y[start:start + per_forward],
+                                   n_steps=n_steps, internal_batch_size=ibs)
+                per_layer[j].append(_abs_sum(a))
+    captum_s = time.perf_counter() - t0
+    diffs = [float((torch.cat(per_layer[j]) - shared[j]).abs().max()
+                   / shared[j].abs().max().clamp_min(1e-30)) for j in layers]
+    return {"images": len(errors), "groups": len(layers), "n_steps": n_steps,
+            "images_per_forward": per_forward * (n_steps + 1),
+            "captum_s": captum_s, "captum_passes": counter.forward,
+            "shared_s": shared_s, "shared_passes": shared_passes,
+            "max_relative_difference": float(np.max(diffs)) if diffs else None}
+
+
+def _reference_lines(reference: Dict[str, Any], results: List[Dict[str, Any]]) -> List[str]:
+    n = reference["images"]
+    captum_pi, shared_pi = reference["captum_s"] / n, reference["shared_s"] / n
+    lines = [f"### captum's LayerConductance one layer at a time vs the shared pass, on {n} of "
+             "the errors", "",
+             f"Both at n_steps={reference['n_steps']}, {reference['images_per_forward']} images "
+             f"per forward, {reference['groups']} groups; largest relative difference of the "
+             f"per-image group values: {reference['max_relative_difference']:.1e}.", "",
+             "| conductance | seconds | seconds per image | passes per image |",
+             "|---|---:|---:|---:|",
+             f"| captum, one layer at a time | {reference['captum_s']:.2f} | {captum_pi:.3f} | "
+             f"{reference['captum_passes'] / n:.0f} |",
+             f"| tool, all groups per pass | {reference['shared_s']:.2f} | {shared_pi:.3f} | "
+             f"{reference['shared_passes'] / n:.0f} |", "",
+             f"captum one layer at a time / shared pass: **{captum_pi / shared_pi:.1f}x**."]
+    for r in results:
+        a = r["audit"]
+        own = a["cost"].get("replay_reduction")
+        errors = a["probe"]["misclassified"]
+        if own and errors:
+            own_pi = own["seconds"] / errors
+            lines.append(f"On the {r['size']}-image probe the own metric took {own_pi:.3f} s per "
+                         f"error: captum's per-layer conductance costs **{captum_pi / own_pi:.1f}x** "
+                         f"that per image (the shared pass {shared_pi / own_pi:.1f}x).")
+    return lines + [""]
 
 
 def _n(v: Any, fmt: str = "{:.2f}") -> str:
     return "n/a" if v is None else fmt.format(v)
 
 
-def markdown(results, device, command, commit, args) -> str:
+def markdown(results, device, command, commit, args, reference=None) -> str:
     arch = results[0]["audit"]["model"]["arch"] if results else "resnet18-cifar"
     lines = sb.section_header(f"own metric vs Captum baselines, {arch}, {device}",
                               command, commit, device) + [
@@ -106,4 +214,6 @@ def markdown(results, device, command, commit, args) -> str:
             lines.append(f"| {layer['name']} | {layer['score']:.3f} | " + " | ".join(
                 _n(layer["baselines"].get(n), "{:.3f}") for n in a["agreement"]) + " |")
         lines.append("")
+    if reference:
+        lines += _reference_lines(reference, results)
     return "\n".join(lines) + "\n"

@@ -14,14 +14,22 @@ name                       method                                  cheap  passes
 =========================  ======================================  =====  ====================
 ``grad_x_activation``      captum ``LayerGradientXActivation``     yes    1 fwd + 1 bwd
 ``activation``             captum ``LayerActivation``              yes    1 fwd
-``conductance``            captum ``LayerConductance``             no     ~2 (n+1) per group
+``conductance``            captum ``LayerConductance``'s formula   no     n + 1, all groups
 ``integrated_gradients``   captum ``LayerIntegratedGradients``     no     2 + n per group
-``internal_influence``     captum ``InternalInfluence``            no     n per group
+``internal_influence``     captum ``InternalInfluence``'s formula  no     n, all groups
 ``auto_rgn``               relative gradient norm (Lee et al.)     yes    1 fwd + 1 bwd
 =========================  ======================================  =====  ====================
 
-(``n`` = ``n_steps``, 50 by default; the two layer methods marked cheap handle every group in
-one pass.) :data:`DEFAULT_BASELINES` is the cheap pair ``grad_x_activation`` and ``auto_rgn``.
+(``n`` = ``n_steps``, 50 by default; fwd + bwd passes unless marked.) Every method but
+layer integrated gradients handles every group in one pass. Conductance and internal
+influence evaluate the network along the *input* path and need, at each point, the gradient
+of the target w.r.t. a layer's output: one backward pass gives it for every group's output, so
+:func:`_shared_path_totals` computes all groups together with captum's arithmetic (its
+Gauss-Legendre points and weights; the tests check the numbers against captum's
+``LayerConductance`` and ``InternalInfluence`` run one layer at a time, which costs the group
+count times as many passes). Layer integrated gradients interpolates *at* the layer, so it runs
+captum's class once per group. :data:`DEFAULT_BASELINES` is the cheap pair
+``grad_x_activation`` and ``auto_rgn``.
 The exact counts of every run are in :attr:`BaselineResult.forward_images` and
 ``backward_images``: every image that goes through the network once counts once, the
 ``n_steps`` expansion included (a backward pass counts each image whose gradient is propagated
@@ -54,10 +62,12 @@ Aggregation (the same for every layer method)
   influence): zeros in the normalised input space (captum's default; the data set's mean image
   under the usual ``(x - mean) / std`` normalisation), Gauss-Legendre quadrature with
   ``n_steps`` points.
-* **Memory:** the path methods run ``images x n_steps`` evaluations in chunks of at most
-  ``internal_batch_size`` images (default: the batch size of ``batches``), but at least one
-  step of a batch per chunk (two for conductance, which takes differences between consecutive
-  steps).
+* **Memory:** the path methods run ``images x points`` evaluations in forwards of at most
+  ``internal_batch_size`` images (default: the batch size of ``batches``). Conductance and
+  influence put ``internal_batch_size // points`` images' whole paths in one forward, or split
+  one image's path when it does not fit (conductance's chunks then share one point, since it
+  takes differences between consecutive points, so it needs at least 2); layer integrated
+  gradients takes one step of a whole batch per forward at least (captum's batching).
 
 Auto-RGN
 --------
@@ -357,6 +367,17 @@ def _abs_sum(attr: Any) -> torch.Tensor:
     return torch.stack(parts).sum(0)
 
 
+def _tensors(out: Any) -> List[torch.Tensor]:
+    """The tensors of a module's output (a tensor, or tuples/lists/dicts of them), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _tensors(o)]
+    return []
+
+
 def _shares(raw: np.ndarray) -> np.ndarray:
     """``raw / sum(raw)`` over the finite groups (NaN stays NaN; all zeros when nothing is)."""
     finite = np.isfinite(raw)
@@ -364,6 +385,97 @@ def _shares(raw: np.ndarray) -> np.ndarray:
     out = np.full(raw.shape, np.nan)
     out[finite] = raw[finite] / total if total > 0 else 0.0
     return out
+
+
+#: Path methods computed for every group in one pass (see :func:`_shared_path_totals`).
+SHARED_PATH = ("conductance", "internal_influence")
+
+
+def _shared_path_totals(name: str, forward: Callable[..., torch.Tensor],
+                        layers: Dict[int, nn.Module], x: torch.Tensor, y: torch.Tensor,
+                        n_steps: int, internal_batch_size: int) -> Dict[int, torch.Tensor]:
+    """Conductance or internal influence of every group at once: per-image |attribution| sums.
+
+    Both methods evaluate the network at points ``x' + alpha (x - x')`` of the *input* path and
+    need, at each point, the gradient of the target logit w.r.t. a layer's output (and, for
+    conductance, that output). One backward pass gives those gradients for every group's output
+    at once, so this costs ``n_steps + 1`` (conductance) or ``n_steps`` (influence) passes per
+    image for all groups together, where captum's ``LayerConductance`` / ``InternalInfluence``
+    take that many per group. The arithmetic is theirs (the tests check it against them):
+
+    * conductance: ``sum_k g(a_k) * (h(a_{k+1}) - h(a_k))`` over the ``n_steps + 1``
+      Gauss-Legendre points ``a_k``;
+    * internal influence: ``sum_k w_k * g(a_k)`` over ``n_steps`` points with weights ``w_k``.
+
+    Memory: at most ``internal_batch_size`` points (images x steps) per forward. When a whole
+    path fits, ``internal_batch_size // points`` images go together; otherwise one image's path
+    is split into chunks, which for conductance share one point (the difference needs both
+    ends), as captum's ``_batch_attribution`` does.
+    """
+    from captum.attr._utils.approximation_methods import approximation_parameters
+
+    step_sizes_func, alphas_func = approximation_parameters("gausslegendre")
+    conductance = name == "conductance"
+    alphas = alphas_func(n_steps + 1) if conductance else alphas_func(n_steps)
+    weights = None if conductance else step_sizes_func(n_steps)
+    points = len(alphas)
+    ibs = max(internal_batch_size, 2 if conductance else 1)
+    per_forward = max(1, ibs // points)  # images whose whole path fits in one forward
+    chunk = min(points, ibs)              # points per forward (>= 2 for conductance)
+    idx = list(layers)
+    saved: Dict[int, List[torch.Tensor]] = {}  # each group's output tensors in this forward
+
+    def saver(i: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            saved[i] = _tensors(output)
+        return hook
+
+    out: Dict[int, List[torch.Tensor]] = {i: [] for i in idx}
+    handles = [layers[i].register_forward_hook(saver(i)) for i in idx]
+    try:
+        for start in range(0, int(x.shape[0]), per_forward):
+            xs, ys = x[start:start + per_forward], y[start:start + per_forward]
+            m = int(xs.shape[0])
+            totals: Dict[int, Optional[List[torch.Tensor]]] = {i: None for i in idx}
+            k = 0
+            while True:
+                stop = min(k + chunk, points)
+                a = torch.tensor(alphas[k:stop], dtype=xs.dtype, device=xs.device)
+                steps = len(a)
+                # step-major, as captum stacks them: [all images at a_k, all at a_k+1, ...];
+                # the baseline input is zeros, so a point is a * x
+                scaled = (a.view(-1, *([1] * xs.dim())) * xs.unsqueeze(0)).reshape(
+                    steps * m, *xs.shape[1:]).requires_grad_()
+                saved.clear()
+                logits = forward(scaled)
+                picked = logits.gather(1, ys.repeat(steps).view(-1, 1)).sum()
+                flat = [t for i in idx for t in saved[i]]
+                grads = iter(torch.autograd.grad(picked, flat, allow_unused=True))
+                for i in idx:
+                    parts = []
+                    for h in saved[i]:
+                        g = next(grads)
+                        g = (torch.zeros_like(h) if g is None else g).view(steps, m, *h.shape[1:])
+                        if conductance:
+                            h = h.detach().view(steps, m, *h.shape[1:])
+                            parts.append((g[:-1] * (h[1:] - h[:-1])).sum(0))
+                        else:
+                            w = torch.tensor(weights[k:stop], dtype=g.dtype, device=g.device)
+                            parts.append((g * w.view(-1, *([1] * (g.dim() - 1)))).sum(0))
+                    totals[i] = parts if totals[i] is None else [
+                        t + p for t, p in zip(totals[i], parts)]
+                saved.clear()
+                if stop >= points:
+                    break
+                # conductance: the next chunk starts at this one's last point
+                k = stop - 1 if conductance else stop
+            for i in idx:
+                out[i].append(_abs_sum(tuple(totals[i])) if totals[i] else
+                              torch.zeros(m, dtype=torch.float64))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {i: torch.cat(out[i]) for i in idx}
 
 
 def _layer_totals(name: str, forward: Callable[..., torch.Tensor], layers: Dict[int, nn.Module],
@@ -381,21 +493,14 @@ def _layer_totals(name: str, forward: Callable[..., torch.Tensor], layers: Dict[
     if name == "activation":
         attrs = ca.LayerActivation(forward, mods).attribute(x)
         return {i: _abs_sum(a) for i, a in zip(idx, attrs)}
-    out: Dict[int, torch.Tensor] = {}
-    for i, module in layers.items():
-        if name == "conductance":
-            a = ca.LayerConductance(forward, module).attribute(
-                x, target=y, n_steps=n_steps, internal_batch_size=max(internal_batch_size, 2 * b))
-        elif name == "integrated_gradients":
-            a = ca.LayerIntegratedGradients(forward, module).attribute(
-                x, target=y, n_steps=n_steps, internal_batch_size=max(internal_batch_size, b))
-        elif name == "internal_influence":
-            a = ca.InternalInfluence(forward, module).attribute(
-                x, target=y, n_steps=n_steps, internal_batch_size=max(internal_batch_size, b))
-        else:  # pragma: no cover - the registry and this function list the same names
-            raise ConfigError(f"unknown layer baseline {name!r}")
-        out[i] = _abs_sum(a)
-    return out
+    if name in SHARED_PATH:
+        return _shared_path_totals(name, forward, layers, x, y, n_steps, internal_batch_size)
+    if name != "integrated_gradients":  # pragma: no cover - registry and code list the same
+        raise ConfigError(f"unknown layer baseline {name!r}")
+    # Layer IG interpolates *at* the layer, so every group needs passes of its own.
+    return {i: _abs_sum(ca.LayerIntegratedGradients(forward, module).attribute(
+        x, target=y, n_steps=n_steps, internal_batch_size=max(internal_batch_size, b)))
+        for i, module in layers.items()}
 
 
 def _auto_rgn(net: nn.Module, groups: Sequence[LayerGroup], batches: Iterable, device: str,
@@ -431,6 +536,37 @@ def _len(batches: Iterable) -> Optional[int]:
         return len(batches)  # type: ignore[arg-type]
     except TypeError:
         return None
+
+
+def prepare_layers(net: nn.Module, groups: Sequence[LayerGroup],
+                   x: torch.Tensor) -> Dict[int, nn.Module]:
+    """Make ``net`` (a copy, in eval mode) ready for the layer methods; its group modules.
+
+    Freezes the parameters (the layer methods take gradients w.r.t. layer outputs only),
+    refuses a group module that runs more than once per forward pass of ``x``, and wraps every
+    group module in a :class:`_CloneOutput` (in place, in ``net``).
+
+    Returns:
+        ``{group index: module}`` for the groups that have a layer (see :func:`_group_module`).
+
+    Raises:
+        BaselineError: a group module is called more than once per forward pass.
+    """
+    for p in net.parameters():
+        p.requires_grad_(False)  # gradients w.r.t. layer outputs only
+    modules = {j: m for j, m in ((j, _group_module(net, g)) for j, g in enumerate(groups))
+               if m is not None}
+    counts = _call_counts(net, modules, x)
+    reused = [f"{groups[j].name} ({type(modules[j]).__name__}, called {c} times)"
+              for j, c in counts.items() if c > 1]
+    if reused:
+        raise BaselineError(
+            "the layer baselines cannot attribute to a module that runs more than once per "
+            f"forward pass (captum records only its last call): {', '.join(reused)}. Use "
+            "another layer granularity, or run only the auto_rgn baseline")
+    layers = {j: m for j, m in modules.items() if counts[j] == 1}
+    _protect(net, layers, {j: groups[j].name for j in layers})
+    return layers
 
 
 def compute_baselines(model: nn.Module, batches: Iterable[Tuple[Any, torch.Tensor, torch.Tensor]],
@@ -496,20 +632,7 @@ def compute_baselines(model: nn.Module, batches: Iterable[Tuple[Any, torch.Tenso
              "n_steps": None, "baseline_input": None, "images": n}, raw)
     layer_names = [name for name in chosen if BASELINES[name].captum_class]
     if layer_names:
-        for p in net.parameters():
-            p.requires_grad_(False)  # gradients w.r.t. layer outputs only
-        modules = {j: m for j, m in ((j, _group_module(net, g)) for j, g in enumerate(groups))
-                   if m is not None}
-        counts = _call_counts(net, modules, first.to(device))
-        reused = [f"{groups[j].name} ({type(modules[j]).__name__}, called {c} times)"
-                  for j, c in counts.items() if c > 1]
-        if reused:
-            raise BaselineError(
-                "the layer baselines cannot attribute to a module that runs more than once per "
-                f"forward pass (captum records only its last call): {', '.join(reused)}. Use "
-                "another layer granularity, or run only the auto_rgn baseline")
-        layers = {j: m for j, m in modules.items() if counts[j] == 1}
-        _protect(net, layers, {j: groups[j].name for j in layers})
+        layers = prepare_layers(net, groups, first.to(device))
         for name in layer_names:
             counter = _Counter()
             forward = counter.wrap(net)
@@ -534,8 +657,10 @@ def compute_baselines(model: nn.Module, batches: Iterable[Tuple[Any, torch.Tenso
                 "layer": "output of the group's module",
                 "n_steps": n_steps if steps else None,
                 "baseline_input": "zeros (normalised input space)" if steps else None,
-                "internal_batch_size": (max(ibs, (2 if name == "conductance" else 1) * batch_size)
-                                        if steps else None),
+                "internal_batch_size": (None if not steps else max(ibs, batch_size)
+                                        if name == "integrated_gradients" else
+                                        max(ibs, 2 if name == "conductance" else 1)),
+                "groups_per_pass": "one" if name == "integrated_gradients" else "all",
                 "captum_class": spec.captum_class, "images": n,
                 "groups_without_layer": [groups[j].name for j in range(len(groups))
                                          if j not in layers]}

@@ -110,8 +110,12 @@ def test_every_baseline_on_the_digits_errors(digits):
     assert results["activation"].forward_images == n
     assert results["auto_rgn"].forward_images == results["auto_rgn"].backward_images == n
     g = len(groups)
-    assert results["internal_influence"].forward_images == g * 4 * n
-    assert results["internal_influence"].backward_images == g * 4 * n
+    # conductance and influence: every group from one pass per path point (the default
+    # internal batch, the cache's batch size, holds whole paths: no chunk overlaps)
+    assert results["conductance"].forward_images == (4 + 1) * n
+    assert results["conductance"].backward_images == (4 + 1) * n
+    assert results["internal_influence"].forward_images == 4 * n
+    assert results["internal_influence"].backward_images == 4 * n
     # layer IG also evaluates the layer at the inputs and at the baseline once
     assert results["integrated_gradients"].forward_images == g * (4 + 2) * n
     assert results["integrated_gradients"].settings["n_steps"] == 4
@@ -276,6 +280,43 @@ def test_resnet18_inplace_relu_and_reused_relu_match_the_out_of_place_model():
     with pytest.raises(RuntimeError, match="in-place"):
         ca.LayerIntegratedGradients(model, model.bn1).attribute(x, target=y, n_steps=2)
     assert np.isfinite(ours["integrated_gradients"].scores[1])
+
+
+@pytest.mark.parametrize("internal_batch_size,points_per_image", [
+    (None, 9),           # default (3 images): 7 points in chunks of 3 sharing one: 0-2, 2-4, 4-6
+    (2, 12),             # the smallest conductance chunk: 6 chunks of 2 points
+    (5, 8),              # chunks of 5 and 3 points
+    (21, 7),             # every whole path in one forward: 3 images x 7 points
+])
+def test_shared_pass_conductance_and_influence_equal_captum_one_layer_at_a_time(
+        internal_batch_size, points_per_image):
+    """All groups in one pass per point gives captum's per-layer numbers, chunked or not."""
+    import captum.attr as ca
+
+    torch.manual_seed(0)
+    model = build_model("resnet18-cifar", 10).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    reference = _safe_resnet(model)
+    x = torch.randn(3, 3, 32, 32)
+    y = torch.tensor([0, 3, 9])
+    groups = layer_groups(model)
+    ours = compute_baselines(model, [([0, 1, 2], x, y)], groups,
+                             "conductance,internal_influence", n_steps=6,
+                             internal_batch_size=internal_batch_size)
+    for name, cls in (("conductance", ca.LayerConductance),
+                      ("internal_influence", ca.InternalInfluence)):
+        expected = [float(cls(reference, reference.get_submodule(g.name)).attribute(
+            x, target=y, n_steps=6).detach().abs().flatten(1).sum(1).double().mean())
+            for g in groups]
+        assert np.allclose(ours[name].raw, expected, rtol=1e-5, atol=0), name
+    # cost: every group together; conductance's chunks share a point, influence's do not
+    assert ours["conductance"].forward_images == 3 * points_per_image
+    assert ours["conductance"].backward_images == 3 * points_per_image
+    assert ours["internal_influence"].forward_images == 3 * 6
 
 
 def test_mobilenet_v3_inplace_activations_match_the_out_of_place_model():

@@ -8,6 +8,7 @@ import torch
 from bench import train_bench as tb
 from bench.__main__ import main as bench_main
 from model_audit.checkpoint import load_checkpoint
+from model_audit.layers import layer_groups
 from model_audit.schedules import beta_momentum, hybrid_momentum
 
 try:
@@ -167,11 +168,23 @@ def test_tiny_training_run_end_to_end(tmp_path, cifar_archive):
     assert bench_main(["baselines", "--checkpoint", str(ckpt), "--device", "cpu",
                        "--probe-size", "20", "--path-probe-size", "20", "--path-baselines",
                        "conductance", "--steps", "2", "--train-per-class", "2",
+                       "--captum-reference", "3",
                        "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
     section = out.read_text().split("own metric vs Captum baselines, tiny-resnet, cpu")[1]
     assert section.count("### probe of 20 images") == 1
     assert "| conductance |" in section and "| grad_x_activation |" in section
     assert "integrated_gradients" not in section and "internal_influence" not in section
+    # the captum reference: per-layer LayerConductance gives the shared pass's values, at
+    # groups x the passes (3 points per image each: n_steps + 1)
+    assert "### captum's LayerConductance one layer at a time vs the shared pass, on 3 of" \
+        in section
+    diff = float(section.split("per-image group values: ")[1].split(".\n")[0])
+    assert diff < 1e-4
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in section.splitlines()
+            if line.startswith("| captum, one layer") or line.startswith("| tool, all groups")}
+    groups = len(layer_groups(load_checkpoint(ckpt).model))
+    assert rows["| captum, one layer at a time"][3].strip(" |") == str(3 * groups)
+    assert rows["| tool, all groups per pass"][3].strip(" |") == "3"
 
 
 def test_baselines_bench_refuses_an_unknown_baseline_before_any_work(tmp_path, capsys):
