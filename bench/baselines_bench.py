@@ -2,10 +2,10 @@
 
 On the briefly trained CIFAR ResNet-18 (CIFAR stem) that ``python -m bench scan`` trains and
 caches, one run scans a ``--probe-size`` CIFAR-10 test probe with the own metric and the cheap
-baselines, and a smaller ``--path-probe-size`` probe with every baseline (the path methods,
-conductance, integrated gradients and internal influence at n_steps=50, cost about
-groups x 51 forward+backward passes per misclassified image: hours on a 2-core CPU for 1,000
-images). Every cost ratio is measured inside one scan, where the own metric and the baseline
+baselines, and a smaller ``--path-probe-size`` probe with every baseline (the path methods at
+n_steps=50 cost 51 (conductance) and 50 (internal influence) forward+backward passes per
+misclassified image for all groups together, layer integrated gradients 52 per group: most
+of an hour on a 2-core CPU for a ResNet-18's errors in 1,000 images). Every cost ratio is measured inside one scan, where the own metric and the baseline
 see the same misclassified images, so it does not depend on the probe size; the rank agreement
 (Spearman, Kendall, top-k overlap with the flagged set) is reported for both probes.
 ``--path-baselines`` chooses the baselines of the path probe (all by default); when both probes
@@ -143,8 +143,9 @@ def captum_reference(checkpoint: Path, probe_dir: Path, n_images: int, n_steps: 
         for j, module in layers.items():
             cond = ca.LayerConductance(forward, module)
             for start in range(0, len(errors), per_forward):
-                a = cond.attribute(x[start:start + per_forward], target=y[start:start + per_forward],
-                                   n_steps=n_steps, internal_batch_size=ibs)
+                part = slice(start, start + per_forward)
+                a = cond.attribute(x[part], target=y[part], n_steps=n_steps,
+                                   internal_batch_size=ibs)
                 per_layer[j].append(_abs_sum(a))
     captum_s = time.perf_counter() - t0
     diffs = [float((torch.cat(per_layer[j]) - shared[j]).abs().max()
@@ -178,8 +179,9 @@ def _reference_lines(reference: Dict[str, Any], results: List[Dict[str, Any]]) -
         if own and errors:
             own_pi = own["seconds"] / errors
             lines.append(f"On the {r['size']}-image probe the own metric took {own_pi:.3f} s per "
-                         f"error: captum's per-layer conductance costs **{captum_pi / own_pi:.1f}x** "
-                         f"that per image (the shared pass {shared_pi / own_pi:.1f}x).")
+                         "error: captum's per-layer conductance costs "
+                         f"**{captum_pi / own_pi:.1f}x** that per image (the shared pass "
+                         f"{shared_pi / own_pi:.1f}x).")
     return lines + [""]
 
 

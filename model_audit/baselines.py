@@ -455,9 +455,10 @@ def _shared_path_totals(name: str, forward: Callable[..., torch.Tensor],
                     parts = []
                     for h in saved[i]:
                         g = next(grads)
-                        g = (torch.zeros_like(h) if g is None else g).view(steps, m, *h.shape[1:])
+                        g = torch.zeros_like(h) if g is None else g
+                        g = g.reshape(steps, m, *h.shape[1:])
                         if conductance:
-                            h = h.detach().view(steps, m, *h.shape[1:])
+                            h = h.detach().reshape(steps, m, *h.shape[1:])
                             parts.append((g[:-1] * (h[1:] - h[:-1])).sum(0))
                         else:
                             w = torch.tensor(weights[k:stop], dtype=g.dtype, device=g.device)
