@@ -254,10 +254,11 @@ def _check_equivalent(model, reference, x, y, n_steps):
     return groups, ours
 
 
-def test_resnet18_inplace_relu_and_reused_relu_match_the_out_of_place_model():
+def _trained_looking_resnet18():
+    """A seeded CIFAR ResNet-18 whose BatchNorms have non-trivial statistics and affine
+    parameters (so every group matters), and its out-of-place twin."""
     torch.manual_seed(0)
     model = build_model("resnet18-cifar", 10).eval()
-    # a trained-looking BatchNorm (non-trivial statistics) so every group matters
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -265,7 +266,11 @@ def test_resnet18_inplace_relu_and_reused_relu_match_the_out_of_place_model():
                 m.running_var.uniform_(0.5, 1.5)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.1)
-    reference = _safe_resnet(model)
+    return model, _safe_resnet(model)
+
+
+def test_resnet18_inplace_relu_and_reused_relu_match_the_out_of_place_model():
+    model, reference = _trained_looking_resnet18()
     x = torch.randn(4, 3, 32, 32)
     y = torch.tensor([0, 3, 5, 9])
     with torch.no_grad():
@@ -293,14 +298,7 @@ def test_shared_pass_conductance_and_influence_equal_captum_one_layer_at_a_time(
     """All groups in one pass per point gives captum's per-layer numbers, chunked or not."""
     import captum.attr as ca
 
-    torch.manual_seed(0)
-    model = build_model("resnet18-cifar", 10).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    reference = _safe_resnet(model)
+    model, reference = _trained_looking_resnet18()
     x = torch.randn(3, 3, 32, 32)
     y = torch.tensor([0, 3, 9])
     groups = layer_groups(model)
