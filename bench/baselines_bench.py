@@ -5,9 +5,10 @@ caches, one run scans a ``--probe-size`` CIFAR-10 test probe with the own metric
 baselines, and a smaller ``--path-probe-size`` probe with every baseline (the path methods at
 n_steps=50 cost 51 (conductance) and 50 (internal influence) forward+backward passes per
 misclassified image for all groups together, layer integrated gradients 52 per group: most
-of an hour on a 2-core CPU for a ResNet-18's errors in 1,000 images). Every cost ratio is measured inside one scan, where the own metric and the baseline
-see the same misclassified images, so it does not depend on the probe size; the rank agreement
-(Spearman, Kendall, top-k overlap with the flagged set) is reported for both probes.
+of an hour on a 2-core CPU for a ResNet-18's errors in 1,000 images). Every cost ratio is
+measured inside one scan, where the own metric and the baseline see the same misclassified
+images, so it does not depend on the probe size; the rank agreement (Spearman, Kendall, top-k
+overlap with the flagged set) is reported for both probes.
 ``--path-baselines`` chooses the baselines of the path probe (all by default); when both probes
 have the same size, one scan runs the cheap baselines and those together.
 
