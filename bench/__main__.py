@@ -17,6 +17,7 @@ BENCHMARKS = {
     "fix": "surgical repair of the flagged groups against all/random/Auto-RGN controls",
     "cuda": "scan, baselines and fix on the CPU and on CUDA: do they agree?",
     "train": "epochs to 90%/95% test accuracy: sgd, nesterov, beta, hybrid, adam",
+    "localize": "ground truth: is a planted defect or a shift's best group ranked first?",
 }
 
 

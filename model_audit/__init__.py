@@ -8,6 +8,7 @@ Public API (one call per pipeline stage, each returning a frozen result with ``t
     compare(result_a, result_b).jaccard
     fix("model.safetensors", "train/", "probe/", "fixed.safetensors").to_dict()["net"]
     check_gate("model.safetensors", "probe/", load_policy("policy.toml")).exit_code
+    sanity("model.safetensors", "probe/", SanityConfig(defects=("noise",))).summary
 """
 __version__ = "0.1.0"
 
@@ -24,6 +25,8 @@ from .compare import CompareConfig, CompareResult, compare, write_compare  # noq
 from .fix import FixConfig, FixResult, fix, write_fix  # noqa: E402
 from .gate import GateResult, Policy, check_gate, load_policy, write_gate  # noqa: E402
 from .report import render_directory  # noqa: E402
+from .plant import PlantResult, calibrate  # noqa: E402
+from .sanity import SanityConfig, SanityResult, sanity, write_sanity  # noqa: E402
 from .schedules import (  # noqa: E402
     MomentumScheduler, beta_momentum, damping_ratio, damping_regime, hybrid_momentum)
 
@@ -31,7 +34,8 @@ __all__ = [
     "__version__", "ArchitectureError", "AuditError", "AuditOptions", "CheckpointError",
     "CompareConfig", "CompareResult", "FixConfig", "FixResult", "GateResult", "Policy",
     "check_gate", "compare", "fix", "load_policy", "render_directory", "write_compare",
-    "write_fix", "write_gate",
+    "write_fix", "write_gate", "PlantResult", "calibrate", "SanityConfig", "SanityResult",
+    "sanity", "write_sanity",
     "ConfigError", "LayerGroup", "LayerScore", "LoadedCheckpoint", "MomentumScheduler",
     "OutputError", "ProbeError", "ProbeSet", "ReplayConfig", "ReplayError", "ScanConfig",
     "ScanResult", "available_architectures", "beta_momentum", "build_model", "damping_ratio",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import click
 
@@ -18,9 +18,10 @@ from .layers import GRANULARITIES
 from .options import DEVICES, AuditOptions
 from .fix import BATCHNORM_MODES
 from .replay import ReplayConfig
+from .scan import METRICS, ScanConfig
 from .schedules import SCHEDULES
 
-COMMANDS_WITH_MODEL = ("scan", "compare", "gate", "fix")
+COMMANDS_WITH_MODEL = ("scan", "compare", "gate", "fix", "sanity")
 
 
 def _fail(message: str, exit_code: int = 2) -> click.ClickException:
@@ -40,12 +41,14 @@ class AuditGroup(click.Group):
     """
 
     #: Parameters naming what a command writes; every other path parameter is an input.
-    OUTPUT_PARAMS = ("out", "junit", "summary", "output")
+    OUTPUT_PARAMS = ("out", "junit", "summary", "output", "keep_damaged")
     #: Files the commands write inside their ``--out`` directory.
-    OUT_FILES = ("audit.json", "report.html", "gate.json", "compare.json", "fix.json")
+    OUT_FILES = ("audit.json", "report.html", "gate.json", "compare.json", "fix.json",
+                 "sanity.json")
     #: The commands' default ``--out`` under ``reports/`` (from their input names' stems).
     DEFAULT_OUT = {"scan": "{checkpoint}", "gate": "gate-{checkpoint}",
-                   "compare": "compare-{a}-vs-{b}", "fix": "fix-{checkpoint}"}
+                   "compare": "compare-{a}-vs-{b}", "fix": "fix-{checkpoint}",
+                   "sanity": "sanity-{checkpoint}"}
 
     class Command(click.Command):
         """A command that refuses outputs that are its inputs before it runs."""
@@ -234,9 +237,15 @@ def _format_baselines(data: dict) -> str:
 @click.option("--baseline-steps", type=int, default=50, show_default=True,
               help="n_steps of the path baselines (conductance, integrated gradients, "
                    "internal influence).")
+@click.option("--metric", type=click.Choice(list(METRICS)), default=ScanConfig.metric,
+              show_default=True,
+              help="The own metric: replay_reduction (loss removed from the errors by each "
+                   "group's replay step) or net_reduction (loss removed from the errors and "
+                   "from correct images, each group's step scaled at its best); see the "
+                   "README's method section.")
 def scan(checkpoint: Path, out: Optional[Path], bootstrap: int, replay_steps: int,
          replay_lr: float, replay_schedule: str, baselines: str, baseline_steps: int,
-         **kw: Any) -> None:
+         metric: str, **kw: Any) -> None:
     """Scan CHECKPOINT: attribute its errors on the probe set to layer groups.
 
     Prints a table (group, parameter share, score, flag frequency, flagged) and writes
@@ -250,7 +259,7 @@ def scan(checkpoint: Path, out: Optional[Path], bootstrap: int, replay_steps: in
                         replay=ReplayConfig(steps=replay_steps, lr=replay_lr,
                                             schedule=replay_schedule),
                         bootstrap=bootstrap, baselines=resolve_baselines(baselines),
-                        baseline_steps=baseline_steps)
+                        baseline_steps=baseline_steps, metric=metric)
     config.validate()
     out = out if out is not None else Path("reports") / checkpoint.stem
     result = run_scan(checkpoint, probe, config, progress=_progress(kw["quiet"]))
@@ -333,9 +342,12 @@ def compare(a: Path, b: Path, out: Optional[Path], allow_partial: bool, resample
 @click.option("--init", "init", is_flag=True, default=False,
               help="Write a commented example policy to --policy (default "
                    "model-audit-policy.toml) and exit.")
+@click.option("--sanity", "sanity_file", type=click.Path(path_type=Path), default=None,
+              help="A sanity.json of this checkpoint (`model-audit sanity`), for the policy's "
+                   "min_sanity_top1; without it the gate runs the check.")
 def gate(checkpoint: Optional[Path], policy: Optional[Path], baseline: Optional[Path],
          out: Optional[Path], junit: Optional[Path], summary: Optional[Path], init: bool,
-         **kw: Any) -> None:
+         sanity_file: Optional[Path], **kw: Any) -> None:
     """Release gate: check CHECKPOINT against a policy; the exit code is the verdict.
 
     Exit codes: 0 all checks passed; 1 a check failed; 2 bad input or internal error;
@@ -362,9 +374,10 @@ def gate(checkpoint: Optional[Path], policy: Optional[Path], baseline: Optional[
     try:
         result = check_gate(checkpoint, probe, rules, baseline=baseline,
                             scan_config=ScanConfig(options=_audit_options(kw)),
-                            progress=_progress(kw["quiet"]))
+                            progress=_progress(kw["quiet"]), sanity=sanity_file)
         write_gate(result, out, junit=junit, summary=summary,
-                   inputs=tuple(p for p in (checkpoint, probe, policy, baseline) if p))
+                   inputs=tuple(p for p in (checkpoint, probe, policy, baseline, sanity_file)
+                                if p))
     except AuditError:
         raise
     except Exception as exc:  # an internal error must not look like a pass or a failed check
@@ -457,6 +470,79 @@ def fix(checkpoint: Path, train: Path, output: Path, layers: str, audit: Optiona
     click.echo(format_fix(data))
     if not kw["quiet"]:
         click.echo(f"wrote {output}, {paths['fix']} and {paths['report']}")
+
+
+def _sanity_methods(text: str) -> Tuple[str, ...]:
+    """``--methods``: ``own`` (always included) and baseline names or keywords."""
+    from .baselines import resolve_baselines
+
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        return resolve_baselines([t for t in items if t.lower() != "own"])
+    except AuditError as exc:
+        raise _fail(f"{exc} (and own, the tool's metric, always included)") from None
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@model_options
+@click.option("--defects", default="noise,reinit", show_default=True,
+              help="Defects to plant: all, or noise, reinit, labelswap, bnstats separated by "
+                   "commas.")
+@click.option("--drop", type=float, default=0.10, show_default=True,
+              help="Accuracy drop every planted defect is calibrated to cost (0..1).")
+@click.option("--tolerance", type=float, default=0.01, show_default=True,
+              help="Accepted distance of the drop from the target.")
+@click.option("--groups", "groups", default="auto", show_default=True,
+              help="Groups to plant in: auto (every group, or an even spread of 8 in a model "
+                   "with more) or names separated by commas.")
+@click.option("--methods", default="own,default", show_default=True,
+              help="Methods to score: own (the tool's metric, always included) and baselines "
+                   "(default, all, or names such as auto_rgn, grad_x_activation).")
+@click.option("--metric", type=click.Choice(list(METRICS)), default=ScanConfig.metric,
+              show_default=True, help="The own metric's formulation (as in scan).")
+@click.option("--repeats", type=int, default=1, show_default=True,
+              help="Seeds per group and defect (the spread of the hit rates).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output directory for sanity.json and report.html "
+                   "[default: reports/sanity-<checkpoint name>].")
+@click.option("--keep-damaged", "keep_damaged", type=click.Path(path_type=Path), default=None,
+              help="Also save every damaged copy here (.safetensors); by default they exist "
+                   "only in memory.")
+def sanity(checkpoint: Path, defects: str, drop: float, tolerance: float, groups: str,
+           methods: str, metric: str, repeats: int, out: Optional[Path],
+           keep_damaged: Optional[Path], **kw: Any) -> None:
+    """Plant a known fault in each layer group of CHECKPOINT: does the scan find it?
+
+    For each group and defect: damage a copy of the model in that group only, calibrated to
+    cost --drop accuracy on the probe; scan the copy; record the planted group's rank under
+    each method. Prints per method top-1 and MRR beside chance, and writes OUT/sanity.json and
+    OUT/report.html. The checkpoint is never written.
+    """
+    from .sanity import SanityConfig, format_sanity, run_sanity_cli, write_sanity
+
+    probe = _need_probe(kw["probe"])
+    if not 0 < drop < 1:
+        raise _fail(f"--drop must be in (0, 1), got {drop}")
+    if repeats < 1:
+        raise _fail(f"--repeats must be >= 1, got {repeats}")
+    from .plant import resolve_defects
+
+    config = SanityConfig(
+        defects=resolve_defects(defects), drop=drop, tolerance=tolerance, repeats=repeats,
+        groups=None if groups.strip().lower() == "auto"
+        else tuple(g.strip() for g in groups.split(",") if g.strip()),
+        scan=ScanConfig(options=_audit_options(kw), baselines=_sanity_methods(methods),
+                        metric=metric))
+    out = out if out is not None else Path("reports") / f"sanity-{checkpoint.stem}"
+    result = run_sanity_cli(checkpoint, probe, config, keep_damaged=keep_damaged,
+                            progress=_progress(kw["quiet"]),
+                            say=None if kw["quiet"] else (lambda m: click.echo(m, err=True)))
+    paths = write_sanity(result, out, inputs=(checkpoint, probe))
+    data = result.to_dict()
+    click.echo(format_sanity(data))
+    if not kw["quiet"]:
+        click.echo(f"wrote {paths['sanity']} and {paths['report']} ({result.seconds:.1f} s)")
 
 
 @cli.command()

@@ -17,6 +17,7 @@ The policy is TOML; every key is optional and an absent key means "no such check
     min_overlap = 0.5              # Jaccard of the flagged sets with the baseline
     min_rank_correlation = 0.7     # Spearman of the per-group scores with the baseline
     max_scan_seconds = 600
+    min_sanity_top1 = 0.5          # `model-audit sanity`: the scan finds planted faults
 
 ``check_gate`` never exits or prints: it returns a :class:`GateResult`.
 """
@@ -54,6 +55,8 @@ POLICY_KEYS: Dict[str, Tuple[Tuple[type, ...], str]] = {
     "min_overlap": ((int, float), "minimum Jaccard overlap of flagged sets with the baseline"),
     "min_rank_correlation": ((int, float), "minimum Spearman correlation with the baseline"),
     "max_scan_seconds": ((int, float), "maximum scan wall time in seconds"),
+    "min_sanity_top1": ((int, float), "minimum top-1 of the own metric on planted faults "
+                                      "(model-audit sanity, 0..1)"),
 }
 
 EXAMPLE_POLICY = '''# model-audit gate policy. Every key is optional: leave one out to skip that check.
@@ -75,6 +78,11 @@ max_flagged = 3
 # min_rank_correlation = 0.7
 # Wall time of the scan, in seconds.
 max_scan_seconds = 900
+# Can the scan localise faults in this model at all? `model-audit sanity` plants a fault in
+# each layer group; the own metric must rank the planted group first this often (0..1).
+# With --sanity SANITY.json the gate reads a saved check, else it runs one (noise and
+# reinit in every group: one scan per case, so it costs many scans).
+# min_sanity_top1 = 0.5
 '''
 
 
@@ -91,6 +99,7 @@ class Policy:
     min_overlap: Optional[float] = None
     min_rank_correlation: Optional[float] = None
     max_scan_seconds: Optional[float] = None
+    min_sanity_top1: Optional[float] = None
     source: str = ""
 
     @property
@@ -134,7 +143,7 @@ def load_policy(path: Union[str, os.PathLike]) -> Policy:
     if not formats or not all(isinstance(f, str) and f in FORMATS for f in formats):
         raise ConfigError(f"{path}: formats must be a non-empty list of {', '.join(FORMATS)}; "
                           f"got {formats!r}")
-    for key in ("min_accuracy", "min_class_accuracy", "min_overlap"):
+    for key in ("min_accuracy", "min_class_accuracy", "min_overlap", "min_sanity_top1"):
         if key in values and not 0.0 <= float(values[key]) <= 1.0:
             raise ConfigError(f"{path}: {key} must be between 0 and 1, got {values[key]!r}")
     if "min_rank_correlation" in values and not -1.0 <= float(values["min_rank_correlation"]) <= 1.0:
@@ -204,12 +213,14 @@ def _format_of(path: Path) -> str:
 
 def check_gate(checkpoint: Union[str, os.PathLike], probe: Union[str, os.PathLike],
                policy: Policy, *, baseline: Optional[Union[str, os.PathLike]] = None,
-               scan_config: Any = None, progress: bool = False) -> GateResult:
+               scan_config: Any = None, progress: bool = False,
+               sanity: Optional[Union[str, os.PathLike]] = None) -> GateResult:
     """Run the policy's checks on a checkpoint and its scan.
 
     Bad input (probe, options, baseline file) raises :class:`AuditError` (exit 2); an empty
     probe or a checkpoint without tensors gives exit code 3 (nothing audited); problems of the
     checkpoint itself are failed checks (exit 1), since refusing such a model is the gate's job.
+    ``min_sanity_top1`` reads ``sanity`` (a ``sanity.json``) when given, else runs the check.
     """
     from .checkpoint import read_tensors
     from .compare import CompareConfig, compare, load_audit
@@ -219,6 +230,11 @@ def check_gate(checkpoint: Union[str, os.PathLike], probe: Union[str, os.PathLik
     path = Path(checkpoint)
     config = scan_config or ScanConfig()
     base = load_audit(baseline) if baseline is not None else None
+    saved_sanity = None
+    if sanity is not None:
+        from .sanity import load_sanity
+
+        saved_sanity = load_sanity(sanity)
     checks: List[Check] = []
 
     def done(exit_code: int, audit: Optional[Dict[str, Any]] = None,
@@ -274,6 +290,13 @@ def check_gate(checkpoint: Union[str, os.PathLike], probe: Union[str, os.PathLik
         return done(EXIT_FAIL)
     audit = result.to_dict()
     _result_checks(checks, policy, audit)
+    if policy.min_sanity_top1 is not None:
+        if saved_sanity is None:
+            from .sanity import SanityConfig
+            from .sanity import sanity as run_sanity
+
+            saved_sanity = run_sanity(path, probe, SanityConfig(scan=config)).to_dict()
+        _sanity_check(checks, policy, saved_sanity)
     comparison = None
     if policy.needs_baseline:
         if base is None:
@@ -293,7 +316,8 @@ def check_gate(checkpoint: Union[str, os.PathLike], probe: Union[str, os.PathLik
 def _configured_checks(policy: Policy) -> List[str]:
     names = ["loads_safely", "finite_tensors"]
     names += [n for n in ("min_accuracy", "min_class_accuracy", "max_flagged", "no_new_flags",
-                          "min_overlap", "min_rank_correlation", "max_scan_seconds")
+                          "min_overlap", "min_rank_correlation", "max_scan_seconds",
+                          "min_sanity_top1")
               if _limit(policy, n) is not None]
     return names
 
@@ -329,6 +353,18 @@ def _result_checks(checks: List[Check], policy: Policy, audit: Dict[str, Any]) -
         ok = t <= policy.max_scan_seconds
         checks.append(Check("max_scan_seconds", ok, t, policy.max_scan_seconds,
                             f"scan took {t:.1f} s"))
+
+
+def _sanity_check(checks: List[Check], policy: Policy, data: Dict[str, Any]) -> None:
+    metric = data.get("metric", "replay_reduction")
+    own = data["methods"][metric]
+    top1, n = own.get("top1"), own.get("n", 0)
+    chance = data.get("chance", {}).get("top1")
+    ok = top1 is not None and top1 >= policy.min_sanity_top1
+    detail = (f"the scan ranked the planted group first in {100 * top1:.0f}% of {n} planted "
+              f"faults (chance {100 * chance:.0f}%)" if top1 is not None and chance is not None
+              else "no planted fault reached its accuracy drop: nothing to score")
+    checks.append(Check("min_sanity_top1", ok, top1, policy.min_sanity_top1, detail))
 
 
 def _baseline_checks(checks: List[Check], policy: Policy, cmp: Dict[str, Any]) -> None:

@@ -92,3 +92,26 @@ def load_inputs(checkpoint: "os.PathLike[str] | str", probe: "os.PathLike[str] |
     if ignored:
         warnings.append(f"{len(ignored)} non-image file(s) in the probe were ignored, e.g. {ignored[0]}")
     return ckpt, probe_set, warnings
+
+
+def resolve_inputs(checkpoint: Any, probe: Any, options: AuditOptions
+                   ) -> Tuple[LoadedCheckpoint, ProbeSet, List[str]]:
+    """Like :func:`load_inputs`, also for a checkpoint that is already loaded.
+
+    ``checkpoint`` is a path or a :class:`LoadedCheckpoint`; with a loaded one, ``probe`` may
+    be a :class:`ProbeSet` or a path (opened with ``options`` and the checkpoint's metadata).
+
+    Raises:
+        ConfigError: a loaded probe with a checkpoint given as a path.
+    """
+    if isinstance(checkpoint, LoadedCheckpoint):
+        if isinstance(probe, ProbeSet):
+            return checkpoint, probe, []
+        return checkpoint, open_probe(
+            probe, channels=checkpoint.in_channels,
+            normalize=options.normalize or checkpoint.normalize or "none",
+            resize=options.resize, limit=options.limit, seed=options.seed,
+            model_classes=checkpoint.classes, num_classes=checkpoint.num_classes), []
+    if isinstance(probe, ProbeSet):
+        raise ConfigError("give the probe as a path when the checkpoint is a path")
+    return load_inputs(checkpoint, probe, options)

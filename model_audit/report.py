@@ -225,7 +225,10 @@ def render_directory(directory: Union[str, os.PathLike]) -> Path:
         raise ConfigError(f"{directory} is not a directory of model-audit results")
     gate, compare, audit = (directory / n for n in ("gate.json", "compare.json", "audit.json"))
     fix_json = directory / "fix.json"
-    if fix_json.is_file():
+    sanity_json = directory / "sanity.json"
+    if sanity_json.is_file():
+        html = render_sanity_report(_read_json(sanity_json))
+    elif fix_json.is_file():
         fix_data = _read_json(fix_json)
         html = render_fix_report(fix_data, reopen_probe({
             "probe": fix_data["probe"], "model": fix_data["model"],
@@ -240,8 +243,9 @@ def render_directory(directory: Union[str, os.PathLike]) -> Path:
         audit_data = _read_json(audit)
         html = render_scan_report(audit_data, reopen_probe(audit_data))
     else:
-        raise ConfigError(f"{directory} holds no fix.json, gate.json, compare.json or audit.json; "
-                          "give the --out directory of a scan, compare, fix or gate run")
+        raise ConfigError(f"{directory} holds no sanity.json, fix.json, gate.json, compare.json "
+                          "or audit.json; give the --out directory of a scan, compare, fix, "
+                          "gate or sanity run")
     target = directory / "report.html"
     atomic_write_bytes(target, html.encode("utf-8"))
     return target
@@ -290,3 +294,23 @@ def render_fix_report(data: Dict[str, Any], probe: Optional[ProbeSet] = None) ->
     return _env().get_template("fix.html").render(
         fix=data, thumbs=thumbs, cname=cname, max_thumbs=MAX_THUMBNAILS,
         controls_svg=controls_chart(data))
+
+
+def sanity_matrix(data: Dict[str, Any], method: str) -> Dict[str, Any]:
+    """Planted group -> how often each group was ranked first by ``method`` (reached cases)."""
+    groups = list(data["groups"])
+    counts = {g: {h: 0 for h in groups} for g in data["planted_groups"]}
+    totals = {g: 0 for g in data["planted_groups"]}
+    for case in data["cases"]:
+        if case["reached"] and method in case["top_group"]:
+            counts[case["group"]][case["top_group"][method]] += 1
+            totals[case["group"]] += 1
+    return {"groups": groups, "rows": [(g, [counts[g][h] for h in groups], totals[g])
+                                       for g in data["planted_groups"]]}
+
+
+def render_sanity_report(data: Dict[str, Any]) -> str:
+    """The HTML report of ``model-audit sanity``: hit rates against chance, a planted ->
+    top-ranked matrix per method, and every case."""
+    matrices = {m: sanity_matrix(data, m) for m in data["methods_order"]}
+    return _env().get_template("sanity.html").render(data=data, matrices=matrices)

@@ -21,13 +21,14 @@ import numpy as np
 import torch
 
 from . import __version__
-from .attribution import METRIC_NAME, Attribution, GroupReductions, attribute, group_reductions
+from .attribution import (METRIC_NAME, NET_METRIC_NAME, Attribution, GroupReductions, attribute,
+                          group_net_reductions, group_reductions, net_positions)
 from .baselines import DEFAULT_BASELINES, Agreement, BaselineResult, resolve_baselines
 from .checkpoint import LoadedCheckpoint, atomic_write_files, same_file
 from .errors import ConfigError, OutputError, ReplayError
 from .evaluate import EvaluationResult, evaluate
 from .layers import LayerGroup, layer_groups
-from .options import AuditOptions, load_inputs, resolve_device, seed_everything
+from .options import AuditOptions, resolve_device, resolve_inputs, seed_everything
 from .probe import BatchCache, ProbeSet
 from .replay import ReplayConfig, ReplayResult, replay
 
@@ -35,7 +36,13 @@ SCHEMA_VERSION = 1
 
 METRIC_DOC = ("score = share of the misclassified images' cross-entropy removed when the group "
               "alone takes its beta-scheduled replay displacement")
-FLAG_RULE_DOC = "flagged when score > max(parameter share, 1 / number of groups)"
+NET_METRIC_DOC = ("score = share of the loss of the misclassified images and twice as many "
+                  "correctly classified ones removed when the group alone takes its "
+                  "beta-scheduled replay displacement, scaled by the best of 1, 4, 16, 64")
+#: The own metric's formulations (``--metric``); see the README's method section.
+METRICS = {METRIC_NAME: METRIC_DOC, NET_METRIC_NAME: NET_METRIC_DOC}
+FLAG_RULE_DOC = ("flagged when score > max(parameter share, 1 / number of groups), or when "
+                 "the group has the highest score (above 0)")
 
 
 @dataclass(frozen=True)
@@ -47,10 +54,13 @@ class ScanConfig:
     bootstrap: int = 200        # bootstrap resamples for the flag frequency (0: off)
     baselines: Tuple[str, ...] = DEFAULT_BASELINES   # Captum/Auto-RGN baselines beside the metric
     baseline_steps: int = 50    # n_steps of the path methods (conductance, IG, influence)
+    metric: str = METRIC_NAME   # the own metric's formulation: replay_reduction | net_reduction
 
     def validate(self) -> None:
         self.options.validate()
         self.replay.validate()
+        if self.metric not in METRICS:
+            raise ConfigError(f"unknown metric {self.metric!r}; valid: {', '.join(METRICS)}")
         if self.bootstrap < 0:
             raise ConfigError(f"bootstrap resamples must be >= 0, got {self.bootstrap}")
         resolve_baselines(list(self.baselines))
@@ -96,6 +106,7 @@ class ScanResult:
     reductions: Optional[GroupReductions] = None
     baselines: Dict[str, BaselineResult] = field(default_factory=dict)
     agreement: Dict[str, Agreement] = field(default_factory=dict)
+    metric_positions: Optional[Tuple[int, ...]] = None   # rows of ``reductions`` (net metric)
 
     @property
     def flagged(self) -> Tuple[str, ...]:
@@ -126,7 +137,8 @@ class ScanResult:
             "tool": {"name": "model-audit", "version": __version__},
             "model": model,
             "probe": {**self.probe.describe(), **ev.to_dict()},
-            "metric": {"name": METRIC_NAME, "definition": METRIC_DOC, "flag_rule": FLAG_RULE_DOC},
+            "metric": {"name": self.config.metric, "definition": METRICS[self.config.metric],
+                       "flag_rule": FLAG_RULE_DOC},
             "granularity": self.config.options.granularity,
             "layers": [layer.to_dict() for layer in self.layers],
             "flagged": list(self.flagged),
@@ -139,10 +151,12 @@ class ScanResult:
             "agreement": {name: a.to_dict() for name, a in self.agreement.items()},
             "cost": self.cost(),
             "misclassified": misclassified,
-            # r[i, g] per misclassified image (rows follow "misclassified"): lets `compare`
-            # bootstrap over probe samples from two audit.json files.
+            # r[i, g] per image (rows follow "index": the misclassified images, and for the
+            # net reduction also the sampled correct ones): lets `compare` bootstrap over probe
+            # samples from two audit.json files.
             "per_image": {
-                "index": [m["index"] for m in misclassified],
+                "index": list(self.metric_positions) if self.metric_positions is not None
+                else [m["index"] for m in misclassified],
                 "reduction": ([[float(f"{v:.6g}") for v in row]
                                for row in self.reductions.matrix.tolist()]
                               if self.reductions is not None else []),
@@ -181,20 +195,7 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
     opts = config.options
     device = resolve_device(opts.device)
     seed_everything(opts.seed)
-    warnings: List[str] = []
-    if isinstance(checkpoint, LoadedCheckpoint):
-        ckpt = checkpoint
-        if not isinstance(probe, ProbeSet):
-            from .probe import open_probe
-
-            probe = open_probe(probe, channels=ckpt.in_channels,
-                               normalize=opts.normalize or ckpt.normalize or "none",
-                               resize=opts.resize, limit=opts.limit, seed=opts.seed,
-                               model_classes=ckpt.classes, num_classes=ckpt.num_classes)
-    else:
-        if isinstance(probe, ProbeSet):
-            raise ConfigError("give the probe as a path when the checkpoint is a path")
-        ckpt, probe, warnings = load_inputs(checkpoint, probe, opts)
+    ckpt, probe, warnings = resolve_inputs(checkpoint, probe, opts)
     model = ckpt.model
     groups: List[LayerGroup] = layer_groups(model, opts.granularity)
     timing: Dict[str, float] = {"load_s": time.perf_counter() - start}
@@ -211,6 +212,7 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
         passes = {"forward_images": ev.n, "backward_images": 0}
         result_replay: Optional[ReplayResult] = None
         reductions: Optional[GroupReductions] = None
+        metric_positions: Optional[Tuple[int, ...]] = None
         baseline_results: Dict[str, BaselineResult] = {}
         agreements: Dict[str, Agreement] = {}
         shares = [g.share for g in groups]
@@ -228,9 +230,18 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
                 raise
             timing["replay_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            reductions = group_reductions(model, cache, result_replay.displacement, groups,
-                                          device=device, progress=progress,
-                                          base_losses=result_replay.initial_losses)
+            rows: List[int] = list(errors)
+            if config.metric == NET_METRIC_NAME:
+                rows = net_positions(ev.n, errors, opts.seed)
+                reductions, _, _ = group_net_reductions(
+                    model, BatchCache(probe, rows, opts.batch_size), result_replay.displacement,
+                    groups, device=device, progress=progress)
+                metric_positions = tuple(rows)
+            else:
+                reductions = group_reductions(model, cache, result_replay.displacement, groups,
+                                              device=device, progress=progress,
+                                              base_losses=result_replay.initial_losses)
+                metric_positions = None
             if not result_replay.lr_check_passed:
                 warnings.append(
                     f"no replay learning rate from {config.replay.lr:g} down to "
@@ -245,7 +256,7 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
             passes["forward_images"] += result_replay.forward_images + reductions.forward_images
             passes["backward_images"] += result_replay.backward_images
             t0 = time.perf_counter()
-            attr = attribute(reductions, shares, probe_size=ev.n, misclassified_positions=errors,
+            attr = attribute(reductions, shares, probe_size=ev.n, misclassified_positions=rows,
                              resamples=config.bootstrap, seed=opts.seed)
             timing["bootstrap_s"] = time.perf_counter() - t0
             names = resolve_baselines(list(config.baselines))
@@ -280,7 +291,7 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
     timing["total_s"] = time.perf_counter() - start
     return ScanResult(ckpt, probe, ev, layers, result_replay, config, device,
                       {k: round(v, 4) for k, v in timing.items()}, passes, tuple(warnings),
-                      reductions, baseline_results, agreements)
+                      reductions, baseline_results, agreements, metric_positions)
 
 
 def _json_bytes(data: Dict[str, Any]) -> bytes:

@@ -75,7 +75,7 @@ def test_report_command_re_renders_from_json(tmp_path, sgd_checkpoint, digits_pr
     again = (out / "report.html").read_text()
     assert again == first, _first_difference(first, again)  # same JSON, same probe: same page
     r = CliRunner().invoke(cli, ["report", str(tmp_path)])
-    assert r.exit_code == 2 and "holds no fix.json, gate.json, compare.json or audit.json" in r.output
+    assert r.exit_code == 2 and "holds no sanity.json, fix.json, gate.json, compare.json" in r.output
 
 
 def _first_difference(a, b):

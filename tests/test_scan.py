@@ -58,8 +58,10 @@ def test_scan_result_and_audit_schema(sgd_checkpoint, digits_probe):
 def test_flag_rule_is_the_documented_one(sgd_checkpoint, digits_probe):
     d = scan(sgd_checkpoint, digits_probe, FAST).to_dict()
     g = len(d["layers"])
+    top = max(layer["score"] for layer in d["layers"])
     for layer in d["layers"]:
-        assert layer["flagged"] == (layer["score"] > max(layer["share"], 1 / g))
+        assert layer["flagged"] == (layer["score"] > max(layer["share"], 1 / g)
+                                    or (layer["score"] == top and top > 0))
 
 
 def test_scan_leaves_model_untouched_and_no_hooks(sgd_checkpoint, digits_probe):
@@ -198,6 +200,12 @@ def test_bootstrap_helpers_on_hand_checked_numbers():
     # three groups: bound = max(share, 1/3)
     flags = flag_rule(np.array([0.5, 0.3, 0.2]), np.array([0.1, 0.1, 0.8]))
     assert flags.tolist() == [True, False, False]
+    # a group holding most of the parameters is flagged when it ranks first
+    flags = flag_rule(np.array([0.1, 0.3, 0.6]), np.array([0.1, 0.1, 0.8]))
+    assert flags.tolist() == [False, False, True]
+    # a stack of score vectors (the bootstrap) is flagged row by row; all zeros flags nothing
+    flags = flag_rule(np.array([[0.1, 0.3, 0.6], [0.0, 0.0, 0.0]]), np.array([0.1, 0.1, 0.8]))
+    assert flags.tolist() == [[False, False, True], [False, False, False]]
     from model_audit.attribution import GroupReductions
 
     red = GroupReductions(torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64),

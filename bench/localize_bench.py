@@ -1,0 +1,631 @@
+"""``python -m bench localize``: does the flag point at the cause? Ground-truth localization.
+
+Three kinds of cases whose responsible layer group is known:
+
+1. **Planted defects** (``--parts planted``): from a trained checkpoint, ONE group at a time
+   is damaged (``model_audit.plant``: Gaussian weight noise, interpolation toward a fresh
+   initialisation, the group alone fine-tuned on a class-pair label swap, shifted BatchNorm
+   statistics), with the severity calibrated on the probe so that every case costs the same
+   accuracy drop (``--drop``). Every group x every applicable defect x ``--seeds`` seeds. The
+   damaged copy is scanned and every method's rank of the damaged group is recorded: top-1,
+   mean reciprocal rank (MRR), and for the own metric's flag rules the flag hit (the damaged
+   group is flagged) and the flagged set's size. The case loop is the library's
+   (``model_audit.sanity.run_cases``), the one ``model-audit sanity`` runs.
+2. **Null**: the unmodified model, scanned the same way: what scores and flags look like when
+   nothing was planted.
+3. **Shifts with an oracle** (``--parts shifts``), after surgical fine-tuning (Lee et al. 2023):
+   input-level shifts (Gaussian noise, blur, low contrast, JPEG at high severity) and an
+   output-level one (the labels of three classes permuted) applied to ``--shift-train`` +
+   ``--shift-eval`` images of the probe's source. The oracle fine-tunes each group alone on
+   the shifted training images with the product's repair (``fix``'s trainer: SGD, cosine
+   learning rate, beta momentum, BatchNorm in train mode inside the selection) at a fixed
+   budget for each of ``--shift-lrs`` and takes the best held-out accuracy gain. Ground truth:
+   the group with the best gain (and the groups within noise of it). Each method scans the
+   shifted training images; scored by Spearman with the gains and by regret (best gain minus
+   the gain of the group it ranks first). ``fix --layers auto`` (the flagged groups, same
+   trainer and budget) is compared against the oracle's group, a random group (the mean gain
+   over groups) and the full fine-tune.
+
+Methods: the own metric (``replay_reduction``) and its size-normalised variants, every
+baseline asked for (``--baselines``), their per-output-unit forms, Auto-RGN and a seeded
+random ranking. Chance levels: top-1 ``1/G``, MRR ``H_G/G``.
+
+``--checkpoint reference-sgd`` / ``reference-adam`` are the fully trained ResNet-18s of
+``../shared/models`` (probe: a stratified subset of the CIFAR-10 test split); any other
+checkpoint with ``--probe`` works too (e.g. the committed digits samples).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import scan_bench as sb
+
+REFERENCE = {"reference-sgd": "resnet18-cifar-sgd.safetensors",
+             "reference-adam": "resnet18-cifar-adam.safetensors"}
+SHIFTS = ("gaussian_noise", "blur", "contrast", "jpeg", "labels")
+PARTS = ("planted", "shifts")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default="reference-sgd",
+                        help="reference-sgd, reference-adam (../shared/models) or a path "
+                             "[default: reference-sgd]")
+    parser.add_argument("--probe", type=Path, default=None,
+                        help="probe (ImageFolder or .safetensors) [default: the CIFAR-10 test "
+                             "split, cut from --data]")
+    parser.add_argument("--arch", default=None, help="architecture (reference: resnet18-cifar)")
+    parser.add_argument("--normalize", default=None, help="normalisation (reference: cifar10)")
+    parser.add_argument("--probe-size", type=int, default=500,
+                        help="stratified probe images for the planted cases [default: 500]")
+    parser.add_argument("--parts", default="planted,shifts",
+                        help="planted, shifts or both [default: both]")
+    parser.add_argument("--defects", default="all", help="defects to plant [default: all]")
+    parser.add_argument("--groups", default=None, help="groups to plant in [default: all]")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per case [default: 3]")
+    parser.add_argument("--drop", type=float, default=0.10,
+                        help="accuracy drop of every planted defect [default: 0.10]")
+    parser.add_argument("--tolerance", type=float, default=0.01,
+                        help="accepted distance from the target drop [default: 0.01]")
+    parser.add_argument("--baselines", default="grad_x_activation,activation,auto_rgn",
+                        help="baselines beside the own metric [default: the cheap three]")
+    parser.add_argument("--baseline-steps", type=int, default=50,
+                        help="n_steps of the path baselines [default: 50]")
+    parser.add_argument("--shifts", default=",".join(SHIFTS),
+                        help=f"shift cases [default: {','.join(SHIFTS)}]")
+    parser.add_argument("--shift-train", type=int, default=1000,
+                        help="shifted images to scan and fine-tune on [default: 1000]")
+    parser.add_argument("--shift-eval", type=int, default=1000,
+                        help="held-out shifted images for the oracle's gain [default: 1000]")
+    parser.add_argument("--shift-steps", type=int, default=40,
+                        help="fine-tuning steps of the oracle and of fix [default: 40]")
+    parser.add_argument("--shift-batch", type=int, default=64, help="[default: 64]")
+    parser.add_argument("--shift-lrs", default="0.003,0.01,0.03",
+                        help="learning rates of the oracle (best taken) [default: "
+                             "0.003,0.01,0.03]")
+    parser.add_argument("--metric", default=None,
+                        help="the scan's own metric (the other formulations are computed "
+                             "beside it from the same replay) [default: the tool's default]")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write every case as JSON here")
+    sb.add_common_arguments(parser)
+
+
+# ------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _resolve_inputs(args: argparse.Namespace) -> Tuple[Path, Path, Optional[str], Optional[str]]:
+    from model_audit.errors import ConfigError
+
+    name = str(args.checkpoint)
+    arch, normalize = args.arch, args.normalize
+    if name in REFERENCE:
+        path = sb.ROOT.parent / "shared" / "models" / REFERENCE[name]
+        arch, normalize = arch or "resnet18-cifar", normalize or "cifar10"
+    else:
+        path = Path(name)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist; give reference-sgd, "
+                          "reference-adam or a checkpoint path")
+    probe = args.probe
+    if probe is None:  # the CIFAR-10 test split (all 10,000 images; --probe-size subsets it)
+        cifar = sb._cifar_module()
+        kwargs = {"tarball": args.data} if args.data else {}
+        probe = cifar.cifar_subset(args.cache_dir or sb.default_cache_dir(), "test", 1000,
+                                   **kwargs)
+    return path, Path(probe), arch, normalize
+
+
+def _scan_config(args: argparse.Namespace, arch, normalize, limit, seed=0):
+    from model_audit import AuditOptions, ScanConfig
+
+    return ScanConfig(options=AuditOptions(arch=arch, normalize=normalize, limit=limit,
+                                           seed=seed, device=sb.pick_device(args.device)),
+                      baselines=tuple(b for b in args.baselines.split(",") if b),
+                      baseline_steps=args.baseline_steps,
+                      metric=args.metric or ScanConfig.metric)
+
+
+# ------------------------------------------------------------------------------------------
+# Flag rules (judged here, on the same cases)
+
+
+def flag_rules(scores: np.ndarray, shares: np.ndarray, null_high: Optional[np.ndarray]
+               ) -> Dict[str, np.ndarray]:
+    """Candidate flag rules of the own metric, given its scores (shares of the reduction)."""
+    from model_audit.attribution import flag_rule
+
+    g = len(scores)
+    rules = {"share_and_equal": scores > np.maximum(shares, 1.0 / g),   # the rule until 12-03
+             "share_or_top": flag_rule(scores, shares),                  # the tool's rule now
+             "equal": scores > 1.0 / g,
+             "top1": scores >= scores.max() if scores.max() > 0 else np.zeros(g, bool)}
+    if null_high is not None:
+        rules["above_null"] = scores > null_high
+    return rules
+
+
+def _rule_stats(cases: Sequence[Any], names: Sequence[str], shares: np.ndarray,
+                null_high: Optional[np.ndarray], null_scores: Optional[np.ndarray],
+                metric: str) -> Dict[str, Dict[str, Any]]:
+    out: Dict[str, Dict[str, Any]] = {}
+    for case in cases:
+        raw = np.array([v if v is not None else 0.0 for v in case.scores[metric]])
+        s = raw / raw.sum() if raw.sum() > 0 else raw   # shares, as the scan reports them
+        for rule, flags in flag_rules(s, shares, null_high).items():
+            row = out.setdefault(rule, {"hit": [], "size": []})
+            row["hit"].append(bool(flags[list(names).index(case.plant.group)]))
+            row["size"].append(int(flags.sum()))
+    for rule, row in out.items():
+        row["flag_hit"] = float(np.mean(row["hit"])) if row["hit"] else None
+        row["flagged_size"] = float(np.mean(row["size"])) if row["size"] else None
+        if null_scores is not None:
+            ns = null_scores / null_scores.sum() if null_scores.sum() > 0 else null_scores
+            row["null_flags"] = int(flag_rules(ns, shares, null_high)[rule].sum())
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Candidate metrics, computed from the scan's own replay
+
+
+def candidate_scores(ckpt: Any, result: Any) -> Dict[str, np.ndarray]:
+    """The own metric's other formulations, from the scan's own replay displacement.
+
+    ``replay_reduction``: the errors' loss removed by each group's replay step;
+    ``net_reduction``: errors and twice as many correct images, the best displacement scale
+    per group; ``net_reduction_scale1``: the same images at the replay's own scale and
+    ``replay_reduction_best_scale``: errors only at the best scale (the two ablations, to see
+    which change matters). The scan's own metric is left as the scan computed it.
+    """
+    from model_audit.attribution import (NET_SCALES, group_net_reductions, group_reductions,
+                                         net_positions, scores_from_reductions)
+    from model_audit.layers import layer_groups
+    from model_audit.probe import BatchCache
+
+    if result.replay is None:
+        return {}
+    opts = result.config.options
+    groups = layer_groups(ckpt.model, opts.granularity)
+    errors = result.evaluation.misclassified
+    err_batches = BatchCache(result.probe, errors, opts.batch_size)
+    positions = net_positions(result.evaluation.n, errors, opts.seed)
+    batches = BatchCache(result.probe, positions, opts.batch_size)
+    _, _, means = group_net_reductions(ckpt.model, batches, result.replay.displacement, groups,
+                                       device=result.device)
+    _, _, err_means = group_net_reductions(ckpt.model, err_batches, result.replay.displacement,
+                                           groups, device=result.device)
+    clip = lambda v: np.clip(np.nan_to_num(v, nan=0.0), 0.0, None)  # noqa: E731
+    out = {"net_reduction": scores_from_reductions(clip(np.nanmax(means, axis=1))),
+           "net_reduction_scale1": clip(means[:, list(NET_SCALES).index(1.0)]),
+           "replay_reduction_best_scale": clip(np.nanmax(err_means, axis=1))}
+    if result.config.metric != "replay_reduction":
+        r = group_reductions(ckpt.model, err_batches, result.replay.displacement, groups,
+                             device=result.device)
+        out["replay_reduction"] = scores_from_reductions(r.matrix.numpy().mean(axis=0))
+    out.pop(result.config.metric, None)
+    return out
+
+
+def _null_scores(null: Any, metric: str) -> Optional[np.ndarray]:
+    if null is None or metric not in null.scores:
+        return None
+    return np.array([v or 0.0 for v in null.scores[metric]])
+
+
+# ------------------------------------------------------------------------------------------
+# Planted defects
+
+
+def run_planted(args, ckpt_path, probe_path, arch, normalize) -> Dict[str, Any]:
+    from model_audit.layers import layer_groups
+    from model_audit.options import load_inputs
+    from model_audit.plant import resolve_defects
+    from model_audit.sanity import (SanityConfig, chance_levels, group_output_units,
+                                    plan_cases, run_cases, select_groups, summarize)
+
+    scan_config = _scan_config(args, arch, normalize, args.probe_size)
+    ckpt, probe, _ = load_inputs(ckpt_path, probe_path, scan_config.options)
+    groups = layer_groups(ckpt.model)
+    config = SanityConfig(defects=resolve_defects(args.defects), drop=args.drop,
+                          tolerance=args.tolerance, repeats=args.seeds, scan=scan_config,
+                          groups=tuple(args.groups.split(",")) if args.groups else None)
+    config.validate(groups)
+    chosen, _ = select_groups(groups, config)
+    plan, skipped = plan_cases(ckpt.model, chosen, config, 0)
+    units = group_output_units(ckpt.model, groups, probe.load([0]))
+    print(f"localize: {len(plan)} planted cases + the null case on {len(probe)} probe images "
+          f"({len(groups)} groups; not applicable: {len(skipped)})", flush=True)
+    start = time.perf_counter()
+
+    def report(done: int, total: int, case: Any) -> None:
+        p = case.plant
+        print(f"  [{done}/{total}] {p.group:>8} {p.defect:<9} seed {p.seed}: severity "
+              f"{p.severity:.3g}, drop {100 * p.drop:.1f}{'' if p.reached else ' (NOT reached)'}"
+              f"; rank {case.ranks['replay_reduction']:.1f} (replay_reduction), "
+              f"{case.ranks['net_reduction']:.1f} (net_reduction), flagged "
+              f"{','.join(case.flagged)} "
+              f"({case.seconds:.0f} s, {time.perf_counter() - start:.0f} s in all)", flush=True)
+
+    cases, null = run_cases(ckpt, probe, groups, plan, config,
+                            device=scan_config.options.device, on_case=report, units=units,
+                            extra=candidate_scores)
+    methods = list(cases[0].scores) if cases else []
+    shares = np.array([g.share for g in groups])
+    own = scan_config.metric
+    # The null bound: the unmodified model's own-metric bootstrap 97.5th percentiles.
+    null_high = np.array(null.score_high) if null is not None else None
+    summary = summarize(cases, methods, own)
+    by_defect = {d: summarize([c for c in cases if c.plant.defect == d], methods, own)
+                 for d in resolve_defects(args.defects)}
+    by_group = {g.name: summarize([c for c in cases if c.plant.group == g.name], methods, own)
+                for g in chosen}
+    return {"model": Path(ckpt_path).name, "probe": len(probe), "groups": [g.name for g in groups],
+            "shares": shares.tolist(), "accuracy": null.accuracy if null else None,
+            "cases": cases, "null": null, "summary": summary, "by_defect": by_defect,
+            "by_group": by_group, "methods": methods, "skipped": skipped,
+            "chance": chance_levels(len(groups)),
+            "rules": {m: _rule_stats([c for c in cases if c.plant.reached],
+                                     [g.name for g in groups], shares,
+                                     null_high if m == own else None,
+                                     _null_scores(null, m), m)
+                      for m in ("replay_reduction", "net_reduction") if m in methods},
+            "seconds": time.perf_counter() - start}
+
+
+# ------------------------------------------------------------------------------------------
+# Shifts with an oracle
+
+
+def corrupt(x, shift: str, seed: int):
+    """A corrupted copy of images ``x`` (float, [0, 1], N x C x H x W) at high severity."""
+    import torch
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(seed)
+    if shift == "gaussian_noise":
+        return (x + 0.10 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+    if shift == "blur":
+        from torchvision.transforms.functional import gaussian_blur
+
+        return gaussian_blur(x, kernel_size=[5, 5], sigma=[1.5, 1.5]).clamp(0, 1)
+    if shift == "contrast":
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        return ((x - mean) * 0.2 + mean).clamp(0, 1)
+    if shift == "jpeg":
+        out = []
+        for img in x:
+            arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            pil = Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr)
+            buf = io.BytesIO()
+            pil.save(buf, format="JPEG", quality=10)
+            back = np.asarray(Image.open(io.BytesIO(buf.getvalue())), dtype=np.float32) / 255
+            back = back[..., None] if back.ndim == 2 else back
+            out.append(torch.from_numpy(back).permute(2, 0, 1))
+        return torch.stack(out)
+    if shift == "labels":
+        return x
+    raise ValueError(f"unknown shift {shift!r}; valid: {', '.join(SHIFTS)}")
+
+
+def permuted_labels(y, classes: int, seed: int):
+    """Labels with three classes permuted cyclically (a -> b -> c -> a), and the three."""
+    rng = np.random.default_rng(seed + 31)
+    a, b, c = (int(v) for v in rng.choice(classes, size=3, replace=False))
+    out = y.clone()
+    out[y == a], out[y == b], out[y == c] = b, c, a
+    return out, (a, b, c)
+
+
+def _write_probe(path: Path, x, y, classes) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    images = (x * 255).round().clamp(0, 255).to(torch.uint8).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"images": images, "labels": y.long().contiguous()}, str(tmp),
+              metadata={"classes": json.dumps(list(classes))})
+    tmp.replace(path)
+    return path
+
+
+def shift_data(args, ckpt, probe_path, shift: str, seed: int, cache: Path
+               ) -> Tuple[Path, Path, Dict[str, Any]]:
+    """Shifted training and held-out probes (uint8 tensor files in the cache)."""
+    from model_audit.probe import open_probe, stratified_positions
+
+    source = open_probe(probe_path, channels=ckpt.in_channels, normalize="none",
+                        model_classes=ckpt.classes, num_classes=ckpt.num_classes)
+    n = args.shift_train + args.shift_eval
+    positions = stratified_positions(source.labels, n, seed)
+    rng = np.random.default_rng(seed)
+    positions = [positions[i] for i in rng.permutation(len(positions))]
+    x = source.load(positions, normalized=False)
+    y = source.labels[positions]
+    info: Dict[str, Any] = {}
+    x = corrupt(x, shift, seed)
+    if shift == "labels":
+        y, perm = permuted_labels(y, ckpt.num_classes, seed)
+        info["permuted"] = list(perm)
+    tag = f"{Path(ckpt.path).stem}-{shift}-s{seed}-n{args.shift_train}+{args.shift_eval}"
+    train = _write_probe(cache / "shifts" / f"{tag}-train.safetensors", x[:args.shift_train],
+                         y[:args.shift_train], source.classes)
+    held = _write_probe(cache / "shifts" / f"{tag}-eval.safetensors", x[args.shift_train:],
+                        y[args.shift_train:], source.classes)
+    return train, held, info
+
+
+def _finetune_gain(ckpt, groups, selected, train, held_batches, args, lr: float, device: str,
+                   base_acc: float, seed: int) -> float:
+    from model_audit.fix import FixConfig, _batch_plan, _retrain
+    from model_audit.options import AuditOptions
+    from model_audit.plant import accuracy
+
+    config = FixConfig(options=AuditOptions(device=device, seed=seed), lr=lr,
+                       steps=args.shift_steps, batch_size=args.shift_batch)
+    plan = _batch_plan(list(range(len(train))), [], args.shift_steps, args.shift_batch, seed)
+    try:
+        model, _ = _retrain(ckpt.model, groups, selected, train, plan, config, device, False,
+                            "oracle")
+    except Exception as exc:  # a diverged fine-tune: no gain
+        if type(exc).__name__ != "RepairDiverged":
+            raise
+        return -base_acc
+    return accuracy(model.eval(), held_batches, device) - base_acc
+
+
+def run_shift(args, ckpt_path, probe_path, arch, normalize, shift: str, seed: int
+              ) -> Dict[str, Any]:
+    from model_audit.layers import layer_groups
+    from model_audit.options import load_inputs
+    from model_audit.plant import accuracy
+    from model_audit.probe import BatchCache
+    from model_audit.scan import scan
+    from model_audit.sanity import group_output_units, rank_stats, scores_by_method
+    from model_audit.stats import spearman
+
+    device = sb.pick_device(args.device)
+    cache = args.cache_dir or sb.default_cache_dir()
+    scan_config = _scan_config(args, arch, normalize, None, seed)
+    ckpt, _, _ = load_inputs(ckpt_path, probe_path, replace(scan_config.options, limit=10))
+    train_path, held_path, info = shift_data(args, ckpt, probe_path, shift, seed, cache)
+    _, train, _ = load_inputs(ckpt_path, train_path, scan_config.options)
+    _, held, _ = load_inputs(ckpt_path, held_path, scan_config.options)
+    groups = layer_groups(ckpt.model)
+    names = [g.name for g in groups]
+    held_batches = BatchCache(held, list(range(len(held))), 128)
+    base = accuracy(ckpt.model, held_batches, device)
+    t0 = time.perf_counter()
+    result = scan(ckpt, train, scan_config)
+    scan_s = time.perf_counter() - t0
+    units = group_output_units(ckpt.model, groups, train.load([0]))
+    scores = scores_by_method(result, units=units, random_seed=seed)
+    scores.update(candidate_scores(ckpt, result))
+    lrs = [float(v) for v in args.shift_lrs.split(",")]
+    gains: Dict[str, float] = {}
+    best_lr: Dict[str, float] = {}
+    selections = {g.name: (g.name,) for g in groups}
+    selections["all"] = tuple(names)
+    flagged = tuple(result.flagged)
+    if flagged and flagged not in selections.values():
+        selections["flagged"] = flagged
+    for label, selected in selections.items():
+        results = [(_finetune_gain(ckpt, groups, selected, train, held_batches, args, lr, device,
+                                   base, seed), lr) for lr in lrs]
+        gains[label], best_lr[label] = max(results)
+        print(f"    {shift} s{seed}: tune {label:<8} gain {100 * gains[label]:+.1f} "
+              f"(lr {best_lr[label]})", flush=True)
+    if "flagged" not in gains and flagged:
+        key = next(k for k, v in selections.items() if v == flagged)
+        gains["flagged"], best_lr["flagged"] = gains[key], best_lr[key]
+    group_gains = np.array([gains[n] for n in names])
+    best = float(group_gains.max())
+    # Noise of a gain difference on the held-out set: two accuracies on the same n images.
+    acc = min(max(base + best, 1e-3), 1 - 1e-3)
+    noise = 2.0 * math.sqrt(2 * acc * (1 - acc) / len(held))
+    truth = [n for n, g in zip(names, group_gains) if g >= best - noise]
+    per_method = {}
+    for m, values in scores.items():
+        top = names[int(np.argmax(np.where(np.isfinite(values), values, -np.inf)))]
+        _, top1, rr = rank_stats(values, int(np.argmax(group_gains)))
+        valid = np.isfinite(values)
+        rho = spearman(values[valid], group_gains[valid]) if valid.sum() >= 3 else None
+        per_method[m] = {"top": top, "regret": best - gains[top], "spearman": rho,
+                         "top_in_truth": top in truth}
+    return {"shift": shift, "seed": seed, "info": info, "accuracy_before": base,
+            "train_accuracy": result.evaluation.accuracy, "gains": gains, "best_lr": best_lr,
+            "truth": truth, "noise": noise, "flagged": list(flagged), "methods": per_method,
+            "random_gain": float(group_gains.mean()), "scan_s": scan_s, "groups": names}
+
+
+# ------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _f(v: Any, fmt: str = "{:.2f}") -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
+
+
+def _method_table(summary: Dict[str, Any], chance: Tuple[float, float], order: Sequence[str]
+                  ) -> List[str]:
+    lines = ["| method | top-1 | sd (seeds) | MRR | sd (seeds) | cases |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for m in order:
+        s = summary[m]
+        lines.append(f"| {m} | {_f(s.top1)} | {_f(s.top1_sd)} | {_f(s.mrr)} | {_f(s.mrr_sd)} | "
+                     f"{s.n} |")
+    lines.append(f"| chance | {chance[0]:.2f} | | {chance[1]:.2f} | | |")
+    return lines
+
+
+def markdown_planted(r: Dict[str, Any], command: str, commit: str, device: str,
+                     args) -> str:
+    own = "replay_reduction"
+    order = sorted(r["methods"], key=lambda m: (-(r["summary"][m].mrr or 0), m))
+    reached = [c for c in r["cases"] if c.plant.reached]
+    lines = sb.section_header(f"localize: planted defects, {r['model']}, {device}", command,
+                              commit, device) + [
+        f"- probe: {r['probe']} images, accuracy {100 * (r['accuracy'] or 0):.2f}%; every defect "
+        f"calibrated to cost {100 * args.drop:.0f} points (tolerance {100 * args.tolerance:.0f}); "
+        f"{len(r['cases'])} cases ({len(reached)} reached the target), seeds "
+        f"{args.seeds}; {r['seconds'] / 60:.1f} minutes",
+        f"- groups ({len(r['groups'])}): " + ", ".join(
+            f"{g} {100 * s:.2f}%" for g, s in zip(r["groups"], r["shares"])),
+        f"- not applicable: {', '.join(f'{g}/{d}' for g, d in r['skipped']) or 'none'}", "",
+        "Every method, all reached cases (sorted by MRR):", ""]
+    lines += _method_table(r["summary"], r["chance"], order)
+    lines += ["", "By defect (top-1 / MRR):", "",
+              "| method | " + " | ".join(r["by_defect"]) + " |",
+              "|---|" + "---:|" * len(r["by_defect"])]
+    for m in order:
+        lines.append(f"| {m} | " + " | ".join(
+            f"{_f(s[m].top1)} / {_f(s[m].mrr)} ({s[m].n})" for s in r["by_defect"].values())
+            + " |")
+    lines += ["", "By planted group (top-1 / MRR):", "",
+              "| method | " + " | ".join(r["by_group"]) + " |",
+              "|---|" + "---:|" * len(r["by_group"])]
+    for m in order:
+        lines.append(f"| {m} | " + " | ".join(
+            f"{_f(s[m].top1)} / {_f(s[m].mrr)}" for s in r["by_group"].values()) + " |")
+    lines += ["", "Flag rules (reached cases; null: flags on the unmodified model). "
+              "share_and_equal: score > max(share, 1/G), the rule until 2026-12-03; "
+              "share_or_top: that or the top group, the tool's rule since; equal: score > 1/G; "
+              "top1: the top group; above_null: score above the unmodified model's bootstrap "
+              "97.5th percentile:", "",
+              "| metric | rule | flag hit | flagged set size | null flags |",
+              "|---|---|---:|---:|---:|"]
+    for metric, rules in r["rules"].items():
+        for rule, s in rules.items():
+            lines.append(f"| {metric} | {rule} | {_f(s['flag_hit'])} | "
+                         f"{_f(s['flagged_size'])} | {s.get('null_flags', '-')} |")
+    if r["null"] is not None:
+        n = r["null"]
+        lines += ["", f"Null (unmodified model): flagged {', '.join(n.flagged) or 'nothing'}; "
+                  f"own scores " + ", ".join(
+                      f"{g} {_f(v, '{:.3f}')}" for g, v in zip(r["groups"], n.scores[own]))
+                  + "; top group per method: " + ", ".join(
+                      f"{m} {g}" for m, g in n.top_group.items())]
+    lines += ["", "Cases (own metric's rank of the planted group; top group; flagged):", "",
+              "| group | defect | seed | severity | drop | own rank | own top | flagged |",
+              "|---|---|---:|---:|---:|---:|---|---|"]
+    for c in r["cases"]:
+        p = c.plant
+        lines.append(f"| {p.group} | {p.defect} | {p.seed} | {p.severity:.3g} | "
+                     f"{100 * p.drop:.1f}{'' if p.reached else ' (not reached)'} | "
+                     f"{c.ranks[own]:.1f} | {c.top_group[own]} | {', '.join(c.flagged)} |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_shifts(rows: List[Dict[str, Any]], model: str, command: str, commit: str,
+                    device: str, args) -> str:
+    methods = list(rows[0]["methods"])
+    lines = sb.section_header(f"localize: shifts with an oracle, {model}, {device}", command,
+                              commit, device) + [
+        f"- {args.shift_train} shifted images to scan and fine-tune on, {args.shift_eval} "
+        f"held-out; oracle: each group alone, {args.shift_steps} steps of batch "
+        f"{args.shift_batch} (fix's trainer), best of lr {args.shift_lrs}; truth: the best "
+        "group and those within 2 standard errors of it", "",
+        "| shift | seed | acc before | best group (gain) | truth | all (gain) | flagged | "
+        "fix auto (gain) | random group (mean gain) |",
+        "|---|---:|---:|---|---|---:|---|---:|---:|"]
+    for r in rows:
+        g = r["gains"]
+        best = max(r["groups"], key=lambda n: g[n])
+        lines.append(f"| {r['shift']} | {r['seed']} | {100 * r['accuracy_before']:.1f} | {best} "
+                     f"({100 * g[best]:+.1f}) | {', '.join(r['truth'])} | {100 * g['all']:+.1f}"
+                     f" | {', '.join(r['flagged']) or '-'} | "
+                     f"{_f(100 * g['flagged'] if 'flagged' in g else None, '{:+.1f}')} | "
+                     f"{100 * r['random_gain']:+.1f} |")
+    lines += ["", "Per-group gains (points):", "",
+              "| shift | " + " | ".join(rows[0]["groups"]) + " |",
+              "|---|" + "---:|" * len(rows[0]["groups"])]
+    for r in rows:
+        lines.append(f"| {r['shift']} | " + " | ".join(
+            f"{100 * r['gains'][n]:+.1f}" for n in r["groups"]) + " |")
+    lines += ["", "Methods: mean regret (points; the oracle's best gain minus the gain of the "
+              "group ranked first), mean Spearman with the gains, top group within the truth:",
+              "", "| method | mean regret | max regret | mean Spearman | top in truth |",
+              "|---|---:|---:|---:|---:|"]
+    stats = []
+    for m in methods:
+        regrets = [100 * r["methods"][m]["regret"] for r in rows]
+        rhos = [r["methods"][m]["spearman"] for r in rows if r["methods"][m]["spearman"]
+                is not None]
+        hits = [r["methods"][m]["top_in_truth"] for r in rows]
+        stats.append((float(np.mean(regrets)), m, max(regrets),
+                      float(np.mean(rhos)) if rhos else None, sum(hits)))
+    for mean_regret, m, worst, rho, hits in sorted(stats):
+        lines.append(f"| {m} | {mean_regret:.2f} | {worst:.2f} | {_f(rho)} | {hits}/{len(rows)} |")
+    lines += ["", "Tops per shift: " + "; ".join(
+        f"{r['shift']}: " + ", ".join(f"{m} {r['methods'][m]['top']}" for m in methods)
+        for r in rows)]
+    return "\n".join(lines) + "\n"
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def run(args: argparse.Namespace) -> int:
+    from model_audit.errors import ConfigError
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise ConfigError(f"unknown part {', '.join(bad) or '(none)'}; valid: "
+                          f"{', '.join(PARTS)}")
+    shifts = [s.strip() for s in args.shifts.split(",") if s.strip()]
+    unknown = [s for s in shifts if s not in SHIFTS]
+    if unknown:
+        raise ConfigError(f"unknown shift {', '.join(unknown)}; valid: {', '.join(SHIFTS)}")
+    if not 0 < args.drop < 1:
+        raise ConfigError(f"--drop must be in (0, 1), got {args.drop}")
+    from model_audit.baselines import resolve_baselines
+    from model_audit.plant import resolve_defects
+
+    resolve_baselines(args.baselines)
+    resolve_defects(args.defects)
+    ckpt_path, probe_path, arch, normalize = _resolve_inputs(args)
+    device = sb.pick_device(args.device)
+    command = "python -m bench localize " + " ".join(sys.argv[2:])
+    commit = sb.git_commit()
+    dump: Dict[str, Any] = {}
+    if "planted" in parts:
+        r = run_planted(args, ckpt_path, probe_path, arch, normalize)
+        section = markdown_planted(r, command, commit, device, args)
+        print(section)
+        sb.append_results(args.out, section)
+        dump["planted"] = _jsonable({k: v for k, v in r.items()})
+    if "shifts" in parts:
+        rows = []
+        for seed in range(args.seeds):
+            for shift in shifts:
+                print(f"  shift {shift}, seed {seed} ...", flush=True)
+                rows.append(run_shift(args, ckpt_path, probe_path, arch, normalize, shift,
+                                      seed))
+        section = markdown_shifts(rows, Path(ckpt_path).name, command, commit, device, args)
+        print(section)
+        sb.append_results(args.out, section)
+        dump["shifts"] = _jsonable(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dump, indent=1, default=str) + "\n")
+    return 0

@@ -1,0 +1,405 @@
+"""Planted defects: damage ONE layer group of a model by a known amount, to test the scan.
+
+A diagnostic that says "these groups are responsible for the errors" has to show that it names
+the cause when the cause is known. This module makes such cases: it copies a model, damages
+one group with one of four defects, and calibrates the severity so that the damage costs a
+chosen accuracy drop on a probe, so that every group is compared at equal damage. The
+``sanity`` command and ``python -m bench localize`` use it.
+
+Defects (``severity`` ``s``; ``t0`` a tensor of the group, ``z`` seeded standard normal noise of
+its shape, fixed for the case so that the damage grows smoothly with ``s``):
+
+* ``noise``: Gaussian weight noise relative to each tensor's scale,
+  ``t = t0 + s * rms(t0) * z`` (``s`` in [0, 64]);
+* ``reinit``: interpolation toward a fresh initialisation of the group's modules (their own
+  ``reset_parameters``, seeded), ``t = (1 - s) * t0 + s * t_init`` (``s`` in [0, 1]);
+* ``labelswap``: a trained-in defect. The group *alone* is fine-tuned (Adam, the rest frozen,
+  the model in eval mode) on the data with the labels of two classes swapped; ``s`` scales the
+  resulting displacement, ``t = t0 + s * (t_ft - t0)`` (``s`` in [0, 1]);
+* ``bnstats``: shifted running statistics of the group's normalisation layers,
+  ``mean = m0 + s * sqrt(v0 + eps) * z1`` and ``var = v0 * exp(s * z2)`` (``s`` in [0, 64]);
+  only for groups with BatchNorm layers.
+
+Only the chosen group's tensors change (parameters, or for ``bnstats`` its running statistics);
+the caller's model is never modified. :func:`changed_tensors` checks this.
+
+Calibration (:func:`calibrate`): the accuracy drop on the probe is measured at trial
+severities. The search brackets the target (doubling the severity from a small start for the
+unbounded defects; the bounded ones start from their full severity), then narrows the bracket
+by safeguarded linear interpolation (false position, never closer than a tenth of the bracket
+to its ends) until the drop is within ``tolerance`` of the target or ``max_evaluations`` is
+spent. A defect whose full severity does not cost the target drop, or whose drop jumps past
+the target between two severities the search can tell apart (e.g. ``fc`` moved toward a
+fresh init: nothing, then far more than the target), is reported as not reached
+(``reached=False``) with the closest drop it found: never skipped.
+
+Example:
+    >>> planted = calibrate(model, probe, group, "noise", drop=0.10)  # doctest: +SKIP
+    >>> planted.result.drop, planted.model  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+from .layers import LayerGroup
+from .probe import BatchCache, ProbeSet
+
+
+@dataclass(frozen=True)
+class DefectSpec:
+    """A registered defect: its severity range and what it does."""
+
+    name: str
+    bounded: bool          # severity in [0, 1]; otherwise [0, MAX_SEVERITY], searched upward
+    start: float           # first trial severity of the upward search (unbounded defects)
+    description: str
+
+
+#: Largest severity the upward search of an unbounded defect tries.
+MAX_SEVERITY = 64.0
+
+DEFECTS: Dict[str, DefectSpec] = {
+    "noise": DefectSpec("noise", False, 0.25,
+                        "Gaussian weight noise relative to each tensor's RMS"),
+    "reinit": DefectSpec("reinit", True, 1.0,
+                         "interpolation toward a fresh random initialisation"),
+    "labelswap": DefectSpec("labelswap", True, 1.0,
+                            "the group alone fine-tuned on two classes with swapped labels"),
+    "bnstats": DefectSpec("bnstats", False, 0.5,
+                          "shifted running statistics of the group's BatchNorm layers"),
+}
+
+
+def resolve_defects(spec: Any) -> Tuple[str, ...]:
+    """Defect names from ``"all"`` or a comma-separated list / sequence (registry order).
+
+    Raises:
+        ConfigError: an unknown name, listing the valid ones.
+    """
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    chosen: List[str] = []
+    for item in items:
+        name = str(item).strip().lower()
+        if not name:
+            continue
+        if name == "all":
+            chosen.extend(DEFECTS)
+        elif name in DEFECTS:
+            chosen.append(name)
+        else:
+            raise ConfigError(f"unknown defect {str(item).strip()!r}; valid: all or a "
+                              f"comma-separated list of {', '.join(DEFECTS)}")
+    if not chosen:
+        raise ConfigError(f"no defect given; valid: all or a comma-separated list of "
+                          f"{', '.join(DEFECTS)}")
+    return tuple(n for n in DEFECTS if n in chosen)
+
+
+def _batchnorms(model: nn.Module, group: LayerGroup) -> List[Tuple[str, nn.Module]]:
+    buffers = set(group.buffer_names)
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            and f"{name}.running_mean" in buffers and m.running_mean is not None]
+
+
+def applicable(model: nn.Module, group: LayerGroup, defect: str) -> bool:
+    """Whether ``defect`` can be planted in ``group`` (``bnstats`` needs BatchNorm layers)."""
+    if defect == "bnstats":
+        return bool(_batchnorms(model, group))
+    params = dict(model.named_parameters())
+    return any(params[p].is_floating_point() and params[p].numel() for p in group.parameter_names)
+
+
+def _generator(seed: int, *keys: str) -> torch.Generator:
+    """A generator seeded from ``seed`` and the case's names (stable across runs)."""
+    text = "/".join(keys)
+    mixed = seed * 1_000_003 + sum((i + 1) * ord(c) for i, c in enumerate(text))
+    return torch.Generator().manual_seed(mixed % (2 ** 63))
+
+
+def _fresh_init(model: nn.Module, group: LayerGroup, seed: int) -> Dict[str, torch.Tensor]:
+    """The group's parameters after ``reset_parameters`` of a copy of its modules (seeded)."""
+    fresh = copy.deepcopy(model)
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(int(_generator(seed, "reinit", group.name).initial_seed()) % (2 ** 31))
+        owners = {p.rsplit(".", 1)[0] for p in group.parameter_names if "." in p}
+        for name, module in fresh.named_modules():
+            if name in owners and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    finally:
+        torch.random.set_rng_state(state)
+    params = dict(fresh.named_parameters())
+    return {p: params[p].detach().clone() for p in group.parameter_names}
+
+
+@dataclass(frozen=True)
+class SwapData:
+    """Images and labels for the ``labelswap`` fine-tune, and the swapped class pair."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    pair: Tuple[int, int]
+
+
+def swap_pair(labels: torch.Tensor, seed: int) -> Tuple[int, int]:
+    """Two distinct classes present in ``labels``, drawn with ``seed``."""
+    present = torch.unique(labels).tolist()
+    if len(present) < 2:
+        raise ConfigError("the labelswap defect needs at least two classes in the probe")
+    rng = np.random.default_rng(seed + 104729)
+    a, b = rng.choice(len(present), size=2, replace=False)
+    return int(present[int(a)]), int(present[int(b)])
+
+
+def _labelswap_direction(model: nn.Module, group: LayerGroup, data: SwapData, *, seed: int,
+                         steps: int, batch_size: int, lr: float, device: str
+                         ) -> Dict[str, torch.Tensor]:
+    """``t_ft - t0`` of the group alone fine-tuned on ``data`` with its pair's labels swapped."""
+    work = copy.deepcopy(model).to(device).eval()
+    chosen = set(group.parameter_names)
+    trainable = []
+    for name, p in work.named_parameters():
+        p.requires_grad_(name in chosen)
+        if name in chosen:
+            trainable.append(p)
+    a, b = data.pair
+    swapped = data.labels.clone()
+    swapped[data.labels == a] = b
+    swapped[data.labels == b] = a
+    # Half of each batch from the two swapped classes (the defect), half from the rest (so the
+    # group does not simply forget the other classes): a targeted, trained-in fault.
+    pair_idx = torch.nonzero((data.labels == a) | (data.labels == b)).flatten()
+    rest_idx = torch.nonzero((data.labels != a) & (data.labels != b)).flatten()
+    gen = _generator(seed, "labelswap", group.name)
+    opt = torch.optim.Adam(trainable, lr=lr)
+    base = {n: p.detach().clone() for n, p in work.named_parameters() if n in chosen}
+    for _ in range(steps):
+        half = batch_size // 2 if len(rest_idx) else batch_size
+        idx = pair_idx[torch.randint(len(pair_idx), (half,), generator=gen)]
+        if len(rest_idx) and batch_size - half:
+            idx = torch.cat([idx, rest_idx[torch.randint(len(rest_idx), (batch_size - half,),
+                                                         generator=gen)]])
+        x, y = data.images[idx].to(device), swapped[idx].to(device)
+        loss = F.cross_entropy(work(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return {n: (p.detach() - base[n]).cpu() for n, p in work.named_parameters() if n in chosen}
+
+
+class Planter:
+    """Plants one defect in one group of a working copy of ``model`` at any severity.
+
+    The random directions (noise, fresh initialisation, fine-tune displacement) are drawn once
+    at construction, so :meth:`apply` is deterministic in the severity and costs only tensor
+    copies. The caller's ``model`` is never modified.
+    """
+
+    def __init__(self, model: nn.Module, group: LayerGroup, defect: str, *, seed: int = 0,
+                 swap: Optional[SwapData] = None, device: str = "cpu",
+                 swap_steps: int = 30, swap_batch: int = 32, swap_lr: float = 1e-2) -> None:
+        if defect not in DEFECTS:
+            resolve_defects(defect)
+        if not applicable(model, group, defect):
+            raise ConfigError(f"the {defect} defect does not apply to group {group.name!r}"
+                              + (" (it has no BatchNorm layer)" if defect == "bnstats" else ""))
+        self.group, self.defect, self.seed = group, defect, seed
+        self.spec = DEFECTS[defect]
+        self.details: Dict[str, Any] = {}
+        self.model = copy.deepcopy(model).to(device).eval()
+        state = self.model.state_dict()
+        gen = _generator(seed, defect, group.name)
+        self._base: Dict[str, torch.Tensor] = {}
+        self._direction: Dict[str, torch.Tensor] = {}
+        self._log_scale: Dict[str, torch.Tensor] = {}
+        if defect == "bnstats":
+            for name, m in _batchnorms(self.model, group):
+                mean, var = m.running_mean.detach().clone(), m.running_var.detach().clone()
+                self._base[f"{name}.running_mean"] = mean
+                self._base[f"{name}.running_var"] = var
+                z1 = torch.randn(mean.shape, generator=gen).to(mean)
+                z2 = torch.randn(var.shape, generator=gen).to(var)
+                self._direction[f"{name}.running_mean"] = (var + m.eps).sqrt() * z1
+                self._log_scale[f"{name}.running_var"] = z2
+            return
+        floats = [p for p in group.parameter_names if state[p].is_floating_point()]
+        for p in floats:
+            self._base[p] = state[p].detach().clone()
+        if defect == "noise":
+            for p in floats:
+                t0 = self._base[p]
+                rms = t0.pow(2).mean().sqrt()
+                self._direction[p] = rms * torch.randn(t0.shape, generator=gen).to(t0)
+        elif defect == "reinit":
+            fresh = _fresh_init(model, group, seed)
+            for p in floats:
+                self._direction[p] = fresh[p].to(self._base[p]) - self._base[p]
+        elif defect == "labelswap":
+            if swap is None:
+                raise ConfigError("the labelswap defect needs data to fine-tune on")
+            delta = _labelswap_direction(model, group, swap, seed=seed, steps=swap_steps,
+                                         batch_size=swap_batch, lr=swap_lr, device=device)
+            for p in floats:
+                self._direction[p] = delta[p].to(self._base[p])
+            self.details = {"pair": list(swap.pair), "steps": swap_steps, "lr": swap_lr,
+                            "batch_size": swap_batch}
+
+    def apply(self, severity: float) -> nn.Module:
+        """The working copy with the defect at ``severity`` (the same object every call)."""
+        state = dict(self.model.named_parameters())
+        state.update(dict(self.model.named_buffers()))
+        with torch.no_grad():
+            for name, base in self._base.items():
+                if name in self._log_scale:
+                    state[name].copy_(base * torch.exp(severity * self._log_scale[name]))
+                elif name in self._direction:
+                    state[name].copy_(base + severity * self._direction[name])
+        return self.model
+
+    @property
+    def max_severity(self) -> float:
+        return 1.0 if self.spec.bounded else MAX_SEVERITY
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, batches: BatchCache, device: str = "cpu") -> float:
+    """Top-1 accuracy of ``model`` (eval mode) over ``batches``."""
+    model.eval()
+    right = total = 0
+    for _, x, y in batches:
+        right += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+        total += len(y)
+    return right / total if total else 0.0
+
+
+@dataclass(frozen=True)
+class PlantResult:
+    """One calibrated planted defect."""
+
+    group: str
+    defect: str
+    seed: int
+    severity: float
+    target_drop: float
+    accuracy_before: float
+    accuracy_after: float
+    reached: bool              # the drop is within the tolerance of the target
+    evaluations: int           # probe evaluations the calibration took
+    changed: Tuple[str, ...]   # state-dict entries that differ from the original model
+    details: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def drop(self) -> float:
+        return self.accuracy_before - self.accuracy_after
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"group": self.group, "defect": self.defect, "seed": self.seed,
+                "severity": self.severity, "target_drop": self.target_drop,
+                "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
+                "drop": self.drop, "reached": self.reached, "evaluations": self.evaluations,
+                "changed": list(self.changed), **({"details": self.details} if self.details
+                                                  else {})}
+
+
+@dataclass(frozen=True)
+class Planted:
+    """A calibrated defect and the damaged copy of the model (in memory only)."""
+
+    result: PlantResult
+    model: nn.Module
+
+
+def changed_tensors(before: nn.Module, after: nn.Module) -> Tuple[str, ...]:
+    """Names of the state-dict entries whose values differ between two models."""
+    a, b = before.state_dict(), after.state_dict()
+    return tuple(k for k in a if not torch.equal(a[k].cpu(), b[k].cpu()))
+
+
+def calibrate(model: nn.Module, probe: ProbeSet, group: LayerGroup, defect: str, *,
+              drop: float = 0.10, tolerance: float = 0.01, seed: int = 0,
+              max_evaluations: int = 14, batch_size: int = 128, device: str = "cpu",
+              swap: Optional[SwapData] = None, base_accuracy: Optional[float] = None,
+              batches: Optional[BatchCache] = None, **planter_options: Any) -> Planted:
+    """Plant ``defect`` in ``group`` with the severity that costs ``drop`` accuracy on ``probe``.
+
+    Args:
+        model: the trained model (never modified).
+        probe: the images the drop is measured on.
+        group: the layer group to damage.
+        defect: a name of :data:`DEFECTS`.
+        drop: target accuracy drop (a fraction, in (0, 1)).
+        tolerance: the drop is accepted within this distance of the target.
+        seed: seed of the defect's random direction (and the labelswap pair and batches).
+        max_evaluations: most probe evaluations the search may take.
+        swap: data for ``labelswap`` (default: the probe itself, with a seeded class pair).
+        base_accuracy, batches: the model's accuracy on the probe and the probe's batches, when
+            the caller already has them (they are the same for every case of one model).
+
+    Returns:
+        :class:`Planted`: the result and the damaged copy.
+
+    Raises:
+        ConfigError: ``drop`` outside (0, 1), an unknown defect, or one that does not apply.
+    """
+    if not 0 < drop < 1:
+        raise ConfigError(f"the accuracy drop must be in (0, 1), got {drop}")
+    if tolerance <= 0:
+        raise ConfigError(f"the calibration tolerance must be > 0, got {tolerance}")
+    resolve_defects(defect)
+    cache = batches or BatchCache(probe, list(range(len(probe))), batch_size)
+    if defect == "labelswap" and swap is None:
+        x = torch.cat([b[1] for b in cache])
+        y = torch.cat([b[2] for b in cache])
+        swap = SwapData(x, y, swap_pair(y, seed))
+    planter = Planter(model, group, defect, seed=seed, swap=swap, device=device,
+                      **planter_options)
+    # Severity 0 is the original model exactly (the working copy, not the caller's model).
+    acc0 = accuracy(planter.apply(0.0), cache, device) if base_accuracy is None else base_accuracy
+    evals = 0
+    seen: Dict[float, float] = {}
+
+    def drop_at(s: float) -> float:
+        nonlocal evals
+        if s not in seen:
+            evals += 1
+            seen[s] = acc0 - accuracy(planter.apply(s), cache, device)
+        return seen[s]
+
+    lo, f_lo = 0.0, 0.0
+    hi = planter.max_severity if planter.spec.bounded else planter.spec.start
+    f_hi = drop_at(hi)
+    while f_hi < drop - tolerance and hi < planter.max_severity and evals < max_evaluations:
+        lo, f_lo = hi, f_hi
+        hi = min(hi * 2.0, planter.max_severity)
+        f_hi = drop_at(hi)
+    if f_hi >= drop - tolerance:
+        while abs(f_hi - drop) > tolerance and evals < max_evaluations:
+            width = hi - lo
+            if f_hi > f_lo:
+                s = lo + (drop - f_lo) * width / (f_hi - f_lo)
+            else:
+                s = lo + width / 2
+            s = min(max(s, lo + 0.1 * width), hi - 0.1 * width)
+            f = drop_at(s)
+            if abs(f - drop) <= tolerance:
+                lo, f_lo, hi, f_hi = s, f, s, f
+                break
+            if f < drop:
+                lo, f_lo = s, f
+            else:
+                hi, f_hi = s, f
+    best = min(seen, key=lambda s: (abs(seen[s] - drop), s))
+    damaged = planter.apply(best)
+    result = PlantResult(group.name, defect, seed, float(best), drop, acc0, acc0 - seen[best],
+                         abs(seen[best] - drop) <= tolerance, evals,
+                         changed_tensors(model, damaged.cpu()), dict(planter.details))
+    return Planted(result, damaged)

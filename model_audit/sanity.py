@@ -1,0 +1,623 @@
+"""``sanity``: can the scan find a fault planted in *this* model?
+
+For each selected layer group and defect, a copy of the model is damaged in that group only
+(:mod:`model_audit.plant`), with the severity calibrated to cost the same accuracy drop on the
+probe; the copy is scanned, and the rank of the planted group is recorded under each method
+(the own metric, the baselines, a seeded random ranking). Per method: top-1 (the planted group
+ranked first) and the mean reciprocal rank (MRR), beside their chance levels ``1/G`` and
+``H_G/G``. The unmodified model is scanned too (the *null* case), so that a user sees what the
+scores and flags look like when nothing was planted.
+
+Ties are scored as a random tie-break would be on average: a planted group tied at the top
+with ``t - 1`` others counts ``1/t`` of a top-1 hit, and its reciprocal rank is the mean of
+``1/p`` over the tied positions ``p``. So a method that scores every group equally gets
+exactly the chance level. A group a method cannot score (NaN) ranks after every scored one.
+
+Example:
+    >>> from model_audit.sanity import sanity, SanityConfig
+    >>> result = sanity("model.safetensors", "probe/", SanityConfig())  # doctest: +SKIP
+    >>> result.summary["replay_reduction"].top1  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .attribution import METRIC_NAME
+from .errors import ConfigError
+from .layers import LayerGroup, layer_groups
+from .plant import DEFECTS, PlantResult, applicable, calibrate, resolve_defects
+from .probe import BatchCache, ProbeSet
+
+#: The random ranking's name among the methods.
+RANDOM = "random"
+
+
+# ------------------------------------------------------------------------------------------
+# Ranking and scoring
+
+
+def rank_stats(scores: Sequence[float], true_index: int) -> Tuple[float, float, float]:
+    """``(expected rank, top-1 hit, reciprocal rank)`` of group ``true_index`` under ``scores``.
+
+    Ties are broken at random on average (see the module docstring); NaN scores rank last.
+
+    >>> rank_stats([0.1, 0.7, 0.2], 1)
+    (1.0, 1.0, 1.0)
+    >>> rank_stats([0.5, 0.5, 0.0], 0)
+    (1.5, 0.5, 0.75)
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    s = np.where(np.isfinite(s), s, -np.inf)
+    mine = s[true_index]
+    greater = int((s > mine).sum())
+    tied = int((s == mine).sum())  # including the group itself
+    positions = np.arange(greater + 1, greater + tied + 1, dtype=np.float64)
+    return (float(positions.mean()), (1.0 / tied) if greater == 0 else 0.0,
+            float((1.0 / positions).mean()))
+
+
+def chance_levels(n_groups: int) -> Tuple[float, float]:
+    """Top-1 and MRR of a uniformly random ranking of ``n_groups`` groups: ``1/G``, ``H_G/G``.
+
+    >>> [round(v, 3) for v in chance_levels(7)]
+    [0.143, 0.37]
+    """
+    if n_groups < 1:
+        raise ValueError("at least one group is needed")
+    harmonic = sum(1.0 / k for k in range(1, n_groups + 1))
+    return 1.0 / n_groups, harmonic / n_groups
+
+
+@dataclass(frozen=True)
+class MethodSummary:
+    """One method's localisation over the cases: top-1 and MRR, with their spread."""
+
+    top1: Optional[float]
+    mrr: Optional[float]
+    n: int
+    top1_sd: Optional[float] = None   # standard deviation over repeats (seeds), when > 1
+    mrr_sd: Optional[float] = None
+    flag_hit: Optional[float] = None  # the planted group among the flagged (own metric only)
+    flagged_size: Optional[float] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = {"top1": self.top1, "mrr": self.mrr, "n": self.n}
+        for key in ("top1_sd", "mrr_sd", "flag_hit", "flagged_size"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+def summarize(cases: Sequence["SanityCase"], methods: Sequence[str],
+              own: str = METRIC_NAME) -> Dict[str, MethodSummary]:
+    """Top-1 and MRR per method over the cases whose defect reached its target drop.
+
+    The spread is the standard deviation of the per-seed means (when there are several seeds);
+    the flag hit and flagged-set size are reported for the own metric ``own``.
+    """
+    used = [c for c in cases if c.plant.reached]
+    out: Dict[str, MethodSummary] = {}
+    seeds = sorted({c.plant.seed for c in used})
+    for m in methods:
+        rows = [c for c in used if m in c.top1]
+        if not rows:
+            out[m] = MethodSummary(None, None, 0)
+            continue
+        top1 = float(np.mean([c.top1[m] for c in rows]))
+        mrr = float(np.mean([c.reciprocal[m] for c in rows]))
+        sd_t = sd_m = None
+        if len(seeds) > 1:
+            per_t = [np.mean([c.top1[m] for c in rows if c.plant.seed == s]) for s in seeds
+                     if any(c.plant.seed == s for c in rows)]
+            per_m = [np.mean([c.reciprocal[m] for c in rows if c.plant.seed == s]) for s in seeds
+                     if any(c.plant.seed == s for c in rows)]
+            sd_t, sd_m = float(np.std(per_t, ddof=1)), float(np.std(per_m, ddof=1))
+        hit = size = None
+        if m == own:
+            hit = float(np.mean([c.plant.group in c.flagged for c in rows]))
+            size = float(np.mean([len(c.flagged) for c in rows]))
+        out[m] = MethodSummary(top1, mrr, len(rows), sd_t, sd_m, hit, size)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Per-case scores
+
+
+def group_output_units(model: nn.Module, groups: Sequence[LayerGroup], x: torch.Tensor
+                       ) -> np.ndarray:
+    """Output elements per image of each group's module (NaN for a group without a module).
+
+    Used to put the layer baselines in a size-normalised form (mean |attribution| per output
+    unit instead of the sum, which favours the wide early layers).
+    """
+    units = np.full(len(groups), np.nan)
+    hooks = []
+    modules = dict(model.named_modules())
+
+    def hook(j: int) -> Callable[..., None]:
+        def record(_m: nn.Module, _i: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor):
+                units[j] = out[0].numel()
+        return record
+
+    try:
+        for j, g in enumerate(groups):
+            if g.name in modules:
+                hooks.append(modules[g.name].register_forward_hook(hook(j)))
+        with torch.inference_mode():
+            model.eval()(x[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return units
+
+
+def scores_by_method(result: Any, *, units: Optional[np.ndarray] = None,
+                     random_seed: int = 0) -> Dict[str, np.ndarray]:
+    """Every method's per-group scores from one :class:`~model_audit.scan.ScanResult`.
+
+    The own metric (named after the scan's ``metric``) and its size-normalised variants
+    (``<metric>_per_param``: mean loss reduction per parameter of the group;
+    ``<metric>_per_sqrt_param``: per square root of its parameter count), each
+    baseline that ran, its per-output-unit form (``<name>_per_unit``) when ``units`` is given,
+    and ``random`` (seeded uniform scores).
+    """
+    params = np.array([layer.params for layer in result.layers], dtype=np.float64)
+    reduction = np.array([layer.reduction for layer in result.layers], dtype=np.float64)
+    own = result.config.metric
+    out: Dict[str, np.ndarray] = {
+        own: np.array([layer.score for layer in result.layers], dtype=np.float64),
+        f"{own}_per_param": reduction / params,
+        f"{own}_per_sqrt_param": reduction / np.sqrt(params),
+    }
+    for name, b in result.baselines.items():
+        out[name] = np.asarray(b.scores, dtype=np.float64)
+        if units is not None and name != "auto_rgn" and len(b.raw) == len(units):
+            out[f"{name}_per_unit"] = np.asarray(b.raw, dtype=np.float64) / units
+    out[RANDOM] = np.random.default_rng(random_seed).random(len(params))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# The check
+
+
+@dataclass(frozen=True)
+class SanityConfig:
+    """What to plant, where, and how to scan the damaged copies."""
+
+    defects: Tuple[str, ...] = ("noise", "reinit")
+    drop: float = 0.10               # accuracy drop every defect is calibrated to cost
+    tolerance: float = 0.01          # accepted distance of the drop from the target
+    groups: Optional[Tuple[str, ...]] = None   # None: auto (every group, or an even spread)
+    max_groups: int = 8              # auto: at most this many groups
+    repeats: int = 1                 # seeds per (group, defect): seed, seed+1, ...
+    max_evaluations: int = 14        # probe evaluations per calibration
+    scan: Any = None                 # a ScanConfig (default: the scan's defaults)
+
+    def validate(self, groups: Sequence[LayerGroup]) -> None:
+        resolve_defects(self.defects)
+        if not 0 < self.drop < 1:
+            raise ConfigError(f"--drop must be in (0, 1), got {self.drop}")
+        if self.repeats < 1:
+            raise ConfigError(f"--repeats must be >= 1, got {self.repeats}")
+        if len(groups) < 2:
+            raise ConfigError(
+                f"the model has a single layer group ({groups[0].name if groups else 'none'}): "
+                "there is nothing to localise; use --granularity block or module")
+        if self.groups is not None:
+            names = [g.name for g in groups]
+            unknown = [g for g in self.groups if g not in names]
+            if unknown:
+                raise ConfigError(f"unknown group {', '.join(map(repr, unknown))}; valid: "
+                                  f"{', '.join(names)}")
+            if not self.groups:
+                raise ConfigError("no group given; valid: auto or a comma-separated list of "
+                                  f"{', '.join(names)}")
+
+
+def select_groups(groups: Sequence[LayerGroup], config: SanityConfig
+                  ) -> Tuple[List[LayerGroup], str]:
+    """The groups to plant in, and how they were chosen (for the output)."""
+    if config.groups is not None:
+        return [g for g in groups if g.name in config.groups], "given"
+    if len(groups) <= config.max_groups:
+        return list(groups), "all"
+    picks = sorted({int(round(i)) for i in np.linspace(0, len(groups) - 1, config.max_groups)})
+    return [groups[i] for i in picks], f"an even spread of {len(picks)} of {len(groups)}"
+
+
+@dataclass(frozen=True)
+class SanityCase:
+    """One planted defect and how each method ranked its group."""
+
+    plant: PlantResult
+    ranks: Dict[str, float]          # expected rank of the planted group, per method
+    top1: Dict[str, float]
+    reciprocal: Dict[str, float]
+    top_group: Dict[str, str]        # the group each method ranked first
+    flagged: Tuple[str, ...]         # the own metric's flagged groups on the damaged copy
+    scores: Dict[str, List[Optional[float]]]
+    seconds: float
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {**self.plant.to_dict(), "ranks": self.ranks, "top1": self.top1,
+                "reciprocal_rank": self.reciprocal, "top_group": self.top_group,
+                "flagged": list(self.flagged), "scores": self.scores,
+                "seconds": round(self.seconds, 3)}
+
+
+@dataclass(frozen=True)
+class NullCase:
+    """The unmodified model's scan: what scores and flags look like with nothing planted."""
+
+    accuracy: float
+    flagged: Tuple[str, ...]
+    scores: Dict[str, List[Optional[float]]]
+    top_group: Dict[str, str]
+    score_high: Tuple[float, ...] = ()   # the own metric's bootstrap 97.5th percentiles
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"accuracy": self.accuracy, "flagged": list(self.flagged),
+                "scores": self.scores, "top_group": self.top_group,
+                "score_high": list(self.score_high)}
+
+
+def _listed(values: np.ndarray) -> List[Optional[float]]:
+    return [float(v) if np.isfinite(v) else None for v in values]
+
+
+def _top(names: Sequence[str], values: np.ndarray) -> str:
+    key = np.where(np.isfinite(values), values, -np.inf)
+    return names[int(np.argmax(key))]
+
+
+def case_from_scan(plant: PlantResult, result: Any, names: Sequence[str],
+                   scores: Dict[str, np.ndarray], seconds: float) -> SanityCase:
+    """Score one scanned damaged copy: the rank of the planted group under every method."""
+    true = list(names).index(plant.group)
+    ranks, top1, recip, top = {}, {}, {}, {}
+    for m, values in scores.items():
+        ranks[m], top1[m], recip[m] = rank_stats(values, true)
+        top[m] = _top(names, values)
+    return SanityCase(plant, ranks, top1, recip, top, tuple(result.flagged),
+                      {m: _listed(v) for m, v in scores.items()}, seconds)
+
+
+@dataclass(frozen=True)
+class SanityResult:
+    """Every case, the null scan, and each method's localisation against chance."""
+
+    groups: Tuple[str, ...]          # every group of the model
+    planted_groups: Tuple[str, ...]  # the groups defects were planted in
+    selection: str                   # how they were chosen ("all", "given", an even spread)
+    defects: Tuple[str, ...]
+    drop: float
+    cases: Tuple[SanityCase, ...]
+    null: Optional[NullCase]
+    methods: Tuple[str, ...]
+    summary: Dict[str, MethodSummary]
+    chance: Tuple[float, float]
+    seconds: float
+    not_applicable: Tuple[Tuple[str, str], ...] = ()   # (group, defect) pairs skipped by rule
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def unreached(self) -> Tuple[SanityCase, ...]:
+        return tuple(c for c in self.cases if not c.plant.reached)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The content of ``sanity.json``."""
+        from . import __version__
+        from .scan import SCHEMA_VERSION
+
+        return {"schema_version": SCHEMA_VERSION,
+                "tool": {"name": "model-audit", "version": __version__},
+                "model": self.extra.get("model", {}), "probe": self.extra.get("probe", {}),
+                "groups": list(self.groups), "planted_groups": list(self.planted_groups),
+                "group_selection": self.selection, "defects": list(self.defects),
+                "drop": self.drop, "metric": self.extra.get("metric", METRIC_NAME),
+                "methods_order": list(self.methods),
+                "methods": {m: s.to_dict() for m, s in self.summary.items()},
+                "chance": {"top1": self.chance[0], "mrr": self.chance[1]},
+                "cases": [c.to_dict() for c in self.cases],
+                "not_reached": [{"group": c.plant.group, "defect": c.plant.defect,
+                                 "seed": c.plant.seed, "drop": c.plant.drop}
+                                for c in self.unreached],
+                "not_applicable": [{"group": g, "defect": d} for g, d in self.not_applicable],
+                "null": self.null.to_dict() if self.null else None,
+                "seconds": round(self.seconds, 3), "options": self.extra.get("options", {})}
+
+
+# Progress callback: (cases done, cases in all, the case just finished or None).
+ProgressFn = Callable[[int, int, Optional[SanityCase]], None]
+
+
+def plan_cases(model: nn.Module, groups: Sequence[LayerGroup], config: SanityConfig, seed: int
+               ) -> Tuple[List[Tuple[LayerGroup, str, int]], List[Tuple[str, str]]]:
+    """``(group, defect, seed)`` of every case, and the pairs a defect cannot apply to."""
+    cases, skipped = [], []
+    for r in range(config.repeats):
+        for g in groups:
+            for d in resolve_defects(config.defects):
+                if applicable(model, g, d):
+                    cases.append((g, d, seed + r))
+                elif r == 0:
+                    skipped.append((g.name, d))
+    return cases, skipped
+
+
+def run_cases(ckpt: Any, probe: ProbeSet, groups: Sequence[LayerGroup],
+              plan: Sequence[Tuple[LayerGroup, str, int]], config: SanityConfig, *,
+              device: str, with_null: bool = True, on_case: Optional[ProgressFn] = None,
+              units: Optional[np.ndarray] = None,
+              extra: Optional[Callable[[Any, Any], Dict[str, np.ndarray]]] = None,
+              on_damaged: Optional[Callable[[PlantResult, nn.Module], None]] = None
+              ) -> Tuple[List[SanityCase], Optional[NullCase]]:
+    """Plant, calibrate, scan and score every case of ``plan`` (and the null case).
+
+    ``extra(checkpoint, scan_result)`` may add scores of further methods to every case (the
+    localize benchmark's candidate metrics); ``on_damaged(plant, model)`` sees every damaged
+    copy (``--keep-damaged``).
+    """
+    from .scan import ScanConfig, scan
+
+    scan_config: ScanConfig = config.scan or ScanConfig()
+    opts = scan_config.options
+    names = [g.name for g in groups]
+    model = ckpt.model
+    batches = BatchCache(probe, list(range(len(probe))), opts.batch_size)
+    null: Optional[NullCase] = None
+    if with_null:
+        result = scan(ckpt, probe, scan_config)
+        scores = scores_by_method(result, units=units, random_seed=opts.seed)
+        if extra:
+            scores.update(extra(ckpt, result))
+        null = NullCase(result.evaluation.accuracy, tuple(result.flagged),
+                        {m: _listed(v) for m, v in scores.items()},
+                        {m: _top(names, v) for m, v in scores.items()},
+                        tuple(layer.score_interval[1] for layer in result.layers))
+        base_acc: Optional[float] = result.evaluation.accuracy
+    else:
+        base_acc = None
+    cases: List[SanityCase] = []
+    for k, (group, defect, seed) in enumerate(plan):
+        t0 = time.perf_counter()
+        planted = calibrate(model, probe, group, defect, drop=config.drop,
+                            tolerance=config.tolerance, seed=seed,
+                            max_evaluations=config.max_evaluations, device=device,
+                            base_accuracy=base_acc, batches=batches,
+                            batch_size=opts.batch_size)
+        if on_damaged:
+            on_damaged(planted.result, planted.model)
+        damaged = replace(ckpt, model=planted.model)
+        case_config = replace(scan_config, options=replace(opts, seed=seed))
+        result = scan(damaged, probe, case_config)
+        scores = scores_by_method(result, units=units, random_seed=seed * 7919 + k)
+        if extra:
+            scores.update(extra(damaged, result))
+        case = case_from_scan(planted.result, result, names, scores, time.perf_counter() - t0)
+        cases.append(case)
+        if on_case:
+            on_case(k + 1, len(plan), case)
+    return cases, null
+
+
+def sanity(checkpoint: Any, probe: Any, config: SanityConfig = SanityConfig(), *,
+           on_case: Optional[ProgressFn] = None,
+           on_damaged: Optional[Callable[[PlantResult, nn.Module], None]] = None,
+           on_plan: Optional[Callable[[Dict[str, Any]], None]] = None) -> SanityResult:
+    """Plant a fault in each selected group of the model, scan, and score the localisation.
+
+    Args:
+        checkpoint: a path or a :class:`~model_audit.checkpoint.LoadedCheckpoint`.
+        probe: a path (opened with the scan options) or a ProbeSet.
+        config: defects, drop, groups, repeats and the scan's settings.
+        on_case: called after every case (for a progress bar).
+        on_damaged: called with every damaged copy (to save it).
+        on_plan: called once before the work starts, with the plan's cost (cases, scans,
+            probe size, which groups).
+
+    Raises:
+        AuditError: bad checkpoint, probe or options (before any work).
+    """
+    from .options import resolve_device, resolve_inputs, seed_everything
+    from .scan import ScanConfig
+
+    start = time.perf_counter()
+    scan_config: ScanConfig = config.scan or ScanConfig()
+    scan_config.validate()
+    opts = scan_config.options
+    ckpt, probe, _ = resolve_inputs(checkpoint, probe, opts)
+    groups = layer_groups(ckpt.model, opts.granularity)
+    config.validate(groups)
+    device = resolve_device(opts.device)
+    seed_everything(opts.seed)
+    chosen, selection = select_groups(groups, config)
+    plan, skipped = plan_cases(ckpt.model, chosen, config, opts.seed)
+    if on_plan:
+        on_plan({**expected_cost(len(plan), len(probe), config.max_evaluations),
+                 "cases": len(plan), "groups": [g.name for g in chosen], "selection": selection,
+                 "not_applicable": skipped})
+    first = probe.load([0])
+    units = group_output_units(ckpt.model, groups, first)
+    cases, null = run_cases(ckpt, probe, groups, plan, replace(config, scan=scan_config),
+                            device=device, on_case=on_case, units=units,
+                            on_damaged=on_damaged)
+    methods = method_names(scan_config)
+    extra = {"model": ckpt.to_dict(), "probe": probe.describe(), "metric": scan_config.metric,
+             "options": {**opts.to_dict(), "tolerance": config.tolerance,
+                         "repeats": config.repeats, "max_evaluations": config.max_evaluations,
+                         "baselines": list(scan_config.baselines)}}
+    return SanityResult(tuple(g.name for g in groups), tuple(g.name for g in chosen), selection,
+                        resolve_defects(config.defects), config.drop, tuple(cases), null,
+                        methods, summarize(cases, methods, scan_config.metric),
+                        chance_levels(len(groups)), time.perf_counter() - start,
+                        tuple(skipped), extra)
+
+
+# ------------------------------------------------------------------------------------------
+# Output: the terminal table, sanity.json, report.html
+
+
+def _fmt(v: Any, fmt: str = "{:.2f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def format_sanity(data: Dict[str, Any]) -> str:
+    """The terminal table of ``sanity.json``: per case the planted group's rank under each
+    method, then per method top-1 and MRR beside chance."""
+    from tabulate import tabulate
+
+    methods = list(data["methods_order"])
+    rows = []
+    for c in data["cases"]:
+        drop = f"{100 * c['drop']:.1f}" + ("" if c["reached"] else " NOT REACHED")
+        rows.append([c["group"], c["defect"], c["seed"], f"{c['severity']:.3g}", drop,
+                     *[(f"{c['ranks'][m]:.1f}" if c["reached"] else "-") for m in methods]])
+    cases = tabulate(rows, headers=["group", "defect", "seed", "severity", "drop (pts)",
+                                    *[f"rank: {m}" for m in methods]],
+                     tablefmt="simple", disable_numparse=True)
+    summary = [[m, _fmt(data["methods"][m]["top1"]), _fmt(data["methods"][m]["mrr"]),
+                data["methods"][m]["n"]] for m in methods]
+    summary.append(["chance", _fmt(data["chance"]["top1"]), _fmt(data["chance"]["mrr"]), ""])
+    table = tabulate(summary, headers=["method", "top-1", "MRR", "cases"], tablefmt="simple",
+                     disable_numparse=True)
+    lines = [cases, "", table]
+    if data["not_reached"]:
+        lines.append("not reached (no severity cost the drop within the tolerance; not scored): "
+                     + ", ".join(f"{c['group']}/{c['defect']} (closest {100 * c['drop']:.1f} pts)"
+                                 for c in data["not_reached"]))
+    null = data.get("null")
+    if null:
+        lines.append(f"null (nothing planted): flagged {', '.join(null['flagged']) or 'nothing'}")
+    return "\n".join(lines)
+
+
+def write_sanity(result: SanityResult, out_dir: Any, *, inputs: Sequence[Any] = ()
+                 ) -> Dict[str, Any]:
+    """Write ``sanity.json`` and ``report.html`` into ``out_dir`` (both or neither)."""
+    from pathlib import Path
+
+    from .checkpoint import atomic_write_files, same_file
+    from .errors import OutputError
+    from .report import render_sanity_report
+    from .scan import _json_bytes
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} exists and is not a directory")
+    paths = {"sanity": out / "sanity.json", "report": out / "report.html"}
+    for target in [out, *paths.values()]:
+        for src in inputs:
+            if target.exists() and same_file(target, src):
+                raise OutputError(f"refusing to write {target}: it is an input ({src})")
+    data = result.to_dict()
+    atomic_write_files([(paths["sanity"], _json_bytes(data)),
+                        (paths["report"], render_sanity_report(data).encode("utf-8"))])
+    return paths
+
+
+def load_sanity(path: Any) -> Dict[str, Any]:
+    """Read a ``sanity.json`` (for the gate's ``min_sanity_top1``).
+
+    Raises:
+        ConfigError: unreadable, or not a sanity.json of this tool.
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the sanity file {path}: {exc}") from exc
+    if not isinstance(data, dict) or "schema_version" not in data \
+            or not isinstance(data.get("methods"), dict) \
+            or data.get("metric", METRIC_NAME) not in data["methods"]:
+        raise ConfigError(f"{path} is not a sanity.json written by `model-audit sanity`")
+    return data
+
+
+def run_sanity_cli(checkpoint: Any, probe: Any, config: SanityConfig, *,
+                   keep_damaged: Any = None, progress: bool = False,
+                   say: Optional[Callable[[str], None]] = None) -> SanityResult:
+    """:func:`sanity` with what the command line adds: the cost up front, a progress bar with
+    an ETA, and ``--keep-damaged`` (each damaged copy saved as ``.safetensors``)."""
+    import sys
+    from pathlib import Path
+
+    from .checkpoint import audit_metadata, save_checkpoint
+    from .errors import OutputError
+    from .options import load_inputs
+    from .scan import ScanConfig
+
+    bar: List[Any] = []
+    keep = Path(keep_damaged) if keep_damaged is not None else None
+    if keep is not None and keep.exists() and not keep.is_dir():
+        raise OutputError(f"--keep-damaged {keep} exists and is not a directory")
+    scan_config: ScanConfig = config.scan or ScanConfig()
+    scan_config.validate()
+    ckpt, probe_set, warnings = load_inputs(checkpoint, probe, scan_config.options)
+    if say:
+        for warning in warnings:
+            say(f"warning: {warning}")
+    meta = {**ckpt.metadata, **audit_metadata(ckpt.arch, ckpt.num_classes,
+                                              normalize=scan_config.options.normalize
+                                              or ckpt.normalize, classes=ckpt.classes)}
+
+    def on_plan(cost: Dict[str, Any]) -> None:
+        if say:
+            say(f"sanity: {cost['cases']} planted cases in {len(cost['groups'])} groups "
+                f"({cost['selection']}: {', '.join(cost['groups'])}) + the unmodified model: "
+                f"{cost['scans']} scans of {cost['probe_images_per_scan']} probe images and up "
+                f"to {cost['evaluations_at_most']} probe evaluations to calibrate the defects")
+        if progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar.append(tqdm(total=cost["cases"], desc="sanity", file=sys.stderr,
+                            dynamic_ncols=True))
+
+    def on_case(done: int, total: int, case: Optional[SanityCase]) -> None:
+        if bar:
+            bar[0].update(1)
+
+    def on_damaged(plant: PlantResult, model: nn.Module) -> None:
+        if keep is None:
+            return
+        keep.mkdir(parents=True, exist_ok=True)
+        target = keep / f"{plant.group}-{plant.defect}-s{plant.seed}.safetensors"
+        planted = {"model_audit.planted": f"{plant.defect} in {plant.group}, severity "
+                                          f"{plant.severity:.4g}, seed {plant.seed}"}
+        save_checkpoint(model.state_dict(), target, metadata={**meta, **planted})
+
+    try:
+        return sanity(ckpt, probe_set, config, on_case=on_case, on_plan=on_plan,
+                      on_damaged=on_damaged)
+    finally:
+        if bar:
+            bar[0].close()
+
+
+def method_names(scan_config: Any) -> Tuple[str, ...]:
+    """The methods a sanity check reports: the own metric, each baseline, random."""
+    from .baselines import resolve_baselines
+
+    return (scan_config.metric, *resolve_baselines(list(scan_config.baselines)), RANDOM)
+
+
+def expected_cost(n_cases: int, probe_size: int, max_evaluations: int) -> Dict[str, int]:
+    """Scans and probe evaluations a check will take at most (for the up-front estimate)."""
+    return {"scans": n_cases + 1, "probe_images_per_scan": probe_size,
+            "evaluations_at_most": n_cases * max_evaluations + 1}
+
+
+__all__ = ["SanityConfig", "SanityResult", "SanityCase", "NullCase", "MethodSummary", "sanity",
+           "rank_stats", "chance_levels", "summarize", "scores_by_method", "DEFECTS"]

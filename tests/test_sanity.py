@@ -1,0 +1,222 @@
+"""`model-audit sanity`: the command, sanity.json, the report, bad inputs, the gate check,
+and the scan's net_reduction metric that the localize benchmark chose between."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import snapshot
+from model_audit.checkpoint import load_checkpoint
+from model_audit.cli import cli
+
+FAST = ["--groups", "layer1,fc", "--defects", "noise,reinit", "--quiet"]
+
+
+def run(args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def sanity_run(tmp_path_factory):
+    from conftest import SAMPLES
+
+    out = tmp_path_factory.mktemp("sanity") / "out"
+    keep = out.parent / "damaged"
+    result = run(["sanity", SAMPLES / "digits-sgd.safetensors", "--probe",
+                  SAMPLES / "digits-probe.safetensors", "--out", out, "--keep-damaged", keep,
+                  *FAST])
+    assert result.exit_code == 0, result.output
+    return result, out, keep
+
+
+def test_sanity_json_matches_the_table(sanity_run):
+    result, out, _ = sanity_run
+    data = json.loads((out / "sanity.json").read_text())
+    assert data["schema_version"] == 1
+    assert data["planted_groups"] == ["layer1", "fc"] and data["group_selection"] == "given"
+    assert [(c["group"], c["defect"]) for c in data["cases"]] == [
+        ("layer1", "noise"), ("layer1", "reinit"), ("fc", "noise"), ("fc", "reinit")]
+    methods = data["methods_order"]
+    assert methods[0] == "replay_reduction" and methods[-1] == "random"
+    assert {"grad_x_activation", "auto_rgn"} <= set(methods)
+    for c in data["cases"]:
+        assert {"group", "defect", "severity", "accuracy_before", "accuracy_after", "ranks",
+                "flagged", "reached"} <= set(c)
+        # The planted group's rank is printed in the case's row, in the methods' order.
+        row = next(line for line in result.output.splitlines()
+                   if line.startswith(f"{c['group']} ") and f" {c['defect']} " in line)
+        cells = row.split()
+        assert cells[-len(methods):] == [f"{c['ranks'][m]:.1f}" for m in methods]
+    for m in methods:
+        s = data["methods"][m]
+        line = next(l for l in result.output.splitlines() if l.split()[:1] == [m])
+        assert line.split()[1:4] == [f"{s['top1']:.2f}", f"{s['mrr']:.2f}", str(s["n"])]
+    chance = next(l for l in result.output.splitlines() if l.startswith("chance"))
+    assert chance.split()[1:3] == ["0.17", "0.41"]   # 6 groups: 1/6 and H_6/6
+    assert data["chance"]["top1"] == pytest.approx(1 / 6)
+    # Every case reached its drop within the tolerance.
+    assert all(c["reached"] and abs(c["drop"] - 0.10) <= 0.01 for c in data["cases"])
+    assert data["null"]["flagged"]  # the unmodified model's scan, for comparison
+    html = (out / "report.html").read_text()
+    assert "Planted group" in html and "chance" in html and "<script" not in html
+
+
+def test_keep_damaged_saves_copies_that_differ_only_in_their_group(sanity_run):
+    from conftest import SAMPLES
+
+    _, _, keep = sanity_run
+    files = sorted(p.name for p in keep.iterdir())
+    assert files == ["fc-noise-s0.safetensors", "fc-reinit-s0.safetensors",
+                     "layer1-noise-s0.safetensors", "layer1-reinit-s0.safetensors"]
+    original = load_checkpoint(SAMPLES / "digits-sgd.safetensors").model.state_dict()
+    damaged = load_checkpoint(keep / "layer1-noise-s0.safetensors").model.state_dict()
+    changed = {k for k in original if not torch.equal(original[k], damaged[k])}
+    assert changed and all(k.startswith("layer1.") for k in changed)
+
+
+def test_the_input_checkpoint_is_never_written(tmp_path, sgd_checkpoint, digits_probe):
+    before = sgd_checkpoint.read_bytes()
+    result = run(["sanity", sgd_checkpoint, "--probe", digits_probe, "--out", tmp_path / "o",
+                  "--groups", "fc", "--defects", "noise", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert sgd_checkpoint.read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["report.html", "sanity.json"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--groups", "layer9,fc"],
+     "unknown group 'layer9'; valid: conv1, bn1, layer1, layer2, layer3, fc"),
+    (["--defects", "noise,rotate"], "unknown defect 'rotate'; valid: all or a comma-separated "
+                                    "list of noise, reinit, labelswap, bnstats"),
+    (["--drop", "1.5"], "--drop must be in (0, 1), got 1.5"),
+    (["--drop", "0"], "--drop must be in (0, 1), got 0.0"),
+    (["--methods", "own,saliency"], "unknown baseline 'saliency'"),
+])
+def test_bad_inputs_say_what_to_do_and_write_nothing(tmp_path, sgd_checkpoint, digits_probe,
+                                                     args, message):
+    before = snapshot(sgd_checkpoint.parent)
+    out = tmp_path / "out"
+    result = run(["sanity", sgd_checkpoint, "--probe", digits_probe, "--out", out,
+                  "--keep-damaged", tmp_path / "keep", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists() and not (tmp_path / "keep").exists()
+    assert snapshot(sgd_checkpoint.parent) == before
+
+
+def test_a_model_with_a_single_group_is_refused(tmp_path, monkeypatch, digits_probe):
+    (tmp_path / "onegroup_ma.py").write_text(
+        "import torch.nn as nn\n"
+        "class One(nn.Module):\n"
+        "    def __init__(self, num_classes):\n"
+        "        super().__init__()\n"
+        "        self.flat = nn.Flatten()\n"
+        "        self.fc = nn.Linear(64, num_classes)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(self.flat(x))\n"
+        "def make(num_classes):\n"
+        "    return One(num_classes)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from model_audit.checkpoint import build_model, save_checkpoint
+
+    ckpt = tmp_path / "one.safetensors"
+    save_checkpoint(build_model("onegroup_ma:make", 10).state_dict(), ckpt)
+    out = tmp_path / "out"
+    result = run(["sanity", ckpt, "--arch", "onegroup_ma:make", "--probe", digits_probe,
+                  "--out", out, "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "the model has a single layer group (fc): there is nothing to localise" in result.output
+    assert not out.exists()
+
+
+def test_the_gate_reads_a_saved_sanity_check(tmp_path, sanity_run, sgd_checkpoint,
+                                            digits_probe):
+    _, out, _ = sanity_run
+    top1 = json.loads((out / "sanity.json").read_text())["methods"]["replay_reduction"]["top1"]
+    for limit, code in ((max(top1 - 0.1, 0.0), 0), (min(top1 + 0.1, 1.0), 1)):
+        pol = tmp_path / f"p{code}.toml"
+        pol.write_text(f"[policy]\nmin_sanity_top1 = {limit}\n")
+        gate_out = tmp_path / f"gate{code}"
+        result = run(["gate", sgd_checkpoint, "--probe", digits_probe, "--policy", pol,
+                      "--sanity", out / "sanity.json", "--out", gate_out, "--quiet"])
+        assert result.exit_code == code, result.output
+        check = {c["name"]: c for c in json.loads((gate_out / "gate.json").read_text())[
+            "checks"]}["min_sanity_top1"]
+        assert check["passed"] is (code == 0)
+        assert check["value"] == pytest.approx(top1)
+        assert re.search(r"ranked the planted group first in \d+% of 4 planted faults "
+                         r"\(chance 17%\)", check["message"])
+
+
+def test_the_gate_runs_the_check_when_no_file_is_given(tmp_path, sgd_checkpoint, digits_probe):
+    pol = tmp_path / "p.toml"
+    pol.write_text("[policy]\nmin_sanity_top1 = 1.0\n")
+    result = run(["gate", sgd_checkpoint, "--probe", digits_probe, "--policy", pol,
+                  "--out", tmp_path / "g", "--quiet"])
+    check = {c["name"]: c for c in json.loads((tmp_path / "g" / "gate.json").read_text())[
+        "checks"]}["min_sanity_top1"]
+    # noise and reinit in each of the 6 groups, one of which (bn1 reinit) cannot cost 10 points
+    assert "of 11 planted faults" in check["message"]
+    assert result.exit_code == (0 if check["passed"] else 1)
+
+
+def test_a_sanity_file_that_is_not_one_is_bad_input(tmp_path, sgd_checkpoint, digits_probe):
+    pol = tmp_path / "p.toml"
+    pol.write_text("[policy]\nmin_sanity_top1 = 0.5\n")
+    bogus = tmp_path / "bogus.json"
+    bogus.write_text(json.dumps({"schema_version": 1, "layers": []}))
+    result = run(["gate", sgd_checkpoint, "--probe", digits_probe, "--policy", pol,
+                  "--sanity", bogus, "--out", tmp_path / "g"])
+    assert result.exit_code == 2
+    assert "is not a sanity.json written by `model-audit sanity`" in result.output
+    assert not (tmp_path / "g").exists()
+
+
+def test_min_sanity_top1_must_be_a_fraction(tmp_path):
+    from model_audit.errors import ConfigError
+    from model_audit.gate import load_policy
+
+    pol = tmp_path / "p.toml"
+    pol.write_text("[policy]\nmin_sanity_top1 = 2\n")
+    with pytest.raises(ConfigError, match="min_sanity_top1 must be between 0 and 1"):
+        load_policy(pol)
+
+
+# ------------------------------------------------------------------------------------------
+# The net_reduction metric
+
+
+def test_scan_with_the_net_reduction_metric(tmp_path, sgd_checkpoint, digits_probe):
+    out = tmp_path / "net"
+    result = run(["scan", sgd_checkpoint, "--probe", digits_probe, "--metric", "net_reduction",
+                  "--out", out, "--quiet"])
+    assert result.exit_code == 0, result.output
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["metric"]["name"] == "net_reduction"
+    assert "twice as many correctly classified" in audit["metric"]["definition"]
+    wrong = [m["index"] for m in audit["misclassified"]]
+    rows = audit["per_image"]["index"]
+    # The rows: every error and twice as many correct images.
+    assert set(wrong) <= set(rows) and len(rows) == 3 * len(wrong)
+    assert len(audit["per_image"]["reduction"]) == len(rows)
+    assert sum(layer["score"] for layer in audit["layers"]) == pytest.approx(1.0)
+    # compare bootstraps over the rows of two such audits.
+    other = tmp_path / "net2"
+    assert run(["scan", sgd_checkpoint.parent / "digits-adam.safetensors", "--probe",
+                digits_probe, "--metric", "net_reduction", "--out", other, "--quiet"]
+               ).exit_code == 0
+    cmp = run(["compare", out / "audit.json", other / "audit.json", "--out", tmp_path / "c",
+               "--quiet", "--resamples", "50"])
+    assert cmp.exit_code == 0, cmp.output
+
+
+def test_an_unknown_metric_is_refused(tmp_path, sgd_checkpoint, digits_probe):
+    result = run(["scan", sgd_checkpoint, "--probe", digits_probe, "--metric", "bogus",
+                  "--out", tmp_path / "o"])
+    assert result.exit_code == 2 and "bogus" in result.output
+    assert not (tmp_path / "o").exists()
