@@ -312,5 +312,8 @@ def sanity_matrix(data: Dict[str, Any], method: str) -> Dict[str, Any]:
 def render_sanity_report(data: Dict[str, Any]) -> str:
     """The HTML report of ``model-audit sanity``: hit rates against chance, a planted ->
     top-ranked matrix per method, and every case."""
+    from .sanity import verdict
+
     matrices = {m: sanity_matrix(data, m) for m in data["methods_order"]}
-    return _env().get_template("sanity.html").render(data=data, matrices=matrices)
+    return _env().get_template("sanity.html").render(data=data, matrices=matrices,
+                                                     verdict=verdict(data))

@@ -471,6 +471,22 @@ def _fmt(v: Any, fmt: str = "{:.2f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def verdict(data: Dict[str, Any]) -> str:
+    """One sentence: which method localised the planted faults best on this model."""
+    methods = [m for m in data["methods_order"]
+               if m != RANDOM and data["methods"][m]["mrr"] is not None]
+    if not methods:
+        return ""
+    best = max(methods, key=lambda m: (data["methods"][m]["mrr"], data["methods"][m]["top1"]))
+    own = data.get("metric", METRIC_NAME)
+    if best == own:
+        return (f"on this model the scan's own metric ({own}) localised the planted faults best "
+                "of the methods checked")
+    return (f"on this model {best} localised the planted faults better than the scan's own "
+            f"metric ({own}): MRR {_fmt(data['methods'][best]['mrr'])} against "
+            f"{_fmt(data['methods'][own]['mrr'])}")
+
+
 def format_sanity(data: Dict[str, Any]) -> str:
     """The terminal table of ``sanity.json``: per case the planted group's rank under each
     method, then per method top-1 and MRR beside chance."""
@@ -491,6 +507,8 @@ def format_sanity(data: Dict[str, Any]) -> str:
     table = tabulate(summary, headers=["method", "top-1", "MRR", "cases"], tablefmt="simple",
                      disable_numparse=True)
     lines = [cases, "", table]
+    if verdict(data):
+        lines.append(verdict(data))
     if data["not_reached"]:
         lines.append("not reached (no severity cost the drop within the tolerance; not scored): "
                      + ", ".join(f"{c['group']}/{c['defect']} (closest {100 * c['drop']:.1f} pts)"

@@ -63,6 +63,11 @@ def test_sanity_json_matches_the_table(sanity_run):
     assert data["null"]["flagged"]  # the unmodified model's scan, for comparison
     html = (out / "report.html").read_text()
     assert "Planted group" in html and "chance" in html and "<script" not in html
+    # One sentence names the method that localised best on this model, in both outputs.
+    best = max((m for m in methods if m != "random"),
+               key=lambda m: (data["methods"][m]["mrr"], data["methods"][m]["top1"]))
+    assert f"on this model {best if best != 'replay_reduction' else 'the scan'}" in result.output
+    assert f"on this model {best if best != 'replay_reduction' else 'the scan'}" in html
 
 
 def test_keep_damaged_saves_copies_that_differ_only_in_their_group(sanity_run):
