@@ -85,7 +85,8 @@ class AuditGroup(click.Group):
                         kind = (": not a directory"
                                 if name == "out" and path == target and not path.is_dir() else "")
                         raise OutputError(
-                            f"refusing to write {path} (--{name}{kind}): it is the {src_name} "
+                            f"refusing to write {path} (--{name.replace('_', '-')}{kind}): it "
+                            f"is the {src_name} "
                             f"input {src}; choose another output path. Nothing was done.")
 
     def invoke(self, ctx: click.Context) -> Any:

@@ -114,6 +114,15 @@ def test_bad_inputs_say_what_to_do_and_write_nothing(tmp_path, sgd_checkpoint, d
     assert snapshot(sgd_checkpoint.parent) == before
 
 
+def test_keep_damaged_over_an_input_is_refused(tmp_path, sgd_checkpoint, digits_probe):
+    before = snapshot(sgd_checkpoint.parent)
+    result = run(["sanity", sgd_checkpoint, "--probe", digits_probe, "--out", tmp_path / "o",
+                  "--keep-damaged", sgd_checkpoint])
+    assert result.exit_code == 2
+    assert "(--keep-damaged): it is the checkpoint input" in result.output
+    assert not (tmp_path / "o").exists() and snapshot(sgd_checkpoint.parent) == before
+
+
 def test_a_model_with_a_single_group_is_refused(tmp_path, monkeypatch, digits_probe):
     (tmp_path / "onegroup_ma.py").write_text(
         "import torch.nn as nn\n"
