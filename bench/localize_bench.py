@@ -42,7 +42,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -201,10 +200,10 @@ def candidate_scores(ckpt: Any, result: Any) -> Dict[str, np.ndarray]:
     err_batches = BatchCache(result.probe, errors, opts.batch_size)
     positions = net_positions(result.evaluation.n, errors, opts.seed)
     batches = BatchCache(result.probe, positions, opts.batch_size)
-    _, _, means = group_net_reductions(ckpt.model, batches, result.replay.displacement, groups,
-                                       device=result.device)
-    _, _, err_means = group_net_reductions(ckpt.model, err_batches, result.replay.displacement,
-                                           groups, device=result.device)
+    _, means = group_net_reductions(ckpt.model, batches, result.replay.displacement, groups,
+                                    device=result.device)
+    _, err_means = group_net_reductions(ckpt.model, err_batches, result.replay.displacement,
+                                        groups, device=result.device)
     clip = lambda v: np.clip(np.nan_to_num(v, nan=0.0), 0.0, None)  # noqa: E731
     out = {"net_reduction": scores_from_reductions(clip(np.nanmax(means, axis=1))),
            "net_reduction_scale1": clip(means[:, list(NET_SCALES).index(1.0)]),
@@ -218,7 +217,7 @@ def candidate_scores(ckpt: Any, result: Any) -> Dict[str, np.ndarray]:
 
 
 def _null_scores(null: Any, metric: str) -> Optional[np.ndarray]:
-    if null is None or metric not in null.scores:
+    if metric not in null.scores:
         return None
     return np.array([v or 0.0 for v in null.scores[metric]])
 
@@ -264,14 +263,14 @@ def run_planted(args, ckpt_path, probe_path, arch, normalize) -> Dict[str, Any]:
     shares = np.array([g.share for g in groups])
     own = scan_config.metric
     # The null bound: the unmodified model's own-metric bootstrap 97.5th percentiles.
-    null_high = np.array(null.score_high) if null is not None else None
+    null_high = np.array(null.score_high)
     summary = summarize(cases, methods, own)
     by_defect = {d: summarize([c for c in cases if c.plant.defect == d], methods, own)
                  for d in resolve_defects(args.defects)}
     by_group = {g.name: summarize([c for c in cases if c.plant.group == g.name], methods, own)
                 for g in chosen}
     return {"model": Path(ckpt_path).name, "probe": len(probe), "groups": [g.name for g in groups],
-            "shares": shares.tolist(), "accuracy": null.accuracy if null else None,
+            "shares": shares.tolist(), "accuracy": null.accuracy,
             "cases": cases, "null": null, "summary": summary, "by_defect": by_defect,
             "by_group": by_group, "methods": methods, "skipped": skipped,
             "chance": chance_levels(len(groups)),
@@ -368,7 +367,7 @@ def shift_data(args, ckpt, probe_path, shift: str, seed: int, cache: Path
 
 def _finetune_gain(ckpt, groups, selected, train, held_batches, args, lr: float, device: str,
                    base_acc: float, seed: int) -> float:
-    from model_audit.fix import FixConfig, _batch_plan, _retrain
+    from model_audit.fix import FixConfig, RepairDiverged, _batch_plan, _retrain
     from model_audit.options import AuditOptions
     from model_audit.plant import accuracy
 
@@ -378,17 +377,16 @@ def _finetune_gain(ckpt, groups, selected, train, held_batches, args, lr: float,
     try:
         model, _ = _retrain(ckpt.model, groups, selected, train, plan, config, device, False,
                             "oracle")
-    except Exception as exc:  # a diverged fine-tune: no gain
-        if type(exc).__name__ != "RepairDiverged":
-            raise
+    except RepairDiverged:  # a diverged fine-tune: counted as losing everything
         return -base_acc
     return accuracy(model.eval(), held_batches, device) - base_acc
 
 
 def run_shift(args, ckpt_path, probe_path, arch, normalize, shift: str, seed: int
               ) -> Dict[str, Any]:
+    from model_audit.checkpoint import load_checkpoint
     from model_audit.layers import layer_groups
-    from model_audit.options import load_inputs
+    from model_audit.options import resolve_inputs
     from model_audit.plant import accuracy
     from model_audit.probe import BatchCache
     from model_audit.scan import scan
@@ -398,10 +396,11 @@ def run_shift(args, ckpt_path, probe_path, arch, normalize, shift: str, seed: in
     device = sb.pick_device(args.device)
     cache = args.cache_dir or sb.default_cache_dir()
     scan_config = _scan_config(args, arch, normalize, None, seed)
-    ckpt, _, _ = load_inputs(ckpt_path, probe_path, replace(scan_config.options, limit=10))
+    opts = scan_config.options
+    ckpt = load_checkpoint(ckpt_path, arch=opts.arch, num_classes=opts.num_classes)
     train_path, held_path, info = shift_data(args, ckpt, probe_path, shift, seed, cache)
-    _, train, _ = load_inputs(ckpt_path, train_path, scan_config.options)
-    _, held, _ = load_inputs(ckpt_path, held_path, scan_config.options)
+    _, train, _ = resolve_inputs(ckpt, train_path, opts)
+    _, held, _ = resolve_inputs(ckpt, held_path, opts)
     groups = layer_groups(ckpt.model)
     names = [g.name for g in groups]
     held_batches = BatchCache(held, list(range(len(held))), 128)
@@ -509,13 +508,12 @@ def markdown_planted(r: Dict[str, Any], command: str, commit: str, device: str,
         for rule, s in rules.items():
             lines.append(f"| {metric} | {rule} | {_f(s['flag_hit'])} | "
                          f"{_f(s['flagged_size'])} | {s.get('null_flags', '-')} |")
-    if r["null"] is not None:
-        n = r["null"]
-        lines += ["", f"Null (unmodified model): flagged {', '.join(n.flagged) or 'nothing'}; "
-                  f"own scores " + ", ".join(
-                      f"{g} {_f(v, '{:.3f}')}" for g, v in zip(r["groups"], n.scores[own]))
-                  + "; top group per method: " + ", ".join(
-                      f"{m} {g}" for m, g in n.top_group.items())]
+    n = r["null"]
+    lines += ["", f"Null (unmodified model): flagged {', '.join(n.flagged) or 'nothing'}; "
+              f"own scores " + ", ".join(
+                  f"{g} {_f(v, '{:.3f}')}" for g, v in zip(r["groups"], n.scores[own]))
+              + "; top group per method: " + ", ".join(
+                  f"{m} {g}" for m, g in n.top_group.items())]
     lines += ["", "Cases (own metric's rank of the planted group; top group; flagged):", "",
               "| group | defect | seed | severity | drop | own rank | own top | flagged |",
               "|---|---|---:|---:|---:|---:|---|---|"]

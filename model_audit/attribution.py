@@ -184,8 +184,7 @@ def net_positions(n_probe: int, errors: Sequence[int], seed: int,
 def group_net_reductions(model: nn.Module, batches: BatchCache,
                          displacement: Dict[str, torch.Tensor], groups: Sequence[LayerGroup], *,
                          scales: Sequence[float] = NET_SCALES, device: str = "cpu",
-                         progress: bool = False
-                         ) -> Tuple[GroupReductions, np.ndarray, np.ndarray]:
+                         progress: bool = False) -> Tuple[GroupReductions, np.ndarray]:
     """Loss removed from errors *and* correct images when each group alone is corrected.
 
     ``batches`` holds the misclassified images and a sample of correct ones
@@ -197,16 +196,16 @@ def group_net_reductions(model: nn.Module, batches: BatchCache,
     count, and each group gets its own step length (no bias from one shared learning rate).
 
     Returns:
-        The reductions (rows follow ``batches.positions``), the chosen scale per group, and
-        the mean reduction of every group at every scale (G x len(scales)).
+        The reductions (rows follow ``batches.positions``) and the mean reduction of every
+        group at every scale (G x len(scales); the chosen scale is its row's argmax).
     """
     theta0 = detached_params(model, device)
     base, _ = per_sample_losses(model, theta0, batches, device)
-    columns, chosen = [], []
+    columns = []
     means = np.full((len(groups), len(scales)), np.nan)
     for j, group in enumerate(progress_bar(groups, total=len(groups), desc="attribute (net)",
                                            enabled=progress)):
-        best: Optional[Tuple[float, float, torch.Tensor]] = None
+        best: Optional[Tuple[float, torch.Tensor]] = None
         for k, c in enumerate(scales):
             moved = dict(theta0)
             for name in group.parameter_names:
@@ -218,14 +217,9 @@ def group_net_reductions(model: nn.Module, batches: BatchCache,
                 continue
             means[j, k] = mean
             if best is None or mean > best[0]:
-                best = (mean, c, r)
-        if best is None:
-            columns.append(torch.zeros_like(base))
-            chosen.append(float("nan"))
-        else:
-            columns.append(best[2])
-            chosen.append(best[1])
+                best = (mean, r)
+        columns.append(torch.zeros_like(base) if best is None else best[1])
     n = len(batches.positions)
     return (GroupReductions(torch.stack(columns, 1).double(), base,
                             tuple(g.name for g in groups), n * (1 + len(groups) * len(scales))),
-            np.array(chosen), means)
+            means)

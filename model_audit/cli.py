@@ -522,12 +522,9 @@ def sanity(checkpoint: Path, defects: str, drop: float, tolerance: float, groups
     """
     from .sanity import SanityConfig, format_sanity, run_sanity_cli, write_sanity
 
-    probe = _need_probe(kw["probe"])
-    if not 0 < drop < 1:
-        raise _fail(f"--drop must be in (0, 1), got {drop}")
-    if repeats < 1:
-        raise _fail(f"--repeats must be >= 1, got {repeats}")
     from .plant import resolve_defects
+
+    probe = _need_probe(kw["probe"])
 
     config = SanityConfig(
         defects=resolve_defects(defects), drop=drop, tolerance=tolerance, repeats=repeats,

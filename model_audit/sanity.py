@@ -113,11 +113,11 @@ def summarize(cases: Sequence["SanityCase"], methods: Sequence[str],
         mrr = float(np.mean([c.reciprocal[m] for c in rows]))
         sd_t = sd_m = None
         if len(seeds) > 1:
-            per_t = [np.mean([c.top1[m] for c in rows if c.plant.seed == s]) for s in seeds
-                     if any(c.plant.seed == s for c in rows)]
-            per_m = [np.mean([c.reciprocal[m] for c in rows if c.plant.seed == s]) for s in seeds
-                     if any(c.plant.seed == s for c in rows)]
-            sd_t, sd_m = float(np.std(per_t, ddof=1)), float(np.std(per_m, ddof=1))
+            by_seed = [[c for c in rows if c.plant.seed == s] for s in seeds]
+            by_seed = [b for b in by_seed if b]
+            sd_t = float(np.std([np.mean([c.top1[m] for c in b]) for b in by_seed], ddof=1))
+            sd_m = float(np.std([np.mean([c.reciprocal[m] for c in b]) for b in by_seed],
+                                ddof=1))
         hit = size = None
         if m == own:
             hit = float(np.mean([c.plant.group in c.flagged for c in rows]))
@@ -356,11 +356,11 @@ def plan_cases(model: nn.Module, groups: Sequence[LayerGroup], config: SanityCon
 
 def run_cases(ckpt: Any, probe: ProbeSet, groups: Sequence[LayerGroup],
               plan: Sequence[Tuple[LayerGroup, str, int]], config: SanityConfig, *,
-              device: str, with_null: bool = True, on_case: Optional[ProgressFn] = None,
+              device: str, on_case: Optional[ProgressFn] = None,
               units: Optional[np.ndarray] = None,
               extra: Optional[Callable[[Any, Any], Dict[str, np.ndarray]]] = None,
               on_damaged: Optional[Callable[[PlantResult, nn.Module], None]] = None
-              ) -> Tuple[List[SanityCase], Optional[NullCase]]:
+              ) -> Tuple[List[SanityCase], NullCase]:
     """Plant, calibrate, scan and score every case of ``plan`` (and the null case).
 
     ``extra(checkpoint, scan_result)`` may add scores of further methods to every case (the
@@ -374,19 +374,15 @@ def run_cases(ckpt: Any, probe: ProbeSet, groups: Sequence[LayerGroup],
     names = [g.name for g in groups]
     model = ckpt.model
     batches = BatchCache(probe, list(range(len(probe))), opts.batch_size)
-    null: Optional[NullCase] = None
-    if with_null:
-        result = scan(ckpt, probe, scan_config)
-        scores = scores_by_method(result, units=units, random_seed=opts.seed)
-        if extra:
-            scores.update(extra(ckpt, result))
-        null = NullCase(result.evaluation.accuracy, tuple(result.flagged),
-                        {m: _listed(v) for m, v in scores.items()},
-                        {m: _top(names, v) for m, v in scores.items()},
-                        tuple(layer.score_interval[1] for layer in result.layers))
-        base_acc: Optional[float] = result.evaluation.accuracy
-    else:
-        base_acc = None
+    result = scan(ckpt, probe, scan_config)
+    scores = scores_by_method(result, units=units, random_seed=opts.seed)
+    if extra:
+        scores.update(extra(ckpt, result))
+    null = NullCase(result.evaluation.accuracy, tuple(result.flagged),
+                    {m: _listed(v) for m, v in scores.items()},
+                    {m: _top(names, v) for m, v in scores.items()},
+                    tuple(layer.score_interval[1] for layer in result.layers))
+    base_acc = result.evaluation.accuracy  # the calibration's "before", measured once
     cases: List[SanityCase] = []
     for k, (group, defect, seed) in enumerate(plan):
         t0 = time.perf_counter()

@@ -233,7 +233,7 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
             rows: List[int] = list(errors)
             if config.metric == NET_METRIC_NAME:
                 rows = net_positions(ev.n, errors, opts.seed)
-                reductions, _, _ = group_net_reductions(
+                reductions, _ = group_net_reductions(
                     model, BatchCache(probe, rows, opts.batch_size), result_replay.displacement,
                     groups, device=device, progress=progress)
                 metric_positions = tuple(rows)
@@ -241,7 +241,6 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
                 reductions = group_reductions(model, cache, result_replay.displacement, groups,
                                               device=device, progress=progress,
                                               base_losses=result_replay.initial_losses)
-                metric_positions = None
             if not result_replay.lr_check_passed:
                 warnings.append(
                     f"no replay learning rate from {config.replay.lr:g} down to "
