@@ -11,10 +11,10 @@ import sys
 from typing import List, Optional
 
 BENCHMARKS = {
-    "scan": "time `scan` on a CIFAR-10 ResNet-18 against a forward+backward floor",
-    "compare": "flagged-set overlap across optimizers vs across seeds",
+    "scan": "time `scan` on the reference ResNet-18 against its floor; baselines' cost",
+    "compare": "SGD vs Adam reference flagged sets (whole split, disjoint probes); --train",
     "baselines": "the own metric against each Captum baseline: cost ratio and rank agreement",
-    "fix": "surgical repair of the flagged groups against all/random/Auto-RGN controls",
+    "fix": "repair of the flagged groups vs all/random/Auto-RGN on test halves; --sweep",
     "cuda": "scan, baselines and fix on the CPU and on CUDA: do they agree?",
     "train": "epochs to 90%/95% test accuracy: sgd, nesterov, beta, hybrid, adam",
     "localize": "ground truth: is a planted defect or a shift's best group ranked first?",

@@ -47,9 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-batch", type=int, default=sb.DEFAULT_TRAIN_BATCH)
     parser.add_argument("--train-per-class", type=int, default=sb.DEFAULT_TRAIN_PER_CLASS)
     parser.add_argument("--retrain", action="store_true")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="a CIFAR-10 checkpoint (e.g. from `python -m bench train`) instead "
-                             "of the scan bench's briefly trained one")
+    sb.add_checkpoint_argument(parser, extra=", brief (the scan bench's briefly trained "
+                               "ResNet-18)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
     for size, names in runs:
         probe = cifar.cifar_subset(cache, "test", size // 10, **kwargs)
         print(f"scanning {size} images with {', '.join(names)} ...", flush=True)
-        result = scan(ckpt, probe, ScanConfig(options=AuditOptions(device=device),
+        opts = AuditOptions(device=device, arch=training.get("arch"),
+                            normalize=training.get("normalize"))
+        result = scan(ckpt, probe, ScanConfig(options=opts,
                                               baselines=names, baseline_steps=args.steps))
         results.append({"size": size, "audit": result.to_dict()})
     reference = None
@@ -86,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         probe = cifar.cifar_subset(cache, "test", size // 10, **kwargs)
         print(f"captum's LayerConductance one layer at a time on {args.captum_reference} "
               "errors ...", flush=True)
-        reference = captum_reference(ckpt, probe, args.captum_reference, args.steps, device)
+        reference = captum_reference(ckpt, probe, args.captum_reference, args.steps, device,
+                                     training.get("arch"), training.get("normalize"))
     section = markdown(results, device, command, commit, args, reference)
     print(section)
     sb.append_results(args.out, section)
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def captum_reference(checkpoint: Path, probe_dir: Path, n_images: int, n_steps: int,
-                     device: str) -> Dict[str, Any]:
+                     device: str, arch=None, normalize=None) -> Dict[str, Any]:
     """captum's ``LayerConductance`` per group vs the tool's shared pass, on the same errors.
 
     Both see the same prepared copy of the model (group outputs protected from in-place
@@ -115,7 +117,7 @@ def captum_reference(checkpoint: Path, probe_dir: Path, n_images: int, n_steps: 
     from model_audit.layers import layer_groups
     from model_audit.options import load_inputs
 
-    opts = AuditOptions(device=device)
+    opts = AuditOptions(device=device, arch=arch, normalize=normalize)
     ckpt, probe, _ = load_inputs(checkpoint, probe_dir, opts)
     model = ckpt.model.to(device).eval()
     ev = evaluate(model, probe, device=device, batch_size=opts.batch_size)

@@ -13,7 +13,14 @@ recording Jaccard and overlap coefficient of the flagged sets (with paired boots
 intervals), the chance level (hypergeometric p-value) and the Spearman correlation of the
 scores. Checkpoints and data stay outside the repository (``--cache-dir``).
 
-The default architecture is ``resnet18-cifar`` on a GPU and ``tiny-resnet`` on a CPU (a
+**Default: the reference checkpoints.** ``--checkpoints reference-sgd,reference-adam`` (the
+default) compares the two fully trained ResNet-18s of ``../shared/models`` (SGD 90.28%, Adam
+89.49%) as the paper does: on the whole CIFAR-10 test split (``--whole``, 10,000 images) and on
+``--splits`` disjoint stratified probes of ``--split-size`` images cut from it (the spread),
+with the flagged sets, Jaccard and its paired bootstrap interval, the chance level and the
+Spearman correlation of every pair; ``--train`` trains and compares as described above.
+
+With ``--train``, the default architecture is ``resnet18-cifar`` on a GPU and ``tiny-resnet`` on a CPU (a
 ResNet-18 epoch takes about a quarter of an hour on two CPU cores); the section written to
 ``bench/RESULTS.md`` names the one used.
 """
@@ -46,6 +53,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sb.add_common_arguments(parser)
     parser.add_argument("--resamples", type=int, default=1000,
                         help="bootstrap resamples of each comparison [default: 1000]")
+    parser.add_argument("--checkpoints", default="reference-sgd,reference-adam",
+                        help="two checkpoints to compare (reference-sgd, reference-adam or "
+                             "paths) [default: reference-sgd,reference-adam]")
+    parser.add_argument("--whole", type=int, default=10000,
+                        help="images of the whole-split probe, 0: none (reference mode) "
+                             "[default: 10000, the whole test split]")
+    parser.add_argument("--splits", type=int, default=5,
+                        help="disjoint probes cut from the test split (reference mode) "
+                             "[default: 5]")
+    parser.add_argument("--split-size", type=int, default=1000,
+                        help="images per disjoint probe [default: 1000]")
+    parser.add_argument("--train", action="store_true",
+                        help="train sgd/beta/adam checkpoints here (or take --from-train's) "
+                             "and compare across optimizers and seeds, instead of "
+                             "--checkpoints")
     parser.add_argument("--from-train", action="store_true",
                         help="compare the checkpoints of the last `python -m bench train` run "
                              "(all its methods and seeds) instead of training here")
@@ -121,6 +143,114 @@ def checkpoints(args, arch, epochs, per_class, cache, train_dir, classes, device
 
 
 def run(args: argparse.Namespace) -> int:
+    if not (args.train or args.from_train):
+        return run_checkpoints(args)
+    return run_training(args)
+
+
+def _probes(args: argparse.Namespace, cache: Path) -> List[Tuple[str, Path]]:
+    """(label, directory): the whole-split probe and the disjoint splits, stratified."""
+    from model_audit.errors import ConfigError
+
+    if args.whole % 10 or args.split_size % 10 or args.whole < 0 or args.split_size < 10 \
+            or args.splits < 0 or args.splits * args.split_size > 10000 or args.whole > 10000:
+        raise ConfigError("--whole and --split-size must be multiples of 10 within the 10,000 "
+                          "test images, and --splits x --split-size at most 10,000")
+    cifar = sb._cifar_module()
+    kwargs = {"tarball": args.data} if args.data else {}
+    out = []
+    if args.whole:
+        out.append((f"whole ({args.whole})", cifar.cifar_subset(cache, "test", args.whole // 10,
+                                                              **kwargs)))
+    per = args.split_size // 10
+    for i in range(args.splits):
+        out.append((f"split {i + 1} ({args.split_size})",
+                    cifar.cifar_subset(cache, "test", per, skip=i * per, **kwargs)))
+    return out
+
+
+def run_checkpoints(args: argparse.Namespace) -> int:
+    """Scan two given checkpoints on the same probes and compare them on each."""
+    from model_audit import AuditOptions, ScanConfig, scan
+    from model_audit.compare import CompareConfig, compare
+    from model_audit.errors import ConfigError
+
+    names = [n.strip() for n in args.checkpoints.split(",") if n.strip()]
+    if len(names) != 2:
+        raise ConfigError(f"--checkpoints takes two checkpoints, got {args.checkpoints!r}")
+    resolved = [sb.resolve_checkpoint(n, args.arch) for n in names]
+    device = sb.pick_device(args.device)
+    command = "python -m bench compare " + " ".join(sys.argv[2:])
+    commit = sb.git_commit()
+    cache = args.cache_dir or sb.default_cache_dir()
+    rows: List[Dict[str, Any]] = []
+    for label, probe in _probes(args, cache):
+        audits = []
+        for name, (path, arch, normalize) in zip(names, resolved):
+            print(f"scanning {name} on {label} ...", flush=True)
+            opts = AuditOptions(device=device, seed=0, arch=arch, normalize=normalize)
+            audits.append(scan(path, probe, ScanConfig(options=opts)).to_dict())
+        d = compare(audits[0], audits[1], CompareConfig(resamples=args.resamples, seed=0)
+                    ).to_dict()
+        rows.append({"probe": label, "accuracy": [a["probe"]["accuracy"] for a in audits],
+                     "errors": [a["probe"]["misclassified"] for a in audits],
+                     "flagged": [a["flagged"] for a in audits],
+                     "scores": [{x["name"]: x["score"] for x in a["layers"]} for a in audits],
+                     "jaccard": d["jaccard"], "jaccard_ci": d["intervals"].get("jaccard"),
+                     "both": d["flagged"]["both"], "p_value": d["chance"]["p_value"],
+                     "spearman": d["correlation"]["replay_reduction"]["spearman"],
+                     "spearman_ci": d["intervals"].get("spearman"),
+                     "seconds": [a["timing"]["total_s"] for a in audits]})
+        print(f"  {label}: {rows[-1]['flagged'][0]} vs {rows[-1]['flagged'][1]}, Jaccard "
+              f"{_num(rows[-1]['jaccard'])}", flush=True)
+    section = markdown_checkpoints(rows, names, device, command, commit, args)
+    print(section)
+    sb.append_results(args.out, section)
+    (Path(cache) / "compare").mkdir(parents=True, exist_ok=True)
+    (Path(cache) / "compare" / "last-compare-checkpoints.json").write_text(
+        json.dumps({"checkpoints": names, "rows": rows}, indent=2))
+    return 0
+
+
+def markdown_checkpoints(rows, names, device, command, commit, args) -> str:
+    import numpy as np
+
+    lines = sb.section_header(f"compare: {names[0]} vs {names[1]}, whole test split and "
+                              "disjoint probes", command, commit, device) + [
+        f"- probes: stratified CIFAR-10 test images (the whole split and {args.splits} "
+        f"disjoint {args.split_size}-image probes cut from it); scan defaults; "
+        f"{args.resamples} paired bootstrap resamples per comparison; P(chance): "
+        "hypergeometric probability of at least this many shared flags for two independent "
+        "flagged sets of these sizes", "",
+        f"| probe | accuracy A / B | errors A / B | flagged A ({names[0]}) | flagged B "
+        f"({names[1]}) | both | Jaccard [95% CI] | P(chance) | Spearman [95% CI] |",
+        "|---|---|---|---|---|---|---|---:|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['probe']} | {100 * r['accuracy'][0]:.2f}% / {100 * r['accuracy'][1]:.2f}% | "
+            f"{r['errors'][0]} / {r['errors'][1]} | {', '.join(r['flagged'][0]) or '-'} | "
+            f"{', '.join(r['flagged'][1]) or '-'} | {', '.join(r['both']) or '-'} | "
+            f"{_num(r['jaccard'])}{_ci(r['jaccard_ci'])} | {r['p_value']:.3f} | "
+            f"{_num(r['spearman'])}{_ci(r['spearman_ci'])} |")
+    splits = [r for r in rows if r["probe"].startswith("split")]
+    if splits:
+        jac = [r["jaccard"] for r in splits if r["jaccard"] is not None]
+        lines += ["", f"- over the {len(splits)} disjoint probes: Jaccard mean "
+                  f"{np.mean(jac):.2f}, sd {np.std(jac, ddof=1) if len(jac) > 1 else 0:.2f}, "
+                  f"min {min(jac):.2f}, max {max(jac):.2f}; identical flagged sets in "
+                  f"{sum(1 for r in splits if set(r['flagged'][0]) == set(r['flagged'][1]))}/"
+                  f"{len(splits)}"]
+        for k, name in enumerate(names):
+            counts: Dict[str, int] = {}
+            for r in splits:
+                for g in r["flagged"][k]:
+                    counts[g] = counts.get(g, 0) + 1
+            lines.append(f"- {name} flagged, per group (of {len(splits)} probes): " + ", ".join(
+                f"{g} {c}" for g, c in sorted(counts.items(), key=lambda kv: -kv[1])))
+    return "\n".join(lines) + "\n"
+
+
+def run_training(args: argparse.Namespace) -> int:
     from model_audit import AuditOptions, ScanConfig, scan
     from model_audit.compare import CompareConfig, compare
 

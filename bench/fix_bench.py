@@ -1,91 +1,208 @@
 """``python -m bench fix``: surgical repair of the flagged groups against its controls.
 
-Takes a CIFAR-10 checkpoint trained by ``python -m bench compare`` (default: the SGD, seed 0
-run of its default architecture: ``resnet18-cifar`` on a GPU, ``tiny-resnet`` on a CPU),
-repairs it with ``model_audit.fix.fix`` on the training subset it was trained on, evaluates on
-``--probe-size`` held-out CIFAR-10 test images (10,000: the whole test split), and records
-fixed, broken and net for the flagged selection and for each control (all layers, random
-groups of the same parameter share, Auto-RGN), the parameter share and the compute saving.
+Default, the paper's setting on a converged model: the fully trained SGD ResNet-18 of
+``../shared/models`` (``--checkpoint reference-sgd``; ``reference-adam`` or a path) is
+repaired on one half of the CIFAR-10 test split (the first 500 images of every class: images
+it never saw, ``--repair-data test-half``) and evaluated on the other half (the last 500 of
+every class), which ``fix`` checks to be disjoint from the repair data by content hash. The
+training split cannot serve: the reference models were trained on all of it.
 
-One repair's net is noisy: a repair changes hundreds of predictions both ways. So every
-selection gets the tool's exact McNemar p-values (net vs churn; flagged vs each control on the
-same images), and ``--seeds N`` repeats the whole comparison with N seeds (batch order, random
-control) and reports the mean and range of every net. ``--repair-data unseen`` repairs on
-training images the model never saw (the next ``per-class`` images of each class) instead of
-its own training subset.
+Every run records fixed, broken and net for the flagged selection and for each control (all
+layers, random groups of the same parameter share, Auto-RGN), the parameter share and the
+compute against the full fine-tune (parameter-steps, and wall time side by side). One repair's
+net is noisy (it changes hundreds of predictions both ways), so every selection gets exact
+McNemar p-values (net vs churn; flagged vs each control on the same images), and ``--seeds N``
+repeats the whole comparison with N seeds (batch order, random control).
+
+``--sweep`` looks for better repair settings without touching the probe half: the flagged
+selection alone, for every combination of the comma-separated ``--lr``, ``--steps``,
+``--wrong-fraction`` and ``--batchnorm`` values, repaired on the first 400 images per class of
+the repair half and scored on its last 100 per class (a validation split); the best setting by
+validation net is printed as the flags to give the comparison.
+
+``--repair-data seen`` / ``unseen`` are the older settings for checkpoints trained by
+``python -m bench compare --train`` on a training subset: repair on that subset, or on the
+next images of the training split.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Any, Dict, List, Tuple
 
 from . import scan_bench as sb
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="checkpoint to repair [default: the compare bench's sgd seed 0]")
+    sb.add_checkpoint_argument(parser)
     parser.add_argument("--probe-size", type=int, default=10000,
-                        help="held-out test images [default: 10000]")
-    parser.add_argument("--steps", type=int, default=200, help="repair steps [default: 200]")
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--seeds", type=int, default=1,
-                        help="repeat with seeds 0..N-1 and report mean and range [default: 1]")
+                        help="held-out test images with --repair-data seen/unseen "
+                             "[default: 10000]")
+    parser.add_argument("--steps", default="200", help="repair steps [default: 200]")
+    parser.add_argument("--lr", default="0.01", help="peak learning rate [default: 0.01]")
+    parser.add_argument("--batch", type=int, default=64, help="batch size [default: 64]")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="repeat with seeds 0..N-1 and report mean and range [default: 3]")
     parser.add_argument("--wrong-fraction", default="natural",
                         help="share of each batch from the errors, or natural [default: "
                              "natural, the tool's default]")
-    parser.add_argument("--batchnorm", default="train", choices=("frozen", "train"),
-                        help="[default: train, the tool's default]")
-    parser.add_argument("--repair-data", default="seen", choices=("seen", "unseen"),
-                        help="seen: the subset the model was trained on; unseen: the next "
-                             "images of the training split [default: seen]")
+    parser.add_argument("--batchnorm", default="train",
+                        help="frozen or train [default: train, the tool's default]")
+    parser.add_argument("--repair-data", default="test-half",
+                        choices=("test-half", "seen", "unseen"),
+                        help="test-half: repair on one half of the test split, probe on the "
+                             "other; seen/unseen: a training subset (see above) "
+                             "[default: test-half]")
+    parser.add_argument("--half", type=int, default=500,
+                        help="images per class in each test half (test-half) [default: 500, "
+                             "the whole test split]")
+    parser.add_argument("--sweep", action="store_true",
+                        help="search the comma-separated --lr/--steps/--wrong-fraction/"
+                             "--batchnorm values on a validation split of the repair half")
     sb.add_common_arguments(parser)
+
+
+def _values(text: str, kind, name: str) -> list:
+    from model_audit.errors import ConfigError
+
+    try:
+        out = [kind(v.strip()) for v in str(text).split(",") if v.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--{name}: {exc}") from exc
+    if not out:
+        raise ConfigError(f"--{name} is empty")
+    return out
+
+
+def _fraction(v: str):
+    return None if v == "natural" else float(v)
+
+
+def _grid(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    from model_audit.errors import ConfigError
+
+    grid = [{"lr": lr, "steps": steps, "wrong_fraction": wf, "batchnorm": bn}
+            for lr in _values(args.lr, float, "lr")
+            for steps in _values(args.steps, int, "steps")
+            for wf in _values(args.wrong_fraction, _fraction, "wrong-fraction")
+            for bn in _values(args.batchnorm, str, "batchnorm")]
+    if len(grid) > 1 and not args.sweep:
+        raise ConfigError("several values of --lr/--steps/--wrong-fraction/--batchnorm need "
+                          "--sweep")
+    return grid
+
+
+def _data(args: argparse.Namespace, cache: Path, sweep: bool) -> Tuple[Path, Path, str]:
+    """(repair data, probe, description)."""
+    cifar = sb._cifar_module()
+    kwargs = {"tarball": args.data} if args.data else {}
+    if args.repair_data == "test-half":
+        half = args.half
+        if not 5 <= half <= 500:
+            from model_audit.errors import ConfigError
+
+            raise ConfigError(f"--half must be between 5 and 500 images per class, got {half}")
+        if sweep:
+            fit = half * 4 // 5
+            return (cifar.cifar_subset(cache, "test", fit, **kwargs),
+                    cifar.cifar_subset(cache, "test", half - fit, skip=fit, **kwargs),
+                    f"repair: the first {fit} CIFAR-10 test images per class; validation: the "
+                    f"next {half - fit} per class (both inside the repair half: the probe half "
+                    "is not touched)")
+        return (cifar.cifar_subset(cache, "test", half, **kwargs),
+                cifar.cifar_subset(cache, "test", half, skip=half, **kwargs),
+                f"repair: the first {half} CIFAR-10 test images per class (unseen in "
+                f"training); probe: the next {half} per class (disjoint, checked by content "
+                "hash)")
+    _, per_class = sb.scale_defaults(sb.pick_device(args.device), None, None)
+    skip = per_class if args.repair_data == "unseen" else 0
+    return (cifar.cifar_subset(cache, "train", per_class, skip=skip, **kwargs),
+            cifar.cifar_subset(cache, "test", args.probe_size // 10, **kwargs),
+            f"repair: {per_class} CIFAR-10 train images per class "
+            f"({'the ones the model was trained on' if args.repair_data == 'seen' else 'unseen by the model'}); "
+            f"probe: {args.probe_size} held-out test images")
 
 
 def run(args: argparse.Namespace) -> int:
     from model_audit import AuditOptions
     from model_audit.fix import FixConfig, fix
 
+    grid = _grid(args)
     device = sb.pick_device(args.device)
     command = "python -m bench fix " + " ".join(sys.argv[2:])
     commit = sb.git_commit()
     cache = args.cache_dir or sb.default_cache_dir()
-    cifar = sb._cifar_module()
-    kwargs = {"tarball": args.data} if args.data else {}
-    arch, per_class = sb.scale_defaults(device, None, None)
-    ckpt = args.checkpoint
-    if ckpt is None:
-        found = sorted((cache / "compare").glob(f"{arch}-sgd-s0-*-n{per_class}.safetensors"))
-        if not found:
-            print("no compare-bench checkpoint: run `python -m bench compare` first, or give "
-                  "--checkpoint", file=sys.stderr)
-            return 2
-        ckpt = found[-1]
-    skip = per_class if args.repair_data == "unseen" else 0
-    train_dir = cifar.cifar_subset(cache, "train", per_class, skip=skip, **kwargs)
-    probe_dir = cifar.cifar_subset(cache, "test", args.probe_size // 10, **kwargs)
-    output = cache / "fix" / f"{Path(ckpt).stem}-fixed.safetensors"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    wrong_fraction = None if args.wrong_fraction == "natural" else float(args.wrong_fraction)
+    ckpt, arch, normalize = sb.resolve_checkpoint(args.checkpoint)
+    train_dir, probe_dir, data_text = _data(args, cache, args.sweep)
     results = []
-    for seed in range(args.seeds):
-        if output.exists():
-            output.unlink()
-        print(f"repairing {ckpt} on {train_dir}, probe {probe_dir} ({device}, seed {seed}) ...",
-              flush=True)
-        result = fix(ckpt, train_dir, probe_dir, output,
-                     FixConfig(options=AuditOptions(device=device, seed=seed),
-                               steps=args.steps, lr=args.lr, wrong_fraction=wrong_fraction,
-                               batchnorm=args.batchnorm))
-        results.append(result.to_dict())
-    section = markdown(results, ckpt, device, command, commit, args.repair_data)
+    for setting in grid:
+        for seed in range(args.seeds):
+            print(f"repairing {ckpt.name} ({setting}, seed {seed}) on {train_dir}, probe "
+                  f"{probe_dir} ({device}) ...", flush=True)
+            opts = AuditOptions(device=device, seed=seed, arch=arch, normalize=normalize)
+            result = fix(ckpt, train_dir, probe_dir, None,
+                         FixConfig(options=opts, steps=setting["steps"], lr=setting["lr"],
+                                   wrong_fraction=setting["wrong_fraction"],
+                                   batchnorm=setting["batchnorm"], batch_size=args.batch,
+                                   controls=() if args.sweep else ("all", "random", "auto_rgn")))
+            results.append(result.to_dict())
+            sel = results[-1]["selection"]
+            print(f"  net {sel['net']:+d} ({sel['fixed']} fixed, {sel['broken']} broken)",
+                  flush=True)
+    if args.sweep:
+        section = markdown_sweep(results, ckpt, device, command, commit, data_text)
+    else:
+        section = markdown(results, ckpt, device, command, commit, data_text)
     print(section)
     sb.append_results(args.out, section)
     return 0
 
 
-def markdown(results, ckpt, device, command, commit, repair_data: str) -> str:
+def markdown_sweep(results, ckpt, device, command, commit, data_text: str) -> str:
+    import statistics
+
+    from model_audit.fix import format_p
+
+    lines = sb.section_header(f"fix: repair settings on a validation split, "
+                              f"{results[0]['model']['arch']}, {device}", command, commit,
+                              device) + [
+        f"- checkpoint: `{Path(ckpt).name}`; {data_text}; the flagged selection only "
+        f"({', '.join(results[0]['selection']['groups'])}); {results[0]['train']['wrong']} "
+        f"errors in the repair data, {results[0]['probe']['n']} validation images at "
+        f"{100 * results[0]['accuracy']['before']:.2f}% before", "",
+        "| lr | steps | wrong fraction | batchnorm | seed | fixed | broken | net | p(net) |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+    by: Dict[tuple, List[int]] = {}
+    for r in results:
+        c, sel = r["config"], r["selection"]
+        key = (c["lr"], c["steps"], c["wrong_fraction"], c["batchnorm"])
+        wf = "natural" if c["wrong_fraction"] is None else c["wrong_fraction"]
+        if sel.get("diverged"):
+            lines.append(f"| {c['lr']} | {c['steps']} | {wf} | {c['batchnorm']} | {r['seed']} "
+                         "| diverged | | | |")
+            continue
+        by.setdefault(key, []).append(sel["net"])
+        lines.append(f"| {c['lr']} | {c['steps']} | {wf} | {c['batchnorm']} | {r['seed']} | "
+                     f"{sel['fixed']} | {sel['broken']} | {sel['net']:+d} | "
+                     f"{format_p(sel['net_p_value'])} |")
+    if by:
+        best = max(by, key=lambda k: statistics.mean(by[k]))
+        wf = "natural" if best[2] is None else best[2]
+        lines += ["", f"- best by mean validation net ({statistics.mean(by[best]):+.1f}): "
+                  f"`--lr {best[0]} --steps {best[1]} --wrong-fraction {wf} --batchnorm "
+                  f"{best[3]}`"]
+    return "\n".join(lines) + "\n"
+
+
+def _time_ratio(r: Dict[str, Any]) -> str:
+    full = next((c for c in r["controls"] if c["name"] == "all"), None)
+    if not full or not full["seconds"]:
+        return "n/a"
+    return f"{r['selection']['seconds'] / full['seconds']:.2f}"
+
+
+def markdown(results, ckpt, device, command, commit, data_text: str) -> str:
     import statistics
 
     from model_audit.fix import format_p
@@ -94,16 +211,17 @@ def markdown(results, ckpt, device, command, commit, repair_data: str) -> str:
     cfg = d["config"]
     lines = sb.section_header(f"fix: flagged selection vs controls, {d['model']['arch']}, "
                               f"{device}", command, commit, device) + [
-             f"- checkpoint: `{Path(ckpt).name}`; repair data: {d['train']['n']} CIFAR-10 train "
-             f"images, {'the ones the model was trained on' if repair_data == 'seen' else 'unseen by the model'} "
-             f"({d['train']['wrong']} wrong before); probe: {d['probe']['n']} held-out test "
-             f"images; {d['selection']['steps']} steps, batch {cfg['batch_size']}, lr "
+             f"- checkpoint: `{Path(ckpt).name}`; {data_text}; {d['train']['n']} repair "
+             f"images ({d['train']['wrong']} wrong before), {d['probe']['n']} probe images; "
+             f"{d['selection']['steps']} steps, batch {cfg['batch_size']}, lr "
              f"{cfg['lr']}, {cfg['schedule']} momentum, wrong fraction "
              f"{cfg['wrong_fraction'] if cfg['wrong_fraction'] is not None else 'natural'}, "
              f"batchnorm {cfg['batchnorm']}; seeds {', '.join(str(r['seed']) for r in results)}",
              f"- probe accuracy before {100 * d['accuracy']['before']:.2f}%; parameter-step "
              f"saving of the flagged selection vs the full fine-tune: "
-             f"{100 * (d['compute']['param_steps_saving_vs_full'] or 0):.0f}%", ""]
+             f"{100 * (d['compute']['param_steps_saving_vs_full'] or 0):.0f}%; wall time of "
+             f"the flagged repair / the full fine-tune's, per seed: " + ", ".join(
+                 _time_ratio(r) for r in results), ""]
     lines += ["| seed | selection | groups | params % | fixed | broken | net | p(net) | "
               "paired p vs flagged | seconds |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     nets: dict = {}

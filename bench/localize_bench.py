@@ -49,16 +49,12 @@ import numpy as np
 
 from . import scan_bench as sb
 
-REFERENCE = {"reference-sgd": "resnet18-cifar-sgd.safetensors",
-             "reference-adam": "resnet18-cifar-adam.safetensors"}
 SHIFTS = ("gaussian_noise", "blur", "contrast", "jpeg", "labels")
 PARTS = ("planted", "shifts")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", default="reference-sgd",
-                        help="reference-sgd, reference-adam (../shared/models) or a path "
-                             "[default: reference-sgd]")
+    sb.add_checkpoint_argument(parser)
     parser.add_argument("--probe", type=Path, default=None,
                         help="probe (ImageFolder or .safetensors) [default: the CIFAR-10 test "
                              "split, cut from --data]")
@@ -104,18 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolve_inputs(args: argparse.Namespace) -> Tuple[Path, Path, Optional[str], Optional[str]]:
-    from model_audit.errors import ConfigError
-
-    name = str(args.checkpoint)
-    arch, normalize = args.arch, args.normalize
-    if name in REFERENCE:
-        path = sb.ROOT.parent / "shared" / "models" / REFERENCE[name]
-        arch, normalize = arch or "resnet18-cifar", normalize or "cifar10"
-    else:
-        path = Path(name)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist; give reference-sgd, "
-                          "reference-adam or a checkpoint path")
+    path, arch, normalize = sb.resolve_checkpoint(args.checkpoint, args.arch, args.normalize)
     probe = args.probe
     if probe is None:  # the CIFAR-10 test split (all 10,000 images; --probe-size subsets it)
         cifar = sb._cifar_module()

@@ -1,27 +1,28 @@
-"""Time ``model_audit.scan.scan`` on a CIFAR-10 ResNet-18 against the cost of one gradient pass.
+"""Time ``model_audit.scan.scan`` against its floor, and every baseline against the own metric.
 
-``python -m bench scan [--probe-size 1000] [--device cpu|cuda|auto] [--train-steps N]
-[--out FILE]``:
+``python -m bench scan [--checkpoint reference-sgd|reference-adam|brief|PATH] [--probe-size
+1000] [--baselines all] [--baseline-errors 32] [--device cpu|cuda|auto] [--out FILE]``:
 
-1. builds ``resnet18-cifar`` (10 classes) and trains it briefly on a CIFAR-10 train subset
-   (heavy-ball SGD with the beta momentum schedule over a cosine learning rate), so that it is
-   not at chance; the checkpoint is cached OUTSIDE the repository
-   (``~/.cache/model-audit-bench`` or ``--cache-dir``) and re-used by later runs with the
-   same training settings;
-2. cuts a stratified CIFAR-10 test probe (``probe-size / 10`` images per class) into the same
+1. the checkpoint: by default the fully trained SGD ResNet-18 of ``../shared/models``
+   (``reference-sgd``); ``brief`` trains ``resnet18-cifar`` briefly here (heavy-ball SGD with
+   the beta momentum over a cosine learning rate; cached OUTSIDE the repository in
+   ``~/.cache/model-audit-bench`` or ``--cache-dir``);
+2. cuts a stratified CIFAR-10 test probe (``probe-size / 10`` images per class) into the
    cache directory;
-3. times, in one process and one run, side by side:
+3. times, in one process, after a warm-up scan (imports, kernel selection):
 
-   * the floor: one plain forward+backward pass over the whole probe (model in eval mode,
-     cross-entropy, ``loss.backward()``) at the scan's batch size, images already in memory;
-   * one plain forward pass over the probe (no gradient);
-   * decoding the probe's JPEGs once (the scan reads the images itself);
-   * the full library call ``scan(checkpoint, probe, ScanConfig(options=AuditOptions(
-     normalize="cifar10", device=...)))`` with every other setting at its default;
+   * a plain ``torch.no_grad()`` forward over the probe at the scan's batch size, images in
+     memory, in the default and in the channels-last memory format;
+   * the full library call ``scan(checkpoint, probe, ScanConfig(...))`` at its defaults (the
+     default baselines included);
+   * the replay's passes: as many plain forward+backward passes over the scan's errors as the
+     replay takes steps. The **floor** is the forward over the probe plus these;
+   * each baseline of ``--baselines`` standalone on the first ``--baseline-errors`` errors,
+     as a cost per error against the own metric's (replay + attribution) per error;
 
-4. prints a Markdown section with the numbers (scan time, floor, ratio scan/floor, the scan's
-   own timing breakdown, misclassified count, machine, commit, date, exact command) and
-   appends it to ``bench/RESULTS.md`` (or ``--out FILE``) when that file can be written.
+4. prints a Markdown section (ratio scan/floor against the goal of 1.3, the scan's time
+   against 60 s, its own timing breakdown, machine, commit, date, exact command) and appends
+   it to ``bench/RESULTS.md`` (or ``--out FILE``).
 
 The data is ``../shared/data/cifar10-jpeg.tar.gz`` next to the repository (``--data``).
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -46,6 +48,7 @@ DEFAULT_RESULTS = ROOT / "bench" / "RESULTS.md"
 ARCH = "resnet18-cifar"
 NUM_CLASSES = 10
 TARGET_SCAN_S = 60.0
+TARGET_RATIO = 1.3
 
 #: Training defaults. A few hundred steps at batch 128 take far too long on a small CPU
 #: (about 2-3 s a step on 2 cores); 60 steps (about 1.5 epochs of the 5,000-image subset)
@@ -75,6 +78,41 @@ def _cifar_module():
     return module
 
 
+#: The fully trained CIFAR-10 ResNet-18s of ``../shared/models`` (its README has the recipe):
+#: ``--checkpoint reference-sgd`` / ``reference-adam`` in every bench that takes a checkpoint.
+REFERENCE = {"reference-sgd": "resnet18-cifar-sgd.safetensors",
+             "reference-adam": "resnet18-cifar-adam.safetensors"}
+REFERENCE_DIR = ROOT.parent / "shared" / "models"
+
+
+def resolve_checkpoint(name: Any, arch: Optional[str] = None, normalize: Optional[str] = None
+                       ) -> Tuple[Path, Optional[str], Optional[str]]:
+    """``reference-sgd``, ``reference-adam`` or a path -> (path, arch, normalize).
+
+    The reference files carry no metadata: their architecture (``resnet18-cifar``) and
+    normalisation (``cifar10``) are filled in unless given.
+    """
+    from model_audit.errors import ConfigError
+
+    if str(name) in REFERENCE:
+        path = REFERENCE_DIR / REFERENCE[str(name)]
+        arch, normalize = arch or ARCH, normalize or "cifar10"
+    else:
+        path = Path(name)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist; give "
+                          f"{', '.join(REFERENCE)} or a checkpoint path")
+    return path, arch, normalize
+
+
+def add_checkpoint_argument(parser: argparse.ArgumentParser, default: str = "reference-sgd",
+                            extra: str = "") -> None:
+    parser.add_argument("--checkpoint", default=default,
+                        help=f"{', '.join(REFERENCE)} (the fully trained ResNet-18s of "
+                             f"../shared/models){extra} or a checkpoint path "
+                             f"[default: {default}]")
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "model-audit-bench"
@@ -93,9 +131,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{DEFAULT_TRAIN_PER_CLASS}]")
     parser.add_argument("--retrain", action="store_true",
                         help="train again even when a cached checkpoint exists")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="scan this CIFAR-10 checkpoint (with the tool's metadata, e.g. "
-                             "one of `python -m bench train`) instead of the briefly trained one")
+    add_checkpoint_argument(parser, extra=", brief (a ResNet-18 trained here for "
+                            "--train-steps)")
+    parser.add_argument("--baselines", default="all",
+                        help="baselines whose cost is measured against the own metric's, "
+                             "standalone on --baseline-errors of the scan's errors [default: "
+                             "all]")
+    parser.add_argument("--baseline-errors", type=int, default=32,
+                        help="misclassified images the baselines are timed on (the path "
+                             "methods cost tens of passes per image) [default: 32]")
+    parser.add_argument("--baseline-steps", type=int, default=50,
+                        help="n_steps of the path baselines [default: 50]")
     add_common_arguments(parser)
 
 
@@ -297,12 +343,14 @@ def prepare_checkpoint(cache: Path, train_dir: Path, args, device: str, classes
     from model_audit.checkpoint import audit_metadata, save_checkpoint
 
     given = getattr(args, "checkpoint", None)
-    if given is not None:
-        info = Path(given).with_suffix(".json")  # the train bench's curve, when it is beside
+    if given is not None and str(given) != "brief":
+        path, arch, normalize = resolve_checkpoint(given)
+        info = path.with_suffix(".json")  # the train bench's curve, when it is beside
         stats = json.loads(info.read_text()) if info.is_file() else {}
-        return Path(given), {"checkpoint": Path(given).name,
-                             "epochs": stats.get("epochs"),
-                             "final_accuracy": stats.get("final_accuracy")}
+        return path, {"checkpoint": path.name, "reference": str(given) in REFERENCE,
+                      "arch": arch, "normalize": normalize,
+                      "epochs": stats.get("epochs"),
+                      "final_accuracy": stats.get("final_accuracy")}
 
     name = (f"{ARCH}-steps{args.train_steps}-batch{args.train_batch}-"
             f"pc{args.train_per_class}-lr{DEFAULT_PEAK_LR:g}-seed0")
@@ -333,34 +381,43 @@ def prepare_checkpoint(cache: Path, train_dir: Path, args, device: str, classes
 # Timings
 
 
-def time_floor(model, batches: List[Tuple[Any, Any]], device: str) -> float:
-    """One forward+backward pass over every batch (eval mode, cross-entropy, backward)."""
+def time_floor(model, batches: List[Tuple[Any, Any]], device: str, repeats: int = 1) -> float:
+    """``repeats`` forward+backward passes over every batch (eval mode, cross-entropy)."""
     import torch.nn.functional as F
 
     model.eval()
     model.zero_grad(set_to_none=True)
     _sync(device)
     start = time.perf_counter()
-    for x, y in batches:
-        loss = F.cross_entropy(model(x.to(device)), y.to(device))
-        loss.backward()
+    for _ in range(repeats):
+        for x, y in batches:
+            loss = F.cross_entropy(model(x.to(device)), y.to(device))
+            loss.backward()
     _sync(device)
     seconds = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
     return seconds
 
 
-def time_forward(model, batches: List[Tuple[Any, Any]], device: str) -> float:
+def time_forward(model, batches: List[Tuple[Any, Any]], device: str,
+                 channels_last: bool = False) -> float:
+    """One plain ``torch.no_grad()`` forward over every batch (in channels-last memory format
+    for the model and the inputs when asked; the model is contiguous again afterwards)."""
     import torch
 
     model.eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     _sync(device)
     start = time.perf_counter()
     with torch.no_grad():
         for x, _ in batches:
-            model(x.to(device))
+            x = x.to(device)
+            model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
     _sync(device)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    model.to(memory_format=torch.contiguous_format)
+    return seconds
 
 
 def time_decode(probe_dir: Path, batch_size: int) -> Tuple[float, List[Tuple[Any, Any]]]:
@@ -371,6 +428,32 @@ def time_decode(probe_dir: Path, batch_size: int) -> Tuple[float, List[Tuple[Any
     probe = open_probe(probe_dir, channels=3, normalize="cifar10")
     batches = [(x, y) for _, x, y in probe.batches(batch_size)]
     return time.perf_counter() - start, batches
+
+
+def error_batches(batches: List[Tuple[Any, Any]], positions: List[int], batch_size: int
+                  ) -> List[Tuple[Any, Any]]:
+    """The images at ``positions`` of the probe (in ``batches``), re-batched."""
+    import torch
+
+    x = torch.cat([b[0] for b in batches])[positions]
+    y = torch.cat([b[1] for b in batches])[positions]
+    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+def time_baselines(model, batches, groups, names, n_steps: int, device: str
+                   ) -> Dict[str, Dict[str, Any]]:
+    """Every baseline standalone (no gradient shared with a replay) on ``batches``."""
+    from model_audit.baselines import compute_baselines
+
+    rows = [(list(range(i, i + len(y))), x, y) for i, (x, y) in
+            zip(itertools.accumulate([0] + [len(b[1]) for b in batches]), batches)]
+    out = {}
+    for name in names:
+        print(f"  baseline {name} on {sum(len(b[1]) for b in batches)} errors ...", flush=True)
+        r = compute_baselines(model, rows, groups, [name], device=device, n_steps=n_steps)[name]
+        out[name] = {"seconds": r.seconds, "forward_images": r.forward_images,
+                     "backward_images": r.backward_images}
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -394,79 +477,88 @@ def _busy_text(other: Optional[float], machine: Dict[str, Any]) -> str:
     return text
 
 
-def markdown_section(r: Dict[str, Any]) -> str:
-    m, t, s = r["machine"], r["training"], r["scan"]
-    load = r.get("load_average")
-    load_text = ", ".join(f"{v:.2f}" for v in load) if load else "unknown"
-    device = m["device"] + (f" ({m['gpu']})" if m.get("gpu") else "")
+def _model_text(r: Dict[str, Any]) -> str:
+    t = r["training"]
     if t.get("checkpoint"):
-        trained = f"as given: `{t['checkpoint']}`" + (
-            f" ({t['epochs']} epochs, test accuracy {100 * t['final_accuracy']:.2f}%, from "
-            "`python -m bench train`)" if t.get("epochs") else "")
-    else:
-        trained = (f"{t['steps']} steps x batch {t['batch']} = {t['steps'] * t['batch']:,} "
-                   f"images ({t['epochs']:.1f} epochs of a {t['train_images']:,}-image train "
-                   f"subset) in {t['seconds']:.0f} s")
+        text = f"as given: `{t['checkpoint']}`"
+        if t.get("reference"):
+            text += " (fully trained, ../shared/models)"
+        elif t.get("epochs"):
+            text += (f" ({t['epochs']} epochs, test accuracy {100 * t['final_accuracy']:.2f}%, "
+                     "from `python -m bench train`)")
+        return text
+    text = (f"{t['steps']} steps x batch {t['batch']} = {t['steps'] * t['batch']:,} images "
+            f"({t['epochs']:.1f} epochs of a {t['train_images']:,}-image train subset) in "
+            f"{t['seconds']:.0f} s")
     if t.get("reused"):
-        trained += " (checkpoint re-used from the cache; that time is from the run that trained it)"
-    met = "met" if s["wall_s"] < TARGET_SCAN_S else "NOT met"
+        text += " (checkpoint re-used from the cache; that time is from the run that trained it)"
+    return text
+
+
+def markdown_section(r: Dict[str, Any]) -> str:
+    m, s = r["machine"], r["scan"]
+    device = m["device"] + (f" ({m['gpu']})" if m.get("gpu") else "")
+    floor = r["forward_s"] + r["replay_floor_s"]
+    ratio = s["wall_s"] / floor
+    met = ("met" if s["wall_s"] <= TARGET_SCAN_S else "NOT met",
+           "met" if ratio <= TARGET_RATIO else "NOT met")
+    k = s["replay_steps"]
     lines = [
-        f"## {r['date']} — scan of {r.get('arch', ARCH)} on a {r['probe_size']}-image CIFAR-10 probe, "
-        f"{m['device']}",
-        "",
+        f"## {r['date']} — scan of {r['arch']} on a {r['probe_size']}-image CIFAR-10 probe, "
+        f"{m['device']}", "",
         f"- command: `{r['command']}`",
         f"- commit: `{r['commit']}`",
         f"- machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']}, "
         f"{m['threads']} threads, Python {m['python']}, device {device}",
-        f"- load average before / after: {load_text} / "
-        + (", ".join(f"{v:.2f}" for v in r["load_average_after"])
-           if r.get("load_average_after") else "unknown"),
         f"- other processes during the timings: {_busy_text(r.get('other_cores'), m)}",
-        f"- model: {r.get('arch', ARCH)}, {r['parameters']:,} parameters; trained {trained}",
+        f"- model: {r['arch']}, {r['parameters']:,} parameters; {_model_text(r)}",
         f"- probe: {r['probe_size']} images ({r['probe_size'] // 10} per class), accuracy "
-        f"{100 * s['accuracy']:.1f}%, **{s['misclassified']} misclassified**; batch size "
-        f"{r['batch_size']}",
-        "",
-        "| measurement | seconds |",
-        "|---|---:|",
-        f"| floor: forward+backward over the probe (images in memory) | {_fmt_s(r['floor_s'])} |",
-        f"| forward over the probe (no grad, images in memory) | {_fmt_s(r['forward_s'])} |",
-        f"| decoding the probe's JPEGs once | {_fmt_s(r['decode_s'])} |",
-        f"| **scan (library call, wall)** | **{_fmt_s(s['wall_s'])}** |",
-        "",
-        f"**ratio scan / floor: {s['wall_s'] / r['floor_s']:.2f}** "
-        f"(scan / forward: {s['wall_s'] / r['forward_s']:.2f}); target scan < "
-        f"{TARGET_SCAN_S:.0f} s: {met}",
-        "",
-        "Scan's own timing (`result.timing`): "
-        + ", ".join(f"{k} {v:.2f}" for k, v in s["timing"].items()),
-        "",
-        "Passes (`result.passes`): "
-        + ", ".join(f"{k} {v:,}" for k, v in s["passes"].items())
-        + f" (= {s['passes'].get('forward_images', 0) / r['probe_size']:.2f} forward and "
-        f"{s['passes'].get('backward_images', 0) / r['probe_size']:.2f} backward probe-passes)",
-        "",
-        f"Flagged: {', '.join(s['flagged']) if s['flagged'] else 'none'}; scores: "
-        + ", ".join(f"{k} {v:.3f}" for k, v in s.get("scores", {}).items()),
-        "",
-    ]
-    cost = s.get("cost")
-    if cost:
-        lines += [
-            "Cost per method (`result.cost()`): "
-            + "; ".join(f"{name} {c['seconds']:.2f} s, {c['forward_images']:,} fwd / "
-                        f"{c['backward_images']:,} bwd images" for name, c in cost.items()),
-            "",
-        ]
-    rp = s.get("replay")
-    if rp:
-        lines += [
-            f"Replay over the {rp['n']} errors: mean error loss {rp['initial_loss']:.3f} -> "
-            f"{rp['final_loss']:.3f}, {rp['fixed_by_replay']} fixed; per-step loss "
-            + ", ".join(f"{step['loss']:.3f}" for step in rp["steps"]),
-            "",
-        ]
+        f"{100 * s['accuracy']:.2f}%, **{s['misclassified']} misclassified**; batch size "
+        f"{r['batch_size']}; every timing after a warm-up scan in the same process", "",
+        "| measurement | seconds |", "|---|---:|",
+        f"| forward over the probe (plain `no_grad`, images in memory) | {r['forward_s']:.2f} |",
+        f"| the same in channels-last memory format | {r['forward_cl_s']:.2f} |",
+        f"| the replay's passes: {k} x forward+backward over the {s['misclassified']} errors "
+        f"(plain) | {r['replay_floor_s']:.2f} |",
+        f"| **floor** = forward over the probe + the replay's passes | **{floor:.2f}** |",
+        f"| decoding the probe's JPEGs once (not in the floor) | {r['decode_s']:.2f} |",
+        f"| **scan (library call, default settings and baselines, wall)** | "
+        f"**{s['wall_s']:.2f}** |", "",
+        f"**scan / floor: {ratio:.2f}** (goal <= {TARGET_RATIO}: {met[1]}); scan "
+        f"{s['wall_s']:.1f} s (goal <= {TARGET_SCAN_S:.0f} s: {met[0]})", "",
+        "Scan's own timing (`result.timing`, s): "
+        + ", ".join(f"{key} {v:.2f}" for key, v in s["timing"].items()), "",
+        "Passes (`result.passes`): " + ", ".join(f"{key} {v:,}" for key, v in s["passes"].items()),
+        "", f"Flagged: {', '.join(s['flagged']) or 'none'}", ""]
+    lines += _baseline_lines(r)
     return "\n".join(lines) + "\n"
+
+
+def _baseline_lines(r: Dict[str, Any]) -> List[str]:
+    s = r["scan"]
+    own = s["cost"].get("replay_reduction", {})
+    n_err = s["misclassified"]
+    if not own or not n_err:
+        return []
+    own_per = own["seconds"] / n_err
+    lines = [f"Cost per method. The own metric (replay + attribution) took {own['seconds']:.2f} "
+             f"s for {n_err} errors ({1000 * own_per:.1f} ms per error). In the scan, with the "
+             "default baselines: " + "; ".join(
+                 f"{name} {c['seconds']:.2f} s ({c['relative_to_own']:.2f}x own)"
+                 for name, c in s["cost"].items() if name != "replay_reduction") + ".", ""]
+    if r.get("baselines"):
+        n_b = r["baseline_errors"]
+        lines += [f"Each baseline standalone (its own passes, none shared) on the first {n_b} of "
+                  f"the errors, n_steps {r['baseline_steps']} for the path methods; ratio = "
+                  "its seconds per error / the own metric's:", "",
+                  "| baseline | seconds | fwd images | bwd images | ms per error | x own metric |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, c in r["baselines"].items():
+            per = c["seconds"] / n_b
+            lines.append(f"| {name} | {c['seconds']:.2f} | {c['forward_images']:,} | "
+                         f"{c['backward_images']:,} | {1000 * per:.1f} | {per / own_per:.2f} |")
+        lines.append("")
+    return lines
 
 
 def append_results(path: Path, section: str) -> Optional[str]:
@@ -492,98 +584,100 @@ def append_results(path: Path, section: str) -> Optional[str]:
 # ------------------------------------------------------------------------------------------
 
 
+def _check_args(args: argparse.Namespace) -> Optional[str]:
+    if args.probe_size < 10 or args.probe_size % 10:
+        return f"--probe-size must be a positive multiple of 10, got {args.probe_size}"
+    if args.train_steps < 0 or args.train_batch < 1 or args.train_per_class < 1:
+        return "--train-steps must be >= 0, --train-batch and --train-per-class >= 1"
+    if args.baseline_errors < 1 or args.baseline_steps < 1:
+        return "--baseline-errors and --baseline-steps must be >= 1"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     command = shlex.join(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     commit = git_commit()  # at the start: the code this process imports
-    load_before = load_average()
-    if args.probe_size < 10 or args.probe_size % 10:
-        print(f"error: --probe-size must be a positive multiple of 10, got {args.probe_size}",
-              file=sys.stderr)
-        return 2
-    if args.train_steps < 0 or args.train_batch < 1 or args.train_per_class < 1:
-        print("error: --train-steps must be >= 0, --train-batch and --train-per-class >= 1",
-              file=sys.stderr)
-        return 2
+    problem = _check_args(args)
     cifar = _cifar_module()
     data = args.data or cifar.CIFAR_TARBALL
-    if not Path(data).is_file():
-        print(f"error: {cifar.missing_data_message(Path(data))}", file=sys.stderr)
-        return 2
+    if problem is None and not Path(data).is_file():
+        problem = cifar.missing_data_message(Path(data))
     cache = (args.cache_dir or default_cache_dir()).expanduser()
-    if _inside_repo(cache):
-        print(f"error: --cache-dir {cache} is inside the repository; the checkpoint and the "
-              "CIFAR images must stay outside it", file=sys.stderr)
+    if problem is None and _inside_repo(cache):
+        problem = (f"--cache-dir {cache} is inside the repository; the checkpoint and the "
+                   "CIFAR images must stay outside it")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
+    from model_audit.baselines import resolve_baselines
+
+    names = resolve_baselines(args.baselines)  # a bad name fails before any work
     cache.mkdir(parents=True, exist_ok=True)
 
     import torch
 
     from model_audit.checkpoint import load_checkpoint
+    from model_audit.layers import layer_groups
     from model_audit.options import AuditOptions, resolve_device
     from model_audit.scan import ScanConfig, scan
 
     device = resolve_device(args.device)
     classes = sorted(cifar.CIFAR10_CLASSES)
-    t0 = time.perf_counter()
-    train_dir = cifar.cifar_subset(cache / "cifar10", "train", args.train_per_class,
-                                   tarball=data)
+    train_dir = (cifar.cifar_subset(cache / "cifar10", "train", args.train_per_class,
+                                    tarball=data) if str(args.checkpoint) == "brief" else None)
     probe_dir = cifar.cifar_subset(cache / "cifar10", "test", args.probe_size // 10,
                                    tarball=data)
-    print(f"CIFAR-10 subsets ready in {time.perf_counter() - t0:.1f} s: {train_dir}, {probe_dir}")
     ckpt_path, training = prepare_checkpoint(cache, train_dir, args, device, classes)
-    arch = getattr(args, "checkpoint", None) and load_checkpoint(ckpt_path).arch or ARCH
-
-    options = AuditOptions(normalize="cifar10", device=device)
+    arch = training.get("arch") or load_checkpoint(ckpt_path).arch
+    options = AuditOptions(arch=training.get("arch"), normalize="cifar10", device=device)
     config = ScanConfig(options=options)
     batch_size = options.batch_size
-
-    # The floor and the forward pass use the same weights, loaded the way the scan loads them.
-    model = load_checkpoint(ckpt_path).model.to(device).eval()
-    parameters = sum(p.numel() for p in model.parameters())
-    print(f"timing on {device} with {torch.get_num_threads()} threads "
-          f"(probe {args.probe_size} images, batch {batch_size}) ...", flush=True)
+    model = load_checkpoint(ckpt_path, arch=training.get("arch")).model.to(device).eval()
+    print(f"timing on {device} with {torch.get_num_threads()} threads (probe "
+          f"{args.probe_size} images, batch {batch_size}) ...", flush=True)
     meter = BusyMeter()
     decode_s, batches = time_decode(probe_dir, batch_size)
-    # Warm-up (kernel selection, allocator) outside every timing.
+    # Warm-up (imports, kernel selection, allocator) outside every timing.
+    # The first scan of a process pays for the kernels of every batch shape once: a warm-up
+    # scan of the whole probe, so that the timed one is compared with a warm floor.
+    scan(ckpt_path, probe_dir, config)
     time_floor(model, batches[:1], device)
-    floor_s = time_floor(model, batches, device)
-    print(f"  floor (forward+backward over the probe): {floor_s:.2f} s", flush=True)
+    time_forward(model, batches[:1], device, channels_last=True)
     forward_s = time_forward(model, batches, device)
-    print(f"  forward over the probe: {forward_s:.2f} s", flush=True)
-    del model, batches
-
+    forward_cl_s = time_forward(model, batches, device, channels_last=True)
+    print(f"  forward over the probe: {forward_s:.2f} s (channels-last {forward_cl_s:.2f} s)",
+          flush=True)
     start = time.perf_counter()
     result = scan(ckpt_path, probe_dir, config)
     _sync(device)
     wall_s = time.perf_counter() - start
+    errors = result.evaluation.misclassified
+    print(f"  scan: {wall_s:.2f} s ({len(errors)} misclassified)", flush=True)
+    wrong = error_batches(batches, errors, batch_size)
+    replay_floor_s = time_floor(model, wrong, device, repeats=config.replay.steps)
     other_cores = meter.other_cores()
+    timed = error_batches(batches, errors[:args.baseline_errors], batch_size)
+    costs = time_baselines(model, timed, layer_groups(model, options.granularity), names,
+                           args.baseline_steps, device) if names and errors else {}
     ev = result.evaluation
-    scan_info = {"wall_s": wall_s, "timing": dict(result.timing), "passes": dict(result.passes),
-                 "misclassified": len(ev.misclassified), "accuracy": ev.accuracy,
-                 "flagged": list(result.flagged),
-                 "scores": {layer.name: layer.score for layer in result.layers},
-                 "replay": result.replay.to_dict() if result.replay is not None else None,
-                 # Per method (own metric and each baseline the scan ran), when the library
-                 # reports it: baselines' passes are not in ``result.passes``.
-                 "cost": result.cost() if hasattr(result, "cost") else None}
-    print(f"  scan: {wall_s:.2f} s ({len(ev.misclassified)} misclassified, accuracy "
-          f"{100 * ev.accuracy:.1f}%)", flush=True)
-
     record = {"date": date, "command": command, "commit": commit,
-              "machine": machine_info(device), "load_average": load_before,
-              "load_average_after": load_average(), "training": training, "arch": arch,
+              "machine": machine_info(device), "training": training, "arch": arch,
               "probe_size": args.probe_size, "batch_size": batch_size,
-              "parameters": parameters, "floor_s": floor_s, "forward_s": forward_s,
-              "decode_s": decode_s, "scan": scan_info, "other_cores": other_cores}
+              "parameters": sum(p.numel() for p in model.parameters()),
+              "forward_s": forward_s, "forward_cl_s": forward_cl_s,
+              "replay_floor_s": replay_floor_s, "decode_s": decode_s,
+              "other_cores": other_cores, "baselines": costs,
+              "baseline_errors": min(args.baseline_errors, len(errors)),
+              "baseline_steps": args.baseline_steps,
+              "scan": {"wall_s": wall_s, "timing": dict(result.timing),
+                       "passes": dict(result.passes), "misclassified": len(errors),
+                       "accuracy": ev.accuracy, "flagged": list(result.flagged),
+                       "cost": result.cost(), "replay_steps": config.replay.steps}}
     section = markdown_section(record)
     print()
     print(section)
     problem = append_results(args.out, section)
-    if problem:
-        print(f"note: not recorded: {problem}", file=sys.stderr)
-    else:
-        print(f"appended to {args.out}")
-    if not math.isfinite(wall_s):
-        return 1
-    return 0
+    print(f"note: not recorded: {problem}" if problem else f"appended to {args.out}",
+          file=sys.stderr if problem else sys.stdout)
+    return 0 if math.isfinite(wall_s) else 1

@@ -505,9 +505,17 @@ def _layer_totals(name: str, forward: Callable[..., torch.Tensor], layers: Dict[
 
 
 def _auto_rgn(net: nn.Module, groups: Sequence[LayerGroup], batches: Iterable, device: str,
-              counter: _Counter, n: int, progress: bool) -> np.ndarray:
-    """``||g_G|| / ||w_G||`` of the mean cross-entropy on the misclassified images, per group."""
+              counter: _Counter, n: int, progress: bool,
+              grad_sq: Optional[Dict[str, float]] = None) -> np.ndarray:
+    """``||g_G|| / ||w_G||`` of the mean cross-entropy on the misclassified images, per group.
+
+    ``grad_sq`` (per parameter, the squared norm of that mean gradient, as the replay's first
+    step computes it: :attr:`~model_audit.replay.ReplayResult.initial_grad_sq`) saves the
+    forward and backward pass.
+    """
     params = dict(net.named_parameters())
+    if grad_sq is not None:
+        return _relative_norms(groups, params, grad_sq)
     for p in params.values():
         p.requires_grad_(True)
     names = list(params)
@@ -524,9 +532,15 @@ def _auto_rgn(net: nn.Module, groups: Sequence[LayerGroup], batches: Iterable, d
             for k, g in zip(names, chunk):
                 if g is not None:
                     grads[k] += g.double()
+    return _relative_norms(groups, params,
+                           {k: float(g.div(n).pow(2).sum()) for k, g in grads.items()})
+
+
+def _relative_norms(groups: Sequence[LayerGroup], params: Dict[str, torch.Tensor],
+                    grad_sq: Dict[str, float]) -> np.ndarray:
     values = np.empty(len(groups))
     for j, group in enumerate(groups):
-        g2 = sum(float(grads[p].div(n).pow(2).sum()) for p in group.parameter_names)
+        g2 = sum(grad_sq[p] for p in group.parameter_names)
         w2 = sum(float(params[p].detach().double().pow(2).sum()) for p in group.parameter_names)
         values[j] = math.sqrt(g2) / math.sqrt(w2) if w2 > 0 else math.nan
     return values
@@ -574,7 +588,8 @@ def compute_baselines(model: nn.Module, batches: Iterable[Tuple[Any, torch.Tenso
                       groups: Sequence[LayerGroup], names: Union[str, Sequence[str]], *,
                       device: str = "cpu", progress: bool = False,
                       internal_batch_size: Optional[int] = None,
-                      n_steps: int = 50) -> Dict[str, BaselineResult]:
+                      n_steps: int = 50,
+                      grad_sq: Optional[Dict[str, float]] = None) -> Dict[str, BaselineResult]:
     """Per-group scores of the baselines ``names`` on the misclassified images in ``batches``.
 
     Args:
@@ -588,6 +603,10 @@ def compute_baselines(model: nn.Module, batches: Iterable[Tuple[Any, torch.Tenso
         internal_batch_size: most images per forward of the path methods (images x steps);
             default the batch size of ``batches``.
         n_steps: integration steps of the path methods.
+        grad_sq: per parameter, the squared norm of the mean error-loss gradient at the
+            checkpoint, when the caller has it (the replay's
+            :attr:`~model_audit.replay.ReplayResult.initial_grad_sq`): Auto-RGN then takes no
+            pass of its own, and reports 0 passes and the time of its arithmetic.
 
     Returns:
         ``{name: BaselineResult}`` in the registry's order; scores in the order of ``groups``.
@@ -623,14 +642,16 @@ def compute_baselines(model: nn.Module, batches: Iterable[Tuple[Any, torch.Tenso
     if "auto_rgn" in chosen:
         counter = _Counter()
         t0 = time.perf_counter()
-        raw = _auto_rgn(net, groups, batches, device, counter, n, progress)
+        raw = _auto_rgn(net, groups, batches, device, counter, n, progress, grad_sq)
         results["auto_rgn"] = BaselineResult(
             "auto_rgn", _shares(raw), counter.forward, counter.backward,
             time.perf_counter() - t0,
             {"target": "true label (mean cross-entropy of the misclassified images)",
              "reduction": "||grad_G||_2 / ||w_G||_2 over the group's parameters as one vector, "
                           "normalised to shares summing to 1 over the groups",
-             "n_steps": None, "baseline_input": None, "images": n}, raw)
+             "n_steps": None, "baseline_input": None, "images": n,
+             "gradient": "the replay's first step (no pass of its own)" if grad_sq is not None
+             else "one forward and backward pass over the images"}, raw)
     layer_names = [name for name in chosen if BASELINES[name].captum_class]
     if layer_names:
         layers = prepare_layers(net, groups, first.to(device))

@@ -63,7 +63,7 @@ from ._progress import progress_bar
 from .checkpoint import (META_PREFIX, LoadedCheckpoint, atomic_write_bytes, audit_metadata,
                          read_tensors, same_file)
 from .errors import ConfigError, OutputError, ProbeError
-from .evaluate import EvaluationResult, evaluate
+from .evaluate import EvaluationResult, evaluate, fast_layout
 from .layers import LayerGroup, layer_groups
 from .options import AuditOptions, load_inputs, resolve_device, seed_everything
 from .probe import BatchCache, ProbeSet, open_probe
@@ -445,19 +445,21 @@ def _retrain(base: nn.Module, groups: Sequence[LayerGroup], selected: Sequence[s
     momentum = MomentumScheduler(opt, config.schedule)
     start = time.perf_counter()
     torch.manual_seed(config.options.seed)
-    for step, idx in enumerate(progress_bar(plan, total=len(plan), desc=desc, enabled=progress)):
-        x = train.load(idx).to(device)
-        y = train.labels[idx].to(device)
-        loss = F.cross_entropy(model(x).float(), y)
-        if not math.isfinite(float(loss.detach())):
-            raise RepairDiverged(
-                f"the repair of {', '.join(selected)} diverged at step {step} (loss "
-                f"{float(loss.detach())}) with lr {config.lr}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        lr_sched.step()
-        momentum.step()
+    with fast_layout(model, device):
+        for step, idx in enumerate(progress_bar(plan, total=len(plan), desc=desc,
+                                                enabled=progress)):
+            x = train.load(idx).to(device)
+            y = train.labels[idx].to(device)
+            loss = F.cross_entropy(model(x).float(), y)
+            if not math.isfinite(float(loss.detach())):
+                raise RepairDiverged(
+                    f"the repair of {', '.join(selected)} diverged at step {step} (loss "
+                    f"{float(loss.detach())}) with lr {config.lr}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            lr_sched.step()
+            momentum.step()
     for p in model.parameters():
         p.requires_grad_(True)
     return model, time.perf_counter() - start
@@ -625,9 +627,11 @@ def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
     timing["selection_s"] = time.perf_counter() - t0
     model.to(device).eval()
     t0 = time.perf_counter()
-    before = evaluate(model, probe_set, device=device, batch_size=opts.batch_size, progress=progress)
-    train_eval = evaluate(model, train_set, device=device, batch_size=opts.batch_size,
+    with fast_layout(model, device):
+        before = evaluate(model, probe_set, device=device, batch_size=opts.batch_size,
                           progress=progress)
+        train_eval = evaluate(model, train_set, device=device, batch_size=opts.batch_size,
+                              progress=progress)
     timing["evaluate_s"] = time.perf_counter() - t0
     wrong = train_eval.misclassified
     wrong_set = set(wrong)
@@ -654,7 +658,8 @@ def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
             disjoint: Optional[bool] = None) -> Tuple[RepairRun, nn.Module]:
         repaired, seconds = _retrain(model, units, chosen, train_set, plan, config, device,
                                      progress, f"retrain {name}")
-        after = evaluate(repaired, probe_set, device=device, batch_size=opts.batch_size)
+        with fast_layout(repaired, device):
+            after = evaluate(repaired, probe_set, device=device, batch_size=opts.batch_size)
         trainable = sum(g.params for g in units if g.name in chosen)
         return RepairRun(name, tuple(chosen), trainable, trainable / total, len(plan),
                          seconds, after, before, disjoint=disjoint), repaired

@@ -91,6 +91,9 @@ class ReplayResult:
     lr_trials: int = 0         # forward passes the step-size check took
     initial_losses: Optional[torch.Tensor] = None   # per image, at theta_0
     lr_check_passed: bool = True   # False: no rate in the search passed the Armijo check
+    #: per parameter, the squared norm of the mean error-loss gradient at theta_0 (the first
+    #: step's): Auto-RGN's numerator, so that baseline needs no pass of its own in a scan
+    initial_grad_sq: Optional[Dict[str, float]] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return {"n": self.n, "initial_loss": self.initial_loss, "final_loss": self.final_loss,
@@ -161,6 +164,7 @@ def replay(model: nn.Module, batches: BatchCache, *, config: ReplayConfig = Repl
     trials = 0
     passed = not config.lr_search
     initial: List[torch.Tensor] = []
+    initial_grad_sq: Dict[str, float] = {}
     for t in progress_bar(range(config.steps), total=config.steps, desc="replay", enabled=progress):
         grads = {k: torch.zeros_like(v) for k, v in theta.items()}
         total_loss = 0.0
@@ -181,9 +185,10 @@ def replay(model: nn.Module, batches: BatchCache, *, config: ReplayConfig = Repl
             backward += len(y)
         mean_loss = total_loss / n
         with torch.no_grad():
-            sq = 0.0
-            for k in names:
-                sq += float(grads[k].div_(n).pow(2).sum())
+            per_param = {k: float(grads[k].div_(n).pow(2).sum()) for k in names}
+            sq = sum(per_param.values())
+            if t == 0:
+                initial_grad_sq = per_param
         if not (math.isfinite(mean_loss) and math.isfinite(sq)):
             if t == 0:
                 raise ReplayError(
@@ -219,4 +224,4 @@ def replay(model: nn.Module, batches: BatchCache, *, config: ReplayConfig = Repl
     displacement = {k: (theta[k] - theta0[k]).detach() for k in names}
     return ReplayResult(tuple(steps), displacement, steps[0].loss, float(final_losses.mean()),
                         int(right.sum()), n, forward, backward, peak, trials,
-                        torch.cat(initial), passed)
+                        torch.cat(initial), passed, initial_grad_sq)

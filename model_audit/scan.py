@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -26,7 +27,7 @@ from .attribution import (METRIC_NAME, NET_METRIC_NAME, Attribution, GroupReduct
 from .baselines import DEFAULT_BASELINES, Agreement, BaselineResult, resolve_baselines
 from .checkpoint import LoadedCheckpoint, atomic_write_files, same_file
 from .errors import ConfigError, OutputError, ReplayError
-from .evaluate import EvaluationResult, evaluate
+from .evaluate import EvaluationResult, evaluate, fast_layout
 from .layers import LayerGroup, layer_groups
 from .options import AuditOptions, resolve_device, resolve_inputs, seed_everything
 from .probe import BatchCache, ProbeSet
@@ -202,9 +203,11 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
     original_device = next(model.parameters()).device
     was_training = model.training
     deterministic = torch.backends.cudnn.deterministic
+    stack = ExitStack()
     try:
         model.to(device).eval()
         torch.backends.cudnn.deterministic = True
+        stack.enter_context(fast_layout(model, device))
         t0 = time.perf_counter()
         ev = evaluate(model, probe, device=device, batch_size=opts.batch_size, progress=progress)
         timing["evaluate_s"] = time.perf_counter() - t0
@@ -265,7 +268,7 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
                 t0 = time.perf_counter()
                 baseline_results = compute_baselines(
                     model, cache, groups, names, device=device, progress=progress,
-                    n_steps=config.baseline_steps)
+                    n_steps=config.baseline_steps, grad_sq=result_replay.initial_grad_sq)
                 timing["baselines_s"] = time.perf_counter() - t0
                 agreements = {n: agreement(attr.scores, b.scores, attr.flagged)
                               for n, b in baseline_results.items()}
@@ -278,6 +281,7 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
             zeros = np.zeros(len(groups))
             attr = Attribution(zeros, zeros, zeros.astype(bool), zeros, zeros, zeros, 0)
     finally:
+        stack.close()
         model.to(original_device).train(was_training)
         torch.backends.cudnn.deterministic = deterministic
     layers = tuple(

@@ -246,10 +246,28 @@ def test_default_baselines_sit_beside_the_own_metric(sgd_checkpoint, digits_prob
     for name in ("grad_x_activation", "auto_rgn"):
         shares = [layer["baselines"][name] for layer in d["layers"]]
         assert sum(shares) == pytest.approx(1.0)
-        assert d["cost"][name]["forward_images"] == d["probe"]["misclassified"]
         assert d["cost"][name]["seconds"] > 0
+    # grad x activation takes one pass; Auto-RGN takes the replay's first-step gradient
+    assert d["cost"]["grad_x_activation"]["forward_images"] == d["probe"]["misclassified"]
+    assert d["cost"]["auto_rgn"]["forward_images"] == 0
+    assert d["cost"]["auto_rgn"]["backward_images"] == 0
     assert d["cost"]["replay_reduction"]["backward_images"] == \
         ReplayConfig().steps * d["probe"]["misclassified"]
+
+
+def test_auto_rgn_from_the_replay_gradient_equals_its_own_pass(sgd_checkpoint, digits_probe):
+    from model_audit.baselines import compute_baselines
+    from model_audit.layers import layer_groups
+    from model_audit.probe import BatchCache
+
+    result = scan(sgd_checkpoint, digits_probe, FAST)
+    model = result.checkpoint.model.eval()
+    cache = BatchCache(result.probe, result.evaluation.misclassified, 16)
+    own = compute_baselines(model, cache, layer_groups(model), ["auto_rgn"])["auto_rgn"]
+    assert own.forward_images == len(result.evaluation.misclassified)
+    shared = [layer.baselines["auto_rgn"] for layer in result.layers]
+    assert shared == pytest.approx(own.scores.tolist(), rel=1e-5)
+    assert result.baselines["auto_rgn"].settings["gradient"].startswith("the replay's")
 
 
 def test_baselines_none_and_unknown(sgd_checkpoint, digits_probe):
