@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
                          FixConfig(options=opts, steps=setting["steps"], lr=setting["lr"],
                                    wrong_fraction=setting["wrong_fraction"],
                                    batchnorm=setting["batchnorm"], batch_size=args.batch,
-                                   controls=() if args.sweep else ("all", "random", "auto_rgn")))
+                                   controls=() if args.sweep else ("all", "random", "rgn")))
             results.append(result.to_dict())
             sel = results[-1]["selection"]
             print(f"  net {sel['net']:+d} ({sel['fixed']} fixed, {sel['broken']} broken)",

@@ -82,7 +82,10 @@ def _cifar_module():
 #: ``--checkpoint reference-sgd`` / ``reference-adam`` in every bench that takes a checkpoint.
 REFERENCE = {"reference-sgd": "resnet18-cifar-sgd.safetensors",
              "reference-adam": "resnet18-cifar-adam.safetensors"}
-REFERENCE_DIR = ROOT.parent / "shared" / "models"
+#: Where they are: ``../shared/models``, or ``$MODEL_AUDIT_REFERENCE_DIR`` (e.g. on a machine
+#: that got them as a carried folder).
+REFERENCE_DIR = Path(os.environ.get("MODEL_AUDIT_REFERENCE_DIR")
+                     or ROOT.parent / "shared" / "models")
 
 
 def resolve_checkpoint(name: Any, arch: Optional[str] = None, normalize: Optional[str] = None

@@ -93,7 +93,7 @@ def test_fix_on_test_halves_with_controls_and_the_sweep(tmp_path, cifar_archive)
     text = out.read_text()
     assert "repair: the first 5 CIFAR-10 test images per class" in text
     assert "probe: the next 5 per class (disjoint, checked by content hash)" in text
-    for name in ("flagged", "all", "random", "auto_rgn"):
+    for name in ("flagged", "all", "random", "rgn"):
         assert f"| 1 | {name} |" in text
     assert "wall time of the flagged repair / the full fine-tune's, per seed:" in text
     assert bench_main(["fix", *common, "--seeds", "1", "--sweep", "--lr", "0.001,0.01",
