@@ -19,6 +19,18 @@ def _threads():
 
 
 @pytest.fixture
+def cifar_archive() -> Path:
+    """The CIFAR-10 JPEG archive of ../shared/data; the test is skipped, saying why, without it."""
+    try:
+        from .cifar import CIFAR_TARBALL, missing_data_message
+    except ImportError:  # tests/ is not a package: pytest puts it on sys.path
+        from cifar import CIFAR_TARBALL, missing_data_message
+    if not CIFAR_TARBALL.is_file():
+        pytest.skip(missing_data_message(CIFAR_TARBALL))
+    return CIFAR_TARBALL
+
+
+@pytest.fixture
 def sgd_checkpoint() -> Path:
     return SAMPLES / "digits-sgd.safetensors"
 

@@ -11,16 +11,9 @@ from bench.__main__ import main as bench_main
 from model_audit.checkpoint import audit_metadata, build_model, save_checkpoint
 
 try:
-    from .cifar import CIFAR10_CLASSES, CIFAR_TARBALL, missing_data_message
+    from .cifar import CIFAR10_CLASSES
 except ImportError:  # tests/ is not a package
-    from cifar import CIFAR10_CLASSES, CIFAR_TARBALL, missing_data_message
-
-
-@pytest.fixture
-def cifar_archive():
-    if not CIFAR_TARBALL.is_file():
-        pytest.skip(missing_data_message(CIFAR_TARBALL))
-    return CIFAR_TARBALL
+    from cifar import CIFAR10_CLASSES
 
 
 def _tiny(path, seed):

@@ -11,18 +11,6 @@ from model_audit.checkpoint import load_checkpoint
 from model_audit.layers import layer_groups
 from model_audit.schedules import beta_momentum, hybrid_momentum
 
-try:
-    from .cifar import CIFAR_TARBALL, missing_data_message
-except ImportError:  # tests/ is not a package
-    from cifar import CIFAR_TARBALL, missing_data_message
-
-
-@pytest.fixture
-def cifar_archive():
-    if not CIFAR_TARBALL.is_file():
-        pytest.skip(missing_data_message(CIFAR_TARBALL))
-    return CIFAR_TARBALL
-
 
 def _data(n=6, h=5, w=7):
     x = torch.arange(n * 3 * h * w, dtype=torch.int64).remainder(251).add(1).to(torch.uint8)
