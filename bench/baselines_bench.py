@@ -54,7 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from model_audit import AuditOptions, ScanConfig, scan
     from model_audit.baselines import DEFAULT_BASELINES, resolve_baselines
-
     path_names = resolve_baselines(args.path_baselines)  # a bad name fails before any work
     device = sb.pick_device(args.device)
     command = "python -m bench baselines " + " ".join(sys.argv[2:])
@@ -113,8 +112,8 @@ def captum_reference(checkpoint: Path, probe_dir: Path, n_images: int, n_steps: 
 
     from model_audit import AuditOptions
     from model_audit.baselines import _Counter, _abs_sum, _shared_path_totals, prepare_layers
-    from model_audit.evaluate import evaluate
-    from model_audit.layers import layer_groups
+    from model_audit.core.evaluate import evaluate
+    from model_audit.core.layers import layer_groups
     from model_audit.options import load_inputs
 
     opts = AuditOptions(device=device, arch=arch, normalize=normalize)

@@ -3,7 +3,7 @@
 The paper reports that an SGD-trained and an Adam-trained ResNet-18 flag the same three layer
 groups (100% overlap), from one seed. This benchmark trains the same architecture on the same
 CIFAR-10 subset with three optimizers, constant-momentum SGD (0.9), SGD with the beta schedule
-(``model_audit.schedules.MomentumScheduler``) and Adam, for ``--seeds`` seeds each, scans every
+(``model_audit.core.schedules.MomentumScheduler``) and Adam, for ``--seeds`` seeds each, scans every
 checkpoint on the same held-out probe, and compares
 
 * across optimizers with the same seed (SGD vs Adam, beta vs Adam, SGD vs beta), and
@@ -79,9 +79,8 @@ def train(arch: str, optimizer: str, seed: int, x, y, epochs: float, batch: int,
     import torch
     import torch.nn.functional as F
 
-    from model_audit.checkpoint import build_model
-    from model_audit.schedules import MomentumScheduler
-
+    from model_audit.models.registry import build_model
+    from model_audit.core.schedules import MomentumScheduler
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = build_model(arch, 10).to(device)
@@ -116,8 +115,7 @@ def checkpoints(args, arch, epochs, per_class, cache, train_dir, classes, device
                 ) -> Dict[Tuple[str, int], Tuple[str, Path, Dict[str, Any]]]:
     """(method, seed) -> (name, checkpoint, training stats): trained here (cached), or the
     runs of the last ``python -m bench train`` with ``--from-train``."""
-    from model_audit.checkpoint import audit_metadata, save_checkpoint
-
+    from model_audit.models.checkpoint import audit_metadata, save_checkpoint
     out: Dict[Tuple[str, int], Tuple[str, Path, Dict[str, Any]]] = {}
     if args.from_train:
         last = cache.parent / "train" / "last-train.json"
@@ -172,7 +170,7 @@ def _probes(args: argparse.Namespace, cache: Path) -> List[Tuple[str, Path]]:
 def run_checkpoints(args: argparse.Namespace) -> int:
     """Scan two given checkpoints on the same probes and compare them on each."""
     from model_audit import AuditOptions, ScanConfig, scan
-    from model_audit.compare import CompareConfig, compare
+    from model_audit.commands.compare import CompareConfig, compare
     from model_audit.errors import ConfigError
 
     names = [n.strip() for n in args.checkpoints.split(",") if n.strip()]
@@ -252,8 +250,7 @@ def markdown_checkpoints(rows, names, device, command, commit, args) -> str:
 
 def run_training(args: argparse.Namespace) -> int:
     from model_audit import AuditOptions, ScanConfig, scan
-    from model_audit.compare import CompareConfig, compare
-
+    from model_audit.commands.compare import CompareConfig, compare
     device = sb.pick_device(args.device)
     gpu = device.startswith("cuda")
     arch, per_class = sb.scale_defaults(device, args.arch, args.train_per_class)

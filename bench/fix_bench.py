@@ -126,8 +126,7 @@ def _data(args: argparse.Namespace, cache: Path, sweep: bool) -> Tuple[Path, Pat
 
 def run(args: argparse.Namespace) -> int:
     from model_audit import AuditOptions
-    from model_audit.fix import FixConfig, fix
-
+    from model_audit.commands.fix import FixConfig, fix
     grid = _grid(args)
     device = sb.pick_device(args.device)
     command = "python -m bench fix " + " ".join(sys.argv[2:])
@@ -162,8 +161,7 @@ def run(args: argparse.Namespace) -> int:
 def markdown_sweep(results, ckpt, device, command, commit, data_text: str) -> str:
     import statistics
 
-    from model_audit.fix import format_p
-
+    from model_audit.commands.fix import format_p
     lines = sb.section_header(f"fix: repair settings on a validation split, "
                               f"{results[0]['model']['arch']}, {device}", command, commit,
                               device) + [
@@ -205,8 +203,7 @@ def _time_ratio(r: Dict[str, Any]) -> str:
 def markdown(results, ckpt, device, command, commit, data_text: str) -> str:
     import statistics
 
-    from model_audit.fix import format_p
-
+    from model_audit.commands.fix import format_p
     d = results[0]
     cfg = d["config"]
     lines = sb.section_header(f"fix: flagged selection vs controls, {d['model']['arch']}, "

@@ -3,14 +3,14 @@
 Three kinds of cases whose responsible layer group is known:
 
 1. **Planted defects** (``--parts planted``): from a trained checkpoint, ONE group at a time
-   is damaged (``model_audit.plant``: Gaussian weight noise, interpolation toward a fresh
+   is damaged (``model_audit.core.plant``: Gaussian weight noise, interpolation toward a fresh
    initialisation, the group alone fine-tuned on a class-pair label swap, shifted BatchNorm
    statistics), with the severity calibrated on the probe so that every case costs the same
    accuracy drop (``--drop``). Every group x every applicable defect x ``--seeds`` seeds. The
    damaged copy is scanned and every method's rank of the damaged group is recorded: top-1,
    mean reciprocal rank (MRR), and for the own metric's flag rules the flag hit (the damaged
    group is flagged) and the flagged set's size. The case loop is the library's
-   (``model_audit.sanity.run_cases``), the one ``model-audit sanity`` runs.
+   (``model_audit.commands.sanity.run_cases``), the one ``model-audit sanity`` runs.
 2. **Null**: the unmodified model, scanned the same way: what scores and flags look like when
    nothing was planted.
 3. **Shifts with an oracle** (``--parts shifts``), after surgical fine-tuning (Lee et al. 2023):
@@ -127,8 +127,7 @@ def _scan_config(args: argparse.Namespace, arch, normalize, limit, seed=0):
 def flag_rules(scores: np.ndarray, shares: np.ndarray, null_high: Optional[np.ndarray]
                ) -> Dict[str, np.ndarray]:
     """Candidate flag rules of the own metric, given its scores (shares of the reduction)."""
-    from model_audit.attribution import flag_rule
-
+    from model_audit.core.attribution import flag_rule
     g = len(scores)
     rules = {"share_and_equal": scores > np.maximum(shares, 1.0 / g),   # the rule until 12-03
              "share_or_top": flag_rule(scores, shares),                  # the tool's rule now
@@ -172,11 +171,10 @@ def candidate_scores(ckpt: Any, result: Any) -> Dict[str, np.ndarray]:
     ``replay_reduction_best_scale``: errors only at the best scale (the two ablations, to see
     which change matters). The scan's own metric is left as the scan computed it.
     """
-    from model_audit.attribution import (NET_SCALES, group_net_reductions, group_reductions,
+    from model_audit.core.attribution import (NET_SCALES, group_net_reductions, group_reductions,
                                          net_positions, scores_from_reductions)
-    from model_audit.layers import layer_groups
-    from model_audit.probe import BatchCache
-
+    from model_audit.core.layers import layer_groups
+    from model_audit.io.probe import BatchCache
     if result.replay is None:
         return {}
     opts = result.config.options
@@ -212,10 +210,10 @@ def _null_scores(null: Any, metric: str) -> Optional[np.ndarray]:
 
 
 def run_planted(args, ckpt_path, probe_path, arch, normalize) -> Dict[str, Any]:
-    from model_audit.layers import layer_groups
+    from model_audit.core.layers import layer_groups
     from model_audit.options import load_inputs
-    from model_audit.plant import resolve_defects
-    from model_audit.sanity import (SanityConfig, chance_levels, group_output_units,
+    from model_audit.core.plant import resolve_defects
+    from model_audit.commands.sanity import (SanityConfig, chance_levels, group_output_units,
                                     plan_cases, run_cases, select_groups, summarize)
 
     scan_config = _scan_config(args, arch, normalize, args.probe_size)
@@ -327,8 +325,7 @@ def _write_probe(path: Path, x, y, classes) -> Path:
 def shift_data(args, ckpt, probe_path, shift: str, seed: int, cache: Path
                ) -> Tuple[Path, Path, Dict[str, Any]]:
     """Shifted training and held-out probes (uint8 tensor files in the cache)."""
-    from model_audit.probe import open_probe, stratified_positions
-
+    from model_audit.io.probe import open_probe, stratified_positions
     source = open_probe(probe_path, channels=ckpt.in_channels, normalize="none",
                         model_classes=ckpt.classes, num_classes=ckpt.num_classes)
     n = args.shift_train + args.shift_eval
@@ -352,10 +349,9 @@ def shift_data(args, ckpt, probe_path, shift: str, seed: int, cache: Path
 
 def _finetune_gain(ckpt, groups, selected, train, held_batches, args, lr: float, device: str,
                    base_acc: float, seed: int) -> float:
-    from model_audit.fix import FixConfig, RepairDiverged, _batch_plan, _retrain
+    from model_audit.commands.fix import FixConfig, RepairDiverged, _batch_plan, _retrain
     from model_audit.options import AuditOptions
-    from model_audit.plant import accuracy
-
+    from model_audit.core.plant import accuracy
     config = FixConfig(options=AuditOptions(device=device, seed=seed), lr=lr,
                        steps=args.shift_steps, batch_size=args.shift_batch)
     plan = _batch_plan(list(range(len(train))), [], args.shift_steps, args.shift_batch, seed)
@@ -369,15 +365,14 @@ def _finetune_gain(ckpt, groups, selected, train, held_batches, args, lr: float,
 
 def run_shift(args, ckpt_path, probe_path, arch, normalize, shift: str, seed: int
               ) -> Dict[str, Any]:
-    from model_audit.checkpoint import load_checkpoint
-    from model_audit.layers import layer_groups
+    from model_audit.models.checkpoint import load_checkpoint
+    from model_audit.core.layers import layer_groups
     from model_audit.options import resolve_inputs
-    from model_audit.plant import accuracy
-    from model_audit.probe import BatchCache
-    from model_audit.scan import scan
-    from model_audit.sanity import group_output_units, rank_stats, scores_by_method
-    from model_audit.stats import spearman
-
+    from model_audit.core.plant import accuracy
+    from model_audit.io.probe import BatchCache
+    from model_audit.commands.scan import scan
+    from model_audit.commands.sanity import group_output_units, rank_stats, scores_by_method
+    from model_audit.core.stats import spearman
     device = sb.pick_device(args.device)
     cache = args.cache_dir or sb.default_cache_dir()
     scan_config = _scan_config(args, arch, normalize, None, seed)
@@ -583,8 +578,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.drop < 1:
         raise ConfigError(f"--drop must be in (0, 1), got {args.drop}")
     from model_audit.baselines import resolve_baselines
-    from model_audit.plant import resolve_defects
-
+    from model_audit.core.plant import resolve_defects
     resolve_baselines(args.baselines)
     resolve_defects(args.defects)
     ckpt_path, probe_path, arch, normalize = _resolve_inputs(args)

@@ -1,4 +1,4 @@
-"""Time ``model_audit.scan.scan`` against its floor, and every baseline against the own metric.
+"""Time ``model_audit.commands.scan.scan`` against its floor, and every baseline against the own metric.
 
 ``python -m bench scan [--checkpoint reference-sgd|reference-adam|brief|PATH] [--probe-size
 1000] [--baselines all] [--baseline-errors 32] [--device cpu|cuda|auto] [--out FILE]``:
@@ -61,7 +61,7 @@ DEFAULT_PEAK_LR = 0.05
 RESULTS_HEADER = """# Benchmark results
 
 Appended by `python -m bench scan` (see `bench/scan_bench.py`): the wall time of the full
-`model_audit.scan.scan(...)` library call on a 1000-image CIFAR-10 test probe and a briefly
+`model_audit.commands.scan.scan(...)` library call on a 1000-image CIFAR-10 test probe and a briefly
 trained `resnet18-cifar`, next to the floor, one plain forward+backward pass over the same
 probe at the same batch size. Numbers are from one run each; the load average shows whether
 the machine was busy.
@@ -293,9 +293,8 @@ def train_model(train_dir: Path, steps: int, batch: int, device: str, classes,
     import torch
     import torch.nn.functional as F
 
-    from model_audit.checkpoint import build_model
-    from model_audit.schedules import MomentumScheduler
-
+    from model_audit.models.registry import build_model
+    from model_audit.core.schedules import MomentumScheduler
     cifar = _cifar_module()
     x, y, _ = cifar.load_images(train_dir, normalize="cifar10", classes=classes)
     torch.manual_seed(seed)
@@ -343,8 +342,7 @@ def prepare_checkpoint(cache: Path, train_dir: Path, args, device: str, classes
                        ) -> Tuple[Path, Dict[str, Any]]:
     """The checkpoint to benchmark: ``--checkpoint`` when given, else the briefly trained one
     (cached)."""
-    from model_audit.checkpoint import audit_metadata, save_checkpoint
-
+    from model_audit.models.checkpoint import audit_metadata, save_checkpoint
     given = getattr(args, "checkpoint", None)
     if given is not None and str(given) != "brief":
         path, arch, normalize = resolve_checkpoint(given)
@@ -425,8 +423,7 @@ def time_forward(model, batches: List[Tuple[Any, Any]], device: str,
 
 def time_decode(probe_dir: Path, batch_size: int) -> Tuple[float, List[Tuple[Any, Any]]]:
     """Decode the probe's JPEGs once with the tool's reader; also returns the batches."""
-    from model_audit.probe import open_probe
-
+    from model_audit.io.probe import open_probe
     start = time.perf_counter()
     probe = open_probe(probe_dir, channels=3, normalize="cifar10")
     batches = [(x, y) for _, x, y in probe.batches(batch_size)]
@@ -447,7 +444,6 @@ def time_baselines(model, batches, groups, names, n_steps: int, device: str
                    ) -> Dict[str, Dict[str, Any]]:
     """Every baseline standalone (no gradient shared with a replay) on ``batches``."""
     from model_audit.baselines import compute_baselines
-
     rows = [(list(range(i, i + len(y))), x, y) for i, (x, y) in
             zip(itertools.accumulate([0] + [len(b[1]) for b in batches]), batches)]
     out = {}
@@ -614,17 +610,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     from model_audit.baselines import resolve_baselines
-
     names = resolve_baselines(args.baselines)  # a bad name fails before any work
     cache.mkdir(parents=True, exist_ok=True)
 
     import torch
 
-    from model_audit.checkpoint import load_checkpoint
-    from model_audit.layers import layer_groups
+    from model_audit.models.checkpoint import load_checkpoint
+    from model_audit.core.layers import layer_groups
     from model_audit.options import AuditOptions, resolve_device
-    from model_audit.scan import ScanConfig, scan
-
+    from model_audit.commands.scan import ScanConfig, scan
     device = resolve_device(args.device)
     classes = sorted(cifar.CIFAR10_CLASSES)
     train_dir = (cifar.cifar_subset(cache / "cifar10", "train", args.train_per_class,

@@ -14,9 +14,9 @@ epoch budget:
 for ``--seeds`` seeds each, evaluates the whole test split after every epoch and records the
 first epoch (and the training wall time up to it) at which each ``--targets`` accuracy is
 reached, the best and the final accuracy. The momentum of ``beta`` and ``hybrid`` is set by the
-product's own :class:`model_audit.schedules.MomentumScheduler`, so the benchmark tests the
+product's own :class:`model_audit.core.schedules.MomentumScheduler`, so the benchmark tests the
 product's code; every step's damping regime is counted with
-:func:`model_audit.schedules.damping_regime`.
+:func:`model_audit.core.schedules.damping_regime`.
 
 The data pipeline lives on the training device: the decoded images are one uint8 tensor there
 (decoded once and cached as ``.pt`` next to the JPEG subsets), and random crops (4-pixel
@@ -93,8 +93,7 @@ def load_uint8(directory: Path, classes: Sequence[str]):
     """The images of an ImageFolder subset as one uint8 NCHW tensor plus labels (cached .pt)."""
     import torch
 
-    from model_audit.probe import open_probe
-
+    from model_audit.io.probe import open_probe
     cache = directory.with_name(directory.name + ".uint8.pt")
     if cache.is_file():
         data = torch.load(cache, weights_only=True)
@@ -175,8 +174,7 @@ def make_optimizer(method: str, params, lr: float, adam_lr: float, weight_decay:
     """The optimizer of ``method`` and its momentum scheduler (None for constant momentum)."""
     import torch
 
-    from model_audit.schedules import MomentumScheduler
-
+    from model_audit.core.schedules import MomentumScheduler
     if method == "adam":
         return torch.optim.Adam(params, lr=adam_lr, weight_decay=weight_decay), None
     if method in ("sgd", "nesterov"):
@@ -202,9 +200,8 @@ def train_run(arch: str, method: str, seed: int, train: DeviceData, test: Device
     import torch
     import torch.nn.functional as F
 
-    from model_audit.checkpoint import build_model
-    from model_audit.schedules import damping_regime
-
+    from model_audit.models.registry import build_model
+    from model_audit.core.schedules import damping_regime
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     device = train.device
@@ -395,9 +392,8 @@ def markdown(summary: Dict[str, Any], runs: Sequence[Dict[str, Any]], targets: S
 
 
 def run(args: argparse.Namespace) -> int:
-    from model_audit.checkpoint import audit_metadata, save_checkpoint
-    from model_audit.probe import parse_normalize
-
+    from model_audit.models.checkpoint import audit_metadata, save_checkpoint
+    from model_audit.io.probe import parse_normalize
     device = sb.pick_device(args.device)
     gpu = device.startswith("cuda")
     arch, per_class = sb.scale_defaults(device, args.arch, args.train_per_class)

@@ -12,22 +12,24 @@ Public API (one call per pipeline stage, each returning a frozen result with ``t
 """
 __version__ = "0.1.0"
 
-from .checkpoint import LoadedCheckpoint, available_architectures, build_model, load_checkpoint  # noqa: E402
+from .models.checkpoint import LoadedCheckpoint, load_checkpoint
+
+from .models.registry import available_architectures, build_model
 from .errors import (  # noqa: E402
     ArchitectureError, AuditError, CheckpointError, ConfigError, OutputError, ProbeError,
     ReplayError)
-from .layers import LayerGroup, layer_groups  # noqa: E402
+from .core.layers import LayerGroup, layer_groups  # noqa: E402
 from .options import AuditOptions  # noqa: E402
-from .probe import ProbeSet, open_probe  # noqa: E402
-from .replay import ReplayConfig  # noqa: E402
-from .scan import LayerScore, ScanConfig, ScanResult, scan, write_scan  # noqa: E402
-from .compare import CompareConfig, CompareResult, compare, write_compare  # noqa: E402
-from .fix import FixConfig, FixResult, fix, write_fix  # noqa: E402
-from .gate import GateResult, Policy, check_gate, load_policy, write_gate  # noqa: E402
-from .report import render_directory  # noqa: E402
-from .plant import PlantResult, calibrate  # noqa: E402
-from .sanity import SanityConfig, SanityResult, sanity, write_sanity  # noqa: E402
-from .schedules import (  # noqa: E402
+from .io.probe import ProbeSet, open_probe  # noqa: E402
+from .core.replay import ReplayConfig  # noqa: E402
+from .commands.scan import LayerScore, ScanConfig, ScanResult, scan, write_scan  # noqa: E402
+from .commands.compare import CompareConfig, CompareResult, compare, write_compare  # noqa: E402
+from .commands.fix import FixConfig, FixResult, fix, write_fix  # noqa: E402
+from .commands.gate import GateResult, Policy, check_gate, load_policy, write_gate  # noqa: E402
+from .render.html import render_directory  # noqa: E402
+from .core.plant import PlantResult, calibrate  # noqa: E402
+from .commands.sanity import SanityConfig, SanityResult, sanity, write_sanity  # noqa: E402
+from .core.schedules import (  # noqa: E402
     MomentumScheduler, beta_momentum, damping_ratio, damping_regime, hybrid_momentum)
 
 __all__ = [

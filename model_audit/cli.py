@@ -14,13 +14,12 @@ import click
 from . import __version__
 from .config import load_defaults
 from .errors import AuditError
-from .layers import GRANULARITIES
+from .core.layers import GRANULARITIES
 from .options import DEVICES, AuditOptions
-from .fix import BATCHNORM_MODES
-from .replay import ReplayConfig
-from .scan import METRICS, ScanConfig
-from .schedules import SCHEDULES
-
+from .commands.fix import BATCHNORM_MODES
+from .core.replay import ReplayConfig
+from .commands.scan import METRICS, ScanConfig
+from .core.schedules import SCHEDULES
 COMMANDS_WITH_MODEL = ("scan", "compare", "gate", "fix", "sanity")
 
 
@@ -61,7 +60,7 @@ class AuditGroup(click.Group):
 
     @classmethod
     def refuse_outputs_over_inputs(cls, ctx: click.Context) -> None:
-        from .checkpoint import same_file
+        from .io.files import same_file
         from .errors import OutputError
 
         if ctx.params.get("init"):  # `gate --init` writes only --policy, never over a file
@@ -90,8 +89,7 @@ class AuditGroup(click.Group):
                             f"input {src}; choose another output path. Nothing was done.")
 
     def invoke(self, ctx: click.Context) -> Any:
-        from .checkpoint import WRITTEN
-
+        from .io.files import WRITTEN
         before = len(WRITTEN)
         try:
             return super().invoke(ctx)
@@ -253,8 +251,7 @@ def scan(checkpoint: Path, out: Optional[Path], bootstrap: int, replay_steps: in
     OUT/audit.json and OUT/report.html.
     """
     from .baselines import resolve_baselines
-    from .scan import ScanConfig, scan as run_scan, write_scan
-
+    from .commands.scan import ScanConfig, scan as run_scan, write_scan
     probe = _need_probe(kw["probe"])
     config = ScanConfig(options=_audit_options(kw),
                         replay=ReplayConfig(steps=replay_steps, lr=replay_lr,
@@ -284,9 +281,8 @@ def scan(checkpoint: Path, out: Optional[Path], bootstrap: int, replay_steps: in
 
 def _scan_or_load(path: Path, kw: dict, progress: bool) -> Any:
     """An ``audit.json`` is read as it is; a checkpoint is scanned with the shared options."""
-    from .compare import load_audit
-    from .scan import ScanConfig, scan as run_scan
-
+    from .commands.compare import load_audit
+    from .commands.scan import ScanConfig, scan as run_scan
     if path.suffix.lower() == ".json":
         return load_audit(path)
     probe = _need_probe(kw["probe"])
@@ -312,8 +308,7 @@ def compare(a: Path, b: Path, out: Optional[Path], allow_partial: bool, resample
     files written by scan. Prints both flagged sets, overlap against chance, rank correlation
     with bootstrap intervals, and writes OUT/compare.json and OUT/report.html.
     """
-    from .compare import CompareConfig, compare as run_compare, format_compare, write_compare
-
+    from .commands.compare import CompareConfig, compare as run_compare, format_compare, write_compare
     config = CompareConfig(allow_partial=allow_partial, resamples=resamples, seed=kw["seed"])
     config.validate()
     out = out if out is not None else Path("reports") / f"compare-{a.stem}-vs-{b.stem}"
@@ -354,10 +349,9 @@ def gate(checkpoint: Optional[Path], policy: Optional[Path], baseline: Optional[
     Exit codes: 0 all checks passed; 1 a check failed; 2 bad input or internal error;
     3 nothing was audited (empty probe, checkpoint without tensors).
     """
-    from .checkpoint import atomic_write_bytes
-    from .gate import EXAMPLE_POLICY, check_gate, load_policy, markdown_summary, write_gate
-    from .scan import ScanConfig
-
+    from .io.files import atomic_write_bytes
+    from .commands.gate import EXAMPLE_POLICY, check_gate, load_policy, markdown_summary, write_gate
+    from .commands.scan import ScanConfig
     if init:
         target = policy or Path("model-audit-policy.toml")
         if target.exists():
@@ -446,8 +440,7 @@ def fix(checkpoint: Path, train: Path, output: Path, layers: str, audit: Optiona
     runs the controls with the same budget, writes the repaired checkpoint to --output
     (verified: frozen tensors byte-identical) and OUT/fix.json and OUT/report.html.
     """
-    from .fix import FixConfig, fix as run_fix, format_fix, write_fix
-
+    from .commands.fix import FixConfig, fix as run_fix, format_fix, write_fix
     probe = _need_probe(kw["probe"])
     names = [c.strip() for c in controls.split(",") if c.strip()]
     config = FixConfig(
@@ -476,7 +469,6 @@ def fix(checkpoint: Path, train: Path, output: Path, layers: str, audit: Optiona
 def _sanity_methods(text: str) -> Tuple[str, ...]:
     """``--methods``: ``own`` (always included) and baseline names or keywords."""
     from .baselines import resolve_baselines
-
     items = [t.strip() for t in text.split(",") if t.strip()]
     try:
         return resolve_baselines([t for t in items if t.lower() != "own"])
@@ -520,10 +512,8 @@ def sanity(checkpoint: Path, defects: str, drop: float, tolerance: float, groups
     each method. Prints per method top-1 and MRR beside chance, and writes OUT/sanity.json and
     OUT/report.html. The checkpoint is never written.
     """
-    from .sanity import SanityConfig, format_sanity, run_sanity_cli, write_sanity
-
-    from .plant import resolve_defects
-
+    from .commands.sanity import SanityConfig, format_sanity, run_sanity_cli, write_sanity
+    from .core.plant import resolve_defects
     probe = _need_probe(kw["probe"])
 
     config = SanityConfig(
@@ -547,16 +537,14 @@ def sanity(checkpoint: Path, defects: str, drop: float, tolerance: float, groups
 @click.argument("directory", type=click.Path(path_type=Path))
 def report(directory: Path) -> None:
     """Re-render DIRECTORY/report.html from the JSON files a command wrote there."""
-    from .report import render_directory
-
+    from .render.html import render_directory
     click.echo(f"wrote {render_directory(directory)}")
 
 
 @cli.command()
 def archs() -> None:
     """List the registered architecture names."""
-    from .checkpoint import available_architectures
-
+    from .models.registry import available_architectures
     for name in available_architectures():
         click.echo(name)
 

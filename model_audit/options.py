@@ -14,11 +14,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .checkpoint import LoadedCheckpoint, load_checkpoint
+from .models.checkpoint import LoadedCheckpoint, load_checkpoint
 from .errors import ConfigError
-from .layers import GRANULARITIES
-from .probe import ProbeSet, open_probe
-
+from .core.layers import GRANULARITIES
+from .io.probe import ProbeSet, open_probe
 DEVICES = ("auto", "cpu", "cuda")
 
 

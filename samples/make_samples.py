@@ -8,7 +8,7 @@ Models: ``tiny-resnet`` (conv1, bn1, layer1-3, fc; width 8, about 44k parameters
 from the same initialisation for the same number of steps:
 
 * ``digits-sgd.safetensors``: SGD with a cosine learning rate and the beta momentum schedule
-  (``model_audit.schedules.MomentumScheduler``);
+  (``model_audit.core.schedules.MomentumScheduler``);
 * ``digits-adam.safetensors``: Adam with the same cosine learning-rate shape.
 
 Outputs (in this directory): the two checkpoints (with the tool's metadata: arch, classes,
@@ -27,9 +27,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save
 
-from model_audit.checkpoint import TinyResNet, atomic_write_bytes, audit_metadata, save_checkpoint
-from model_audit.schedules import MomentumScheduler
+from model_audit.models.tiny import TinyResNet
 
+from model_audit.io.files import atomic_write_bytes
+
+from model_audit.models.checkpoint import audit_metadata, save_checkpoint
+from model_audit.core.schedules import MomentumScheduler
 HERE = Path(__file__).resolve().parent
 SEED = 0
 EPOCHS = 2

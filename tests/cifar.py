@@ -133,11 +133,10 @@ def load_images(directory: Union[str, os.PathLike], normalize: str = "cifar10",
                 classes: Optional[Sequence[str]] = None):
     """Every image of an ImageFolder subset as one normalised tensor, with labels.
 
-    Uses the tool's own probe reader (:func:`model_audit.probe.open_probe`), so training
+    Uses the tool's own probe reader (:func:`model_audit.io.probe.open_probe`), so training
     sees exactly the preprocessing the scan applies.
     """
-    from model_audit.probe import open_probe
-
+    from model_audit.io.probe import open_probe
     probe = open_probe(directory, channels=3, normalize=normalize, model_classes=classes)
     x = probe.load(list(range(len(probe))))
     return x, probe.labels.clone(), probe.classes

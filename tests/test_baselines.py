@@ -11,11 +11,10 @@ from model_audit import load_checkpoint, open_probe
 from model_audit.baselines import (
     BASELINES, DEFAULT_BASELINES, Agreement, BaselineError, BaselineResult, agreement,
     compute_baselines, kendall_tau_b, rankdata, resolve_baselines, spearman)
-from model_audit.checkpoint import build_model
+from model_audit.models.registry import build_model
 from model_audit.errors import AuditError, ConfigError, ReplayError
-from model_audit.layers import layer_groups
-from model_audit.probe import BatchCache
-
+from model_audit.core.layers import layer_groups
+from model_audit.io.probe import BatchCache
 LAYER_METHODS = ("grad_x_activation", "activation", "conductance", "integrated_gradients",
                  "internal_influence")
 

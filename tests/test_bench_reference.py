@@ -8,8 +8,8 @@ import torch
 
 from bench import scan_bench as sb
 from bench.__main__ import main as bench_main
-from model_audit.checkpoint import audit_metadata, build_model, save_checkpoint
-
+from model_audit.models.checkpoint import audit_metadata, save_checkpoint
+from model_audit.models.registry import build_model
 try:
     from .cifar import CIFAR10_CLASSES
 except ImportError:  # tests/ is not a package

@@ -7,11 +7,9 @@ import torch
 
 from bench import train_bench as tb
 from bench.__main__ import main as bench_main
-from model_audit.checkpoint import load_checkpoint
-from model_audit.layers import layer_groups
-from model_audit.schedules import beta_momentum, hybrid_momentum
-
-
+from model_audit.models.checkpoint import load_checkpoint
+from model_audit.core.layers import layer_groups
+from model_audit.core.schedules import beta_momentum, hybrid_momentum
 def _data(n=6, h=5, w=7):
     x = torch.arange(n * 3 * h * w, dtype=torch.int64).remainder(251).add(1).to(torch.uint8)
     return tb.DeviceData(x.view(n, 3, h, w), torch.arange(n), "cpu", (0.5,) * 3, (0.25,) * 3)

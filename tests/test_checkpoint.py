@@ -14,10 +14,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model_audit.checkpoint import (
-    MAX_HEADER_BYTES, TinyResNet, audit_metadata, available_architectures, build_model,
-    head_name, input_channels, load_checkpoint, read_tensors, same_file, save_checkpoint,
-    strip_wrapper_prefixes, validate_safetensors_header)
+from model_audit.io.files import same_file
+from model_audit.io.tensors import MAX_HEADER_BYTES, read_tensors, strip_wrapper_prefixes, validate_safetensors_header
+from model_audit.models.checkpoint import audit_metadata, load_checkpoint, save_checkpoint
+from model_audit.models.registry import available_architectures, build_model, head_name, input_channels
+from model_audit.models.tiny import TinyResNet
 from model_audit.errors import ArchitectureError, AuditError, CheckpointError
 
 # ------------------------------------------------------------------------------------------
@@ -270,7 +271,7 @@ def test_factory_in_metadata_is_refused(tmp_path, monkeypatch):
         "from pathlib import Path\n"
         f"Path({str(tmp_path / 'IMPORTED')!r}).write_text('x')\n"
         "def make(num_classes):\n"
-        "    from model_audit.checkpoint import TinyResNet\n"
+        "    from model_audit.models.tiny import TinyResNet\n"
         "    return TinyResNet(num_classes, width=4)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     path = tmp_path / "factory.safetensors"

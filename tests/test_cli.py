@@ -124,8 +124,8 @@ def test_wrong_arch_for_the_weights(work):
 
 
 def test_missing_and_unexpected_keys(work):
-    from model_audit.checkpoint import read_tensors, save_checkpoint
-
+    from model_audit.io.tensors import read_tensors
+    from model_audit.models.checkpoint import save_checkpoint
     state, meta = read_tensors(work / "model.safetensors")
     state.pop("layer3.1.bn2.weight")
     state["layer3.9.conv1.weight"] = torch.zeros(1)

@@ -8,11 +8,11 @@ import torch
 from click.testing import CliRunner
 
 from conftest import SAMPLES, snapshot
-from model_audit.checkpoint import load_checkpoint, read_tensors, save_checkpoint
+from model_audit.models.checkpoint import load_checkpoint, save_checkpoint
+from model_audit.io.tensors import read_tensors
 from model_audit.cli import cli
-from model_audit.fix import FixConfig, OverlapError, fix, write_fix
-from model_audit.layers import layer_groups
-
+from model_audit.commands.fix import FixConfig, OverlapError, fix, write_fix
+from model_audit.core.layers import layer_groups
 TRAIN = SAMPLES / "digits-train.safetensors"
 PROBE = SAMPLES / "digits-probe.safetensors"
 QUICK = FixConfig(steps=25, controls=("all", "random", "rgn"), layers=("layer2", "fc"))
@@ -207,8 +207,8 @@ def test_input_is_never_modified(work):
 def test_a_diverging_control_is_recorded_not_fatal(monkeypatch, tmp_path):
     import importlib
 
-    # model_audit.fix is also the name of the function the package exports
-    fixmod = importlib.import_module("model_audit.fix")
+    # model_audit.commands.fix is also the name of the function the package exports
+    fixmod = importlib.import_module("model_audit.commands.fix")
 
     real = fixmod._retrain
 
@@ -239,7 +239,7 @@ def test_bad_wrong_fraction_and_batchnorm_are_refused(work):
 
 
 def test_batch_plan_mixes_at_the_asked_fraction():
-    fixmod = importlib.import_module("model_audit.fix")
+    fixmod = importlib.import_module("model_audit.commands.fix")
     wrong, right = list(range(0, 30)), list(range(30, 100))
     plan = fixmod._batch_plan(wrong, right, steps=20, batch=16, seed=0, wrong_fraction=0.25)
     assert all(len(b) == 16 and sum(i < 30 for i in b) == 4 for b in plan)
@@ -270,9 +270,8 @@ def test_batchnorm_frozen_keeps_every_statistic(tmp_path):
 
 
 def test_the_repaired_file_reproduces_the_reported_accuracy(repaired):
-    from model_audit.evaluate import evaluate
-    from model_audit.probe import open_probe
-
+    from model_audit.core.evaluate import evaluate
+    from model_audit.io.probe import open_probe
     result, out = repaired
     model = load_checkpoint(out)
     probe = open_probe(PROBE, channels=1, normalize=model.normalize or "none")
@@ -281,8 +280,7 @@ def test_the_repaired_file_reproduces_the_reported_accuracy(repaired):
 
 
 def test_net_and_controls_come_with_exact_mcnemar_tests(repaired):
-    from model_audit.stats import mcnemar_exact
-
+    from model_audit.core.stats import mcnemar_exact
     result, _ = repaired
     d = result.to_dict()
     sel = d["selection"]
@@ -295,15 +293,14 @@ def test_net_and_controls_come_with_exact_mcnemar_tests(repaired):
         assert v["p_value"] == mcnemar_exact(v["only_flagged_right"], v["only_control_right"])
         assert (c["name"] in d["verdict"]["beat_significantly"]) == (
             c["flagged_beat_it"] and v["p_value"] < 0.05)
-    from model_audit.fix import format_fix
+    from model_audit.commands.fix import format_fix
     text = format_fix(d)
     assert "p(net)" in text and "paired McNemar test" in text
 
 
 def test_random_control_is_disjoint_when_it_can_be_and_says_so_when_not():
-    from model_audit.checkpoint import TinyResNet
-
-    fixmod = importlib.import_module("model_audit.fix")
+    from model_audit.models.tiny import TinyResNet
+    fixmod = importlib.import_module("model_audit.commands.fix")
     model = TinyResNet()
     groups = layer_groups(model)
     share = {g.name: g.share for g in groups}
@@ -321,9 +318,8 @@ def test_random_control_is_disjoint_when_it_can_be_and_says_so_when_not():
 
 def test_warns_when_the_repair_data_has_few_or_no_errors(tmp_path):
     from conftest import write_tensor_probe
-    from model_audit.evaluate import evaluate
-    from model_audit.probe import open_probe
-
+    from model_audit.core.evaluate import evaluate
+    from model_audit.io.probe import open_probe
     ckpt = load_checkpoint(SAMPLES / "digits-sgd.safetensors")
     train, meta = read_tensors(TRAIN)
     ev = evaluate(ckpt.model.eval(), open_probe(TRAIN, channels=1,
@@ -367,7 +363,7 @@ def test_bench_fix_section_summarises_seeds(repaired):
 def test_random_control_varies_with_the_seed():
     # twelve equal layers: many sets of two outside the selection match its share exactly
     # (in a ResNet the stages grow 4x, so usually one family of module sets fits)
-    fixmod = importlib.import_module("model_audit.fix")
+    fixmod = importlib.import_module("model_audit.commands.fix")
     model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(12)])
     groups = layer_groups(model)
     draws = [fixmod._random_control(model, groups, ["0", "1"], seed=s) for s in range(8)]

@@ -10,9 +10,7 @@ from click.testing import CliRunner
 from conftest import snapshot, write_tensor_probe
 from model_audit.cli import cli
 from model_audit.errors import ConfigError
-from model_audit.gate import EXAMPLE_POLICY, load_policy
-
-
+from model_audit.commands.gate import EXAMPLE_POLICY, load_policy
 def run(args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
@@ -80,8 +78,7 @@ def test_each_result_check_fails_exit_1(tmp_path, inputs, body, name, needle):
 
 
 def test_pt_format_refused_by_default_and_allowed_weights_only(tmp_path, inputs):
-    from model_audit.checkpoint import read_tensors
-
+    from model_audit.io.tensors import read_tensors
     state, _ = read_tensors(inputs[0])
     pt = tmp_path / "model.pt"
     torch.save(state, pt)
@@ -112,8 +109,8 @@ def test_unsafe_pickle_fails_the_gate_and_runs_nothing(tmp_path, inputs):
 
 
 def test_nonfinite_tensors_fail_and_are_named(tmp_path, inputs):
-    from model_audit.checkpoint import read_tensors, save_checkpoint
-
+    from model_audit.io.tensors import read_tensors
+    from model_audit.models.checkpoint import save_checkpoint
     state, meta = read_tensors(inputs[0])
     state["fc.bias"][0] = float("inf")
     bad = tmp_path / "inf.safetensors"

@@ -62,10 +62,13 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save as st_save
 
-import model_audit.checkpoint as ckpt_mod
+import model_audit.io.files as files_mod
+import model_audit.models.checkpoint as ckpt_mod
 from conftest import ROOT, snapshot, write_tensor_probe, without_timing, png_declaring
-from model_audit.checkpoint import (
-    MAX_HEADER_BYTES, TinyResNet, read_tensors, save_checkpoint, validate_safetensors_header)
+
+from model_audit.io.tensors import MAX_HEADER_BYTES, read_tensors, validate_safetensors_header
+from model_audit.models.checkpoint import save_checkpoint
+from model_audit.models.tiny import TinyResNet
 from model_audit.cli import cli
 from model_audit.errors import AuditError, CheckpointError
 
@@ -479,8 +482,8 @@ def no_work(monkeypatch):
     """Make every stage that does work fail loudly: a refusal must come before them."""
     import importlib
 
-    # (model_audit.scan the module, not the function model_audit exports under that name)
-    scan_mod, compare_mod, gate_mod = (importlib.import_module(f"model_audit.{name}")
+    # (model_audit.commands.scan the module, not the function model_audit exports under that name)
+    scan_mod, compare_mod, gate_mod = (importlib.import_module(f"model_audit.commands.{name}")
                                        for name in ("scan", "compare", "gate"))
 
     def forbidden(*args, **kwargs):
@@ -618,7 +621,7 @@ def test_gate_default_out_would_overwrite_the_baseline(work, tmp_path, audits, n
 
 
 class _OsProxy:
-    """The ``os`` module as model_audit.checkpoint sees it, with some functions replaced."""
+    """The ``os`` module as model_audit.io.files sees it, with some functions replaced."""
 
     def __init__(self, **overrides) -> None:
         self.__dict__.update(overrides)
@@ -671,13 +674,13 @@ def test_unwritable_output_keeps_the_old_outputs(work, tmp_path, monkeypatch, ca
     (out / "audit.json").write_text('{"old": true}\n')
     (out / "report.html").write_text("<p>old report</p>\n")
     if case == "read_only_dir":   # what mkstemp gets in a 0555 directory (root ignores the bits)
-        monkeypatch.setattr(ckpt_mod, "tempfile", SimpleNamespace(mkstemp=_deny_mkstemp))
+        monkeypatch.setattr(files_mod, "tempfile", SimpleNamespace(mkstemp=_deny_mkstemp))
         words = [f"cannot write {out / 'audit.json'}: Permission denied"]
     elif case == "rename_denied":
-        monkeypatch.setattr(ckpt_mod, "os", _OsProxy(replace=_deny_replace))
+        monkeypatch.setattr(files_mod, "os", _OsProxy(replace=_deny_replace))
         words = [f"cannot write {out / 'audit.json'}: Permission denied"]
     else:                          # audit.json fits, report.html does not
-        monkeypatch.setattr(ckpt_mod, "os", _OsProxy(fdopen=_full_on_second_file()))
+        monkeypatch.setattr(files_mod, "os", _OsProxy(fdopen=_full_on_second_file()))
         words = [f"cannot write {out / 'report.html'}: No space left on device"]
     before = snapshot(tmp_path)
     result = run(["scan", work / "model.safetensors", "--probe", work / "probe.safetensors",
@@ -690,7 +693,7 @@ def test_unwritable_output_keeps_the_old_outputs(work, tmp_path, monkeypatch, ca
 _KILLED_WRITER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    import model_audit.checkpoint as c
+    import model_audit.io.files as c
 
     real_fdopen = os.fdopen
 
@@ -794,7 +797,7 @@ def test_ctrl_c_in_process_reports_what_was_written(work, tmp_path, monkeypatch)
     """KeyboardInterrupt anywhere in a command: exit 130 and an honest message."""
     import importlib
 
-    scan_mod = importlib.import_module("model_audit.scan")
+    scan_mod = importlib.import_module("model_audit.commands.scan")
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from model_audit.checkpoint import TinyResNet, audit_metadata, save_checkpoint
-from model_audit.cli import cli
-from model_audit.replay import ReplayConfig
-from model_audit.schedules import REGIMES, MomentumScheduler, beta_momentum
+from model_audit.models.tiny import TinyResNet
 
+from model_audit.models.checkpoint import audit_metadata, save_checkpoint
+from model_audit.cli import cli
+from model_audit.core.replay import ReplayConfig
+from model_audit.core.schedules import REGIMES, MomentumScheduler, beta_momentum
 try:
     from .cifar import (CIFAR10_CLASSES, CIFAR_TARBALL, cifar_subset, load_images,
                         missing_data_message)

@@ -2,11 +2,11 @@ import pytest
 import torch
 from torch import nn
 
-from model_audit.checkpoint import TinyResNet, build_model
+from model_audit.models.tiny import TinyResNet
+
+from model_audit.models.registry import build_model
 from model_audit.errors import ConfigError
-from model_audit.layers import layer_groups
-
-
+from model_audit.core.layers import layer_groups
 def _partition_ok(model, groups):
     names = sorted(n for g in groups for n in g.parameter_names)
     assert names == sorted(n for n, _ in model.named_parameters())

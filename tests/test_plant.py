@@ -1,4 +1,4 @@
-"""Planted defects (model_audit.plant) and the localisation scoring (model_audit.sanity)."""
+"""Planted defects (model_audit.core.plant) and the localisation scoring (model_audit.commands.sanity)."""
 from __future__ import annotations
 
 import hashlib
@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from model_audit.checkpoint import load_checkpoint
+from model_audit.models.checkpoint import load_checkpoint
 from model_audit.errors import ConfigError
-from model_audit.layers import layer_groups
-from model_audit.plant import (DEFECTS, accuracy, applicable, calibrate, changed_tensors,
+from model_audit.core.layers import layer_groups
+from model_audit.core.plant import (DEFECTS, accuracy, applicable, calibrate, changed_tensors,
                                resolve_defects)
-from model_audit.probe import BatchCache, open_probe
-from model_audit.sanity import (MethodSummary, SanityCase, chance_levels, rank_stats,
+from model_audit.io.probe import BatchCache, open_probe
+from model_audit.commands.sanity import (MethodSummary, SanityCase, chance_levels, rank_stats,
                                 summarize)
 
 
@@ -126,8 +126,7 @@ def test_a_constant_ranking_scores_exactly_chance():
 
 
 def _case(group, seed, scores, names=("a", "b", "c"), flagged=(), reached=True):
-    from model_audit.plant import PlantResult
-
+    from model_audit.core.plant import PlantResult
     plant = PlantResult(group, "noise", seed, 1.0, 0.1, 0.9, 0.8 if reached else 0.88,
                         reached, 3, ())
     ranks, top1, rr = {}, {}, {}
@@ -171,7 +170,7 @@ def test_the_examples_in_the_docstrings_run():
     import doctest
     import importlib
 
-    for name in ("model_audit.attribution", "model_audit.sanity"):
+    for name in ("model_audit.core.attribution", "model_audit.commands.sanity"):
         module = importlib.import_module(name)
         failed, attempted = doctest.testmod(module, verbose=False)
         assert attempted > 0 and failed == 0, name

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import model_audit.probe as probe_mod
+import model_audit.io.probe as probe_mod
 from conftest import snapshot, write_tensor_probe, png_declaring
 from model_audit.errors import AuditError, ProbeError
-from model_audit.probe import (
+from model_audit.io.probe import (
     NORMALIZATIONS, BatchCache, ImageFolderProbe, TensorFileProbe, open_probe, parse_normalize,
     parse_resize, stratified_positions)
 

@@ -32,8 +32,7 @@ def _assert_self_contained(html):
 
 
 def test_hostile_class_names_appear_only_escaped(tmp_path, sgd_checkpoint):
-    from model_audit.checkpoint import read_tensors
-
+    from model_audit.io.tensors import read_tensors
     # a probe whose class names (metadata) are hostile; labels cover several classes
     images = (torch.rand(30, 1, 8, 8) * 255).to(torch.uint8)
     labels = torch.arange(30) % 10
@@ -53,8 +52,7 @@ def test_hostile_class_names_appear_only_escaped(tmp_path, sgd_checkpoint):
 
     state, meta = read_tensors(sgd_checkpoint)
     meta.pop("model_audit.classes")  # the folder names are then the class names
-    from model_audit.checkpoint import save_checkpoint
-
+    from model_audit.models.checkpoint import save_checkpoint
     plain = tmp_path / "plain.safetensors"
     save_checkpoint(state, plain, metadata=meta)
     root = tmp_path / "folder"

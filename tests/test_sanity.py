@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import snapshot
-from model_audit.checkpoint import load_checkpoint
+from model_audit.models.checkpoint import load_checkpoint
 from model_audit.cli import cli
 
 FAST = ["--groups", "layer1,fc", "--defects", "noise,reinit", "--quiet"]
@@ -136,8 +136,8 @@ def test_a_model_with_a_single_group_is_refused(tmp_path, monkeypatch, digits_pr
         "def make(num_classes):\n"
         "    return One(num_classes)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    from model_audit.checkpoint import build_model, save_checkpoint
-
+    from model_audit.models.registry import build_model
+    from model_audit.models.checkpoint import save_checkpoint
     ckpt = tmp_path / "one.safetensors"
     save_checkpoint(build_model("onegroup_ma:make", 10).state_dict(), ckpt)
     out = tmp_path / "out"
@@ -193,8 +193,7 @@ def test_a_sanity_file_that_is_not_one_is_bad_input(tmp_path, sgd_checkpoint, di
 
 def test_min_sanity_top1_must_be_a_fraction(tmp_path):
     from model_audit.errors import ConfigError
-    from model_audit.gate import load_policy
-
+    from model_audit.commands.gate import load_policy
     pol = tmp_path / "p.toml"
     pol.write_text("[policy]\nmin_sanity_top1 = 2\n")
     with pytest.raises(ConfigError, match="min_sanity_top1 must be between 0 and 1"):

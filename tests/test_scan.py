@@ -8,12 +8,11 @@ import torch.nn.functional as F
 
 from conftest import without_timing
 from model_audit import AuditOptions, ReplayConfig, ScanConfig, load_checkpoint, open_probe, scan
-from model_audit.attribution import attribute, flag_rule, group_reductions, scores_from_reductions
+from model_audit.core.attribution import attribute, flag_rule, group_reductions, scores_from_reductions
 from model_audit.errors import ReplayError
-from model_audit.layers import layer_groups
-from model_audit.probe import BatchCache
-from model_audit.replay import replay
-
+from model_audit.core.layers import layer_groups
+from model_audit.io.probe import BatchCache
+from model_audit.core.replay import replay
 FAST = ScanConfig(bootstrap=50)
 
 
@@ -90,7 +89,7 @@ def test_model_untouched_when_an_error_is_raised_midway(sgd_checkpoint, digits_p
 
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("model_audit.scan"), "group_reductions", boom)
+    monkeypatch.setattr(importlib.import_module("model_audit.commands.scan"), "group_reductions", boom)
     with pytest.raises(ReplayError, match="injected"):
         scan(ckpt, digits_probe, FAST)
     assert _state_bytes(ckpt.model) == before
@@ -133,8 +132,7 @@ def test_group_reductions_match_direct_computation(sgd_checkpoint, digits_probe)
 
 def test_replay_is_heavy_ball_with_beta_momentum(sgd_checkpoint, digits_probe):
     """The replay's displacement equals torch SGD driven by the beta schedule, full batch."""
-    from model_audit.schedules import MomentumScheduler, cosine_lr
-
+    from model_audit.core.schedules import MomentumScheduler, cosine_lr
     ckpt = load_checkpoint(sgd_checkpoint)
     probe = open_probe(digits_probe, channels=1, normalize=ckpt.normalize)
     wrong = list(range(0, 540, 9))  # any fixed subset works for the check
@@ -206,8 +204,7 @@ def test_bootstrap_helpers_on_hand_checked_numbers():
     # a stack of score vectors (the bootstrap) is flagged row by row; all zeros flags nothing
     flags = flag_rule(np.array([[0.1, 0.3, 0.6], [0.0, 0.0, 0.0]]), np.array([0.1, 0.1, 0.8]))
     assert flags.tolist() == [[False, False, True], [False, False, False]]
-    from model_audit.attribution import GroupReductions
-
+    from model_audit.core.attribution import GroupReductions
     red = GroupReductions(torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64),
                           torch.zeros(2), ("a", "b"), 0)
     attr = attribute(red, [0.5, 0.5], probe_size=10, misclassified_positions=[3, 7],
@@ -225,8 +222,8 @@ def test_diverging_replay_says_what_to_do(sgd_checkpoint, digits_probe):
 
 
 def test_nan_weights_are_named(sgd_checkpoint, digits_probe, tmp_path):
-    from model_audit.checkpoint import read_tensors, save_checkpoint
-
+    from model_audit.io.tensors import read_tensors
+    from model_audit.models.checkpoint import save_checkpoint
     state, meta = read_tensors(sgd_checkpoint)
     state["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
     bad = tmp_path / "nan.safetensors"
@@ -257,9 +254,8 @@ def test_default_baselines_sit_beside_the_own_metric(sgd_checkpoint, digits_prob
 
 def test_auto_rgn_from_the_replay_gradient_equals_its_own_pass(sgd_checkpoint, digits_probe):
     from model_audit.baselines import compute_baselines
-    from model_audit.layers import layer_groups
-    from model_audit.probe import BatchCache
-
+    from model_audit.core.layers import layer_groups
+    from model_audit.io.probe import BatchCache
     result = scan(sgd_checkpoint, digits_probe, FAST)
     model = result.checkpoint.model.eval()
     cache = BatchCache(result.probe, result.evaluation.misclassified, 16)
@@ -293,8 +289,7 @@ def test_step_size_check_halves_a_too_large_rate(sgd_checkpoint, digits_probe):
     assert big.final_loss < big.initial_loss
     assert big.steps[0].record.lr == pytest.approx(big.peak_lr)
     # the accepted rate satisfies the documented check; twice that rate did not
-    from model_audit.replay import ARMIJO, _mean_loss, detached_params
-
+    from model_audit.core.replay import ARMIJO, _mean_loss, detached_params
     theta0 = detached_params(ckpt.model, "cpu")
     g0_sq = big.steps[0].grad_norm ** 2
     loss0 = big.steps[0].loss

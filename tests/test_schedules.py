@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model_audit.errors import ConfigError
-from model_audit.schedules import (
+from model_audit.core.schedules import (
     MomentumSchedule, MomentumScheduler, beta_momentum, cosine_lr, crossover_lr, damping_ratio,
     damping_regime, hybrid_momentum)
 

@@ -15,14 +15,13 @@ from typing import Any, Dict, List, Optional, Union
 
 import jinja2
 
-from .probe import ProbeSet
-
+from ..io.probe import ProbeSet
 MAX_THUMBNAILS = 32
 
 
 def _env() -> jinja2.Environment:
     return jinja2.Environment(
-        loader=jinja2.PackageLoader("model_audit", "templates"),
+        loader=jinja2.PackageLoader("model_audit.render", "templates"),
         autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
@@ -183,9 +182,8 @@ def render_compare_report(data: Dict[str, Any]) -> str:
 
 def reopen_probe(audit: Dict[str, Any]) -> Optional[ProbeSet]:
     """The scan's probe set opened again (same subset), for thumbnails; None when it is gone."""
-    from .errors import AuditError
-    from .probe import open_probe
-
+    from ..errors import AuditError
+    from ..io.probe import open_probe
     options = audit.get("options", {})
     try:
         return open_probe(audit["probe"]["source"], channels=audit["model"].get("in_channels", 3),
@@ -196,7 +194,7 @@ def reopen_probe(audit: Dict[str, Any]) -> Optional[ProbeSet]:
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -217,8 +215,8 @@ def render_directory(directory: Union[str, os.PathLike]) -> Path:
     Raises:
         ConfigError: no such directory or none of those files in it.
     """
-    from .checkpoint import atomic_write_bytes
-    from .errors import ConfigError
+    from ..io.files import atomic_write_bytes
+    from ..errors import ConfigError
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -312,8 +310,7 @@ def sanity_matrix(data: Dict[str, Any], method: str) -> Dict[str, Any]:
 def render_sanity_report(data: Dict[str, Any]) -> str:
     """The HTML report of ``model-audit sanity``: hit rates against chance, a planted ->
     top-ranked matrix per method, and every case."""
-    from .sanity import verdict
-
+    from ..commands.sanity import verdict
     matrices = {m: sanity_matrix(data, m) for m in data["methods_order"]}
     return _env().get_template("sanity.html").render(data=data, matrices=matrices,
                                                      verdict=verdict(data))

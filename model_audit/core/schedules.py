@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Union
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 #: Upper clip of the beta momentum. As alpha -> 0 the formula tends to 1, where heavy ball no
 #: longer forgets old gradients; 0.999 keeps a finite memory (about 1,000 steps).

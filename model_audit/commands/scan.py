@@ -21,18 +21,18 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from . import __version__
-from .attribution import (METRIC_NAME, NET_METRIC_NAME, Attribution, GroupReductions, attribute,
+from .. import __version__
+from ..core.attribution import (METRIC_NAME, NET_METRIC_NAME, Attribution, GroupReductions, attribute,
                           group_net_reductions, group_reductions, net_positions)
-from .baselines import DEFAULT_BASELINES, Agreement, BaselineResult, resolve_baselines
-from .checkpoint import LoadedCheckpoint, atomic_write_files, same_file
-from .errors import ConfigError, OutputError, ReplayError
-from .evaluate import EvaluationResult, evaluate, fast_layout
-from .layers import LayerGroup, layer_groups
-from .options import AuditOptions, resolve_device, resolve_inputs, seed_everything
-from .probe import BatchCache, ProbeSet
-from .replay import ReplayConfig, ReplayResult, replay
-
+from ..baselines import DEFAULT_BASELINES, Agreement, BaselineResult, resolve_baselines
+from ..models.checkpoint import LoadedCheckpoint
+from ..io.files import atomic_write_files, same_file
+from ..errors import ConfigError, OutputError, ReplayError
+from ..core.evaluate import EvaluationResult, evaluate, fast_layout
+from ..core.layers import LayerGroup, layer_groups
+from ..options import AuditOptions, resolve_device, resolve_inputs, seed_everything
+from ..io.probe import BatchCache, ProbeSet
+from ..core.replay import ReplayConfig, ReplayResult, replay
 SCHEMA_VERSION = 1
 
 METRIC_DOC = ("score = share of the misclassified images' cross-entropy removed when the group "
@@ -263,8 +263,7 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
             timing["bootstrap_s"] = time.perf_counter() - t0
             names = resolve_baselines(list(config.baselines))
             if names:
-                from .baselines import agreement, compute_baselines
-
+                from ..baselines import agreement, compute_baselines
                 t0 = time.perf_counter()
                 baseline_results = compute_baselines(
                     model, cache, groups, names, device=device, progress=progress,
@@ -321,8 +320,7 @@ def _json_default(obj: Any) -> Any:
 
 def write_scan(result: ScanResult, out_dir: Union[str, os.PathLike]) -> Dict[str, Path]:
     """Write ``audit.json`` and ``report.html`` into ``out_dir`` (atomically, both or neither)."""
-    from .report import render_scan_report
-
+    from ..render.html import render_scan_report
     out = Path(out_dir)
     inputs = (Path(result.checkpoint.path), Path(result.probe.source))
     for src in inputs:

@@ -14,10 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._progress import progress_bar
-from .probe import ProbeSet
-
-
+from .._progress import progress_bar
+from ..io.probe import ProbeSet
 def _inputs_channels_last(module: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
     return tuple(a.contiguous(memory_format=torch.channels_last)
                  if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args)

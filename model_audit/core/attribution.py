@@ -1,6 +1,6 @@
 """Attribution of the model's errors to layer groups: the tool's own metric.
 
-**Counterfactual replay reduction.** The replay (:mod:`model_audit.replay`) moves all
+**Counterfactual replay reduction.** The replay (:mod:`model_audit.core.replay`) moves all
 parameters from ``theta_0`` by ``D`` along a beta-scheduled heavy-ball trajectory that reduces
 the loss on the misclassified images. For every layer group ``g`` and every misclassified
 image ``i`` the tool measures, with a real forward pass, how much of image ``i``'s loss is
@@ -44,11 +44,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._progress import progress_bar
-from .layers import LayerGroup
-from .probe import BatchCache
-from .replay import detached_params, per_sample_losses
-
+from .._progress import progress_bar
+from ..core.layers import LayerGroup
+from ..io.probe import BatchCache
+from ..core.replay import detached_params, per_sample_losses
 METRIC_NAME = "replay_reduction"
 
 

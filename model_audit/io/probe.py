@@ -30,7 +30,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .errors import EmptyProbeError, ProbeError
+from ..errors import EmptyProbeError, ProbeError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -315,8 +315,8 @@ class TensorFileProbe(ProbeSet):
                  resize: Optional[Tuple[int, int]], num_classes: Optional[int] = None) -> None:
         from safetensors import safe_open
 
-        from .checkpoint import validate_safetensors_header
-        from .errors import CheckpointError
+        from ..io.tensors import validate_safetensors_header
+        from ..errors import CheckpointError
 
         self.path = Path(path)
         try:

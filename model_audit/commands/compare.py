@@ -31,9 +31,9 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
-from .attribution import flag_rule, scores_from_reductions
-from .errors import AuditError, ConfigError
-from .stats import (hypergeom_sf, jaccard, kendall_tau_b, overlap_coefficient,
+from ..core.attribution import flag_rule, scores_from_reductions
+from ..errors import AuditError, ConfigError
+from ..core.stats import (hypergeom_sf, jaccard, kendall_tau_b, overlap_coefficient,
                     percentile_interval, spearman, top_k)
 
 SCHEMA_VERSION = 1
@@ -308,11 +308,10 @@ def format_compare(result: CompareResult) -> str:
 def write_compare(result: CompareResult, out_dir: Union[str, os.PathLike],
                   inputs: Sequence[Union[str, os.PathLike]] = ()) -> Dict[str, Path]:
     """Write ``compare.json`` and ``report.html`` into ``out_dir`` (atomically, both or neither)."""
-    from .checkpoint import atomic_write_files, same_file
-    from .errors import OutputError
-    from .report import render_compare_report
-    from .scan import _json_bytes
-
+    from ..io.files import atomic_write_files, same_file
+    from ..errors import OutputError
+    from ..render.html import render_compare_report
+    from ..commands.scan import _json_bytes
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} exists and is not a directory")

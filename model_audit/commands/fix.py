@@ -19,7 +19,7 @@ Localise, then repair, then check the repair against the obvious alternatives:
    fine-tune diverged at lr 0.01 on CIFAR-10). ``batchnorm="frozen"`` keeps every statistic
    as it was. BatchNorm affine weights of selected groups are trained like any parameter. SGD
    with a cosine learning rate and the momentum from the chosen schedule (beta by default),
-   applied by :class:`~model_audit.schedules.MomentumScheduler`.
+   applied by :class:`~model_audit.core.schedules.MomentumScheduler`.
 4. **Evaluation** before and after on the held-out probe: fixed (wrong -> right), broken
    (right -> wrong), net = fixed - broken = change in the number correct, per class, and an
    exact McNemar test of fixed vs broken (is the net more than churn?).
@@ -58,18 +58,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
-from ._progress import progress_bar
-from .checkpoint import (META_PREFIX, LoadedCheckpoint, atomic_write_bytes, audit_metadata,
-                         read_tensors, same_file)
-from .errors import ConfigError, OutputError, ProbeError
-from .evaluate import EvaluationResult, evaluate, fast_layout
-from .layers import LayerGroup, layer_groups
-from .options import AuditOptions, load_inputs, resolve_device, seed_everything
-from .probe import BatchCache, ProbeSet, open_probe
-from .schedules import SCHEDULES, MomentumScheduler
-from .stats import mcnemar_exact
-
+from .. import __version__
+from .._progress import progress_bar
+from ..io.tensors import META_PREFIX, read_tensors
+from ..models.checkpoint import LoadedCheckpoint, audit_metadata
+from ..io.files import atomic_write_bytes, same_file
+from ..errors import ConfigError, OutputError, ProbeError
+from ..core.evaluate import EvaluationResult, evaluate, fast_layout
+from ..core.layers import LayerGroup, layer_groups
+from ..options import AuditOptions, load_inputs, resolve_device, seed_everything
+from ..io.probe import BatchCache, ProbeSet, open_probe
+from ..core.schedules import SCHEDULES, MomentumScheduler
+from ..core.stats import mcnemar_exact
 CONTROLS = ("all", "random", "rgn")
 BATCHNORM_MODES = ("frozen", "train")
 #: Warn when the repair data's error rate is below the probe's divided by this (the model was
@@ -496,8 +496,7 @@ def write_repaired(ckpt: LoadedCheckpoint, model: nn.Module, groups: Sequence[La
     """
     from safetensors.torch import save
 
-    from .checkpoint import sha256_file, strip_wrapper_prefixes
-
+    from ..io.tensors import sha256_file, strip_wrapper_prefixes
     raw, _ = read_tensors(ckpt.path)
     key_of = {}
     for key in raw:
@@ -549,8 +548,7 @@ def _resolve_selection(config: FixConfig, groups: Sequence[LayerGroup], ckpt: Lo
                               f"{', '.join(names)}")
         return tuple(n for n in names if n in wanted), "names"
     if audit is not None:
-        from .compare import load_audit
-
+        from ..commands.compare import load_audit
         data = load_audit(audit)
         if data["model"].get("sha256") != ckpt.sha256:
             raise ConfigError(f"{audit} is the audit of another checkpoint (sha256 "
@@ -562,8 +560,7 @@ def _resolve_selection(config: FixConfig, groups: Sequence[LayerGroup], ckpt: Lo
         flagged = tuple(data["flagged"])
         source = f"audit {audit}"
     else:
-        from .scan import ScanConfig, scan
-
+        from ..commands.scan import ScanConfig, scan
         result = scan(ckpt, probe, ScanConfig(options=config.options, baselines=()),
                       progress=progress)
         flagged = result.flagged
@@ -674,8 +671,7 @@ def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
         elif control == "random":
             chosen, units, disjoint = _random_control(model, groups, selected, opts.seed)
         else:
-            from .baselines import compute_baselines
-
+            from ..baselines import compute_baselines
             errors = wrong[:512] if wrong else list(range(min(256, train_eval.n)))
             rgn = compute_baselines(model, BatchCache(train_set, errors, opts.batch_size),
                                     groups, ["auto_rgn"], device=device)["auto_rgn"].scores
@@ -717,10 +713,9 @@ def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
 
 def write_fix(result: FixResult, out_dir: Union[str, os.PathLike]) -> Dict[str, Path]:
     """Write ``fix.json`` and ``report.html`` into ``out_dir`` (atomically, both or neither)."""
-    from .checkpoint import atomic_write_files
-    from .report import render_fix_report
-    from .scan import _json_bytes, _refuse_inputs
-
+    from ..io.files import atomic_write_files
+    from ..render.html import render_fix_report
+    from ..commands.scan import _json_bytes, _refuse_inputs
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} exists and is not a directory")

@@ -48,11 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
-from .layers import LayerGroup
-from .probe import BatchCache, ProbeSet
-
-
+from ..errors import ConfigError
+from ..core.layers import LayerGroup
+from ..io.probe import BatchCache, ProbeSet
 @dataclass(frozen=True)
 class DefectSpec:
     """A registered defect: its severity range and what it does."""

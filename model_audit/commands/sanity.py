@@ -1,7 +1,7 @@
 """``sanity``: can the scan find a fault planted in *this* model?
 
 For each selected layer group and defect, a copy of the model is damaged in that group only
-(:mod:`model_audit.plant`), with the severity calibrated to cost the same accuracy drop on the
+(:mod:`model_audit.core.plant`), with the severity calibrated to cost the same accuracy drop on the
 probe; the copy is scanned, and the rank of the planted group is recorded under each method
 (the own metric, the baselines, a seeded random ranking). Per method: top-1 (the planted group
 ranked first) and the mean reciprocal rank (MRR), beside their chance levels ``1/G`` and
@@ -14,7 +14,7 @@ with ``t - 1`` others counts ``1/t`` of a top-1 hit, and its reciprocal rank is 
 exactly the chance level. A group a method cannot score (NaN) ranks after every scored one.
 
 Example:
-    >>> from model_audit.sanity import sanity, SanityConfig
+    >>> from model_audit.commands.sanity import sanity, SanityConfig
     >>> result = sanity("model.safetensors", "probe/", SanityConfig())  # doctest: +SKIP
     >>> result.summary["replay_reduction"].top1  # doctest: +SKIP
 """
@@ -28,12 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attribution import METRIC_NAME
-from .errors import ConfigError
-from .layers import LayerGroup, layer_groups
-from .plant import DEFECTS, PlantResult, applicable, calibrate, resolve_defects
-from .probe import BatchCache, ProbeSet
-
+from ..core.attribution import METRIC_NAME
+from ..errors import ConfigError
+from ..core.layers import LayerGroup, layer_groups
+from ..core.plant import DEFECTS, PlantResult, applicable, calibrate, resolve_defects
+from ..io.probe import BatchCache, ProbeSet
 #: The random ranking's name among the methods.
 RANDOM = "random"
 
@@ -161,7 +160,7 @@ def group_output_units(model: nn.Module, groups: Sequence[LayerGroup], x: torch.
 
 def scores_by_method(result: Any, *, units: Optional[np.ndarray] = None,
                      random_seed: int = 0) -> Dict[str, np.ndarray]:
-    """Every method's per-group scores from one :class:`~model_audit.scan.ScanResult`.
+    """Every method's per-group scores from one :class:`~model_audit.commands.scan.ScanResult`.
 
     The own metric (named after the scan's ``metric``) and its size-normalised variants
     (``<metric>_per_param``: mean loss reduction per parameter of the group;
@@ -315,9 +314,8 @@ class SanityResult:
 
     def to_dict(self) -> Dict[str, Any]:
         """The content of ``sanity.json``."""
-        from . import __version__
-        from .scan import SCHEMA_VERSION
-
+        from .. import __version__
+        from ..commands.scan import SCHEMA_VERSION
         return {"schema_version": SCHEMA_VERSION,
                 "tool": {"name": "model-audit", "version": __version__},
                 "model": self.extra.get("model", {}), "probe": self.extra.get("probe", {}),
@@ -367,8 +365,7 @@ def run_cases(ckpt: Any, probe: ProbeSet, groups: Sequence[LayerGroup],
     localize benchmark's candidate metrics); ``on_damaged(plant, model)`` sees every damaged
     copy (``--keep-damaged``).
     """
-    from .scan import ScanConfig, scan
-
+    from ..commands.scan import ScanConfig, scan
     scan_config: ScanConfig = config.scan or ScanConfig()
     opts = scan_config.options
     names = [g.name for g in groups]
@@ -413,7 +410,7 @@ def sanity(checkpoint: Any, probe: Any, config: SanityConfig = SanityConfig(), *
     """Plant a fault in each selected group of the model, scan, and score the localisation.
 
     Args:
-        checkpoint: a path or a :class:`~model_audit.checkpoint.LoadedCheckpoint`.
+        checkpoint: a path or a :class:`~model_audit.models.checkpoint.LoadedCheckpoint`.
         probe: a path (opened with the scan options) or a ProbeSet.
         config: defects, drop, groups, repeats and the scan's settings.
         on_case: called after every case (for a progress bar).
@@ -424,9 +421,8 @@ def sanity(checkpoint: Any, probe: Any, config: SanityConfig = SanityConfig(), *
     Raises:
         AuditError: bad checkpoint, probe or options (before any work).
     """
-    from .options import resolve_device, resolve_inputs, seed_everything
-    from .scan import ScanConfig
-
+    from ..options import resolve_device, resolve_inputs, seed_everything
+    from ..commands.scan import ScanConfig
     start = time.perf_counter()
     scan_config: ScanConfig = config.scan or ScanConfig()
     scan_config.validate()
@@ -520,11 +516,10 @@ def write_sanity(result: SanityResult, out_dir: Any, *, inputs: Sequence[Any] = 
     """Write ``sanity.json`` and ``report.html`` into ``out_dir`` (both or neither)."""
     from pathlib import Path
 
-    from .checkpoint import atomic_write_files, same_file
-    from .errors import OutputError
-    from .report import render_sanity_report
-    from .scan import _json_bytes
-
+    from ..io.files import atomic_write_files, same_file
+    from ..errors import OutputError
+    from ..render.html import render_sanity_report
+    from ..commands.scan import _json_bytes
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} exists and is not a directory")
@@ -568,11 +563,10 @@ def run_sanity_cli(checkpoint: Any, probe: Any, config: SanityConfig, *,
     import sys
     from pathlib import Path
 
-    from .checkpoint import audit_metadata, save_checkpoint
-    from .errors import OutputError
-    from .options import load_inputs
-    from .scan import ScanConfig
-
+    from ..models.checkpoint import audit_metadata, save_checkpoint
+    from ..errors import OutputError
+    from ..options import load_inputs
+    from ..commands.scan import ScanConfig
     bar: List[Any] = []
     keep = Path(keep_damaged) if keep_damaged is not None else None
     if keep is not None and keep.exists() and not keep.is_dir():
@@ -622,8 +616,7 @@ def run_sanity_cli(checkpoint: Any, probe: Any, config: SanityConfig, *,
 
 def method_names(scan_config: Any) -> Tuple[str, ...]:
     """The methods a sanity check reports: the own metric, each baseline, random."""
-    from .baselines import resolve_baselines
-
+    from ..baselines import resolve_baselines
     return (scan_config.metric, *resolve_baselines(list(scan_config.baselines)), RANDOM)
 
 

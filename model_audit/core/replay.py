@@ -31,12 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ._progress import progress_bar
-from .errors import ReplayError
-from .probe import BatchCache
-from .schedules import MomentumSchedule, StepRecord, cosine_lr, step_record
-
-
+from .._progress import progress_bar
+from ..errors import ReplayError
+from ..io.probe import BatchCache
+from ..core.schedules import MomentumSchedule, StepRecord, cosine_lr, step_record
 @dataclass(frozen=True)
 class ReplayConfig:
     """Options of the replay (documented defaults; see the module docstring)."""
@@ -48,7 +46,7 @@ class ReplayConfig:
     schedule: str = "beta"      # beta | hybrid | constant (0.9)
 
     def validate(self) -> None:
-        from .errors import ConfigError
+        from ..errors import ConfigError
 
         if self.steps < 1:
             raise ConfigError(f"replay steps must be >= 1, got {self.steps}")

@@ -16,7 +16,7 @@ Parameters owned directly by a module that is split (e.g. a ViT's ``class_token`
 of their own, named after the parameter, so every parameter belongs to exactly one group.
 
 Example:
-    >>> from model_audit.checkpoint import build_model
+    >>> from model_audit.models.registry import build_model
     >>> [g.name for g in layer_groups(build_model("resnet18-cifar", 10))]
     ['conv1', 'bn1', 'layer1', 'layer2', 'layer3', 'layer4', 'fc']
 """
@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Tuple
 
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 GRANULARITIES = ("group", "block", "module")
 

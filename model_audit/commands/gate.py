@@ -36,7 +36,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .errors import CheckpointError, ConfigError, EmptyInputError
+from ..errors import CheckpointError, ConfigError, EmptyInputError
 
 EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_NOTHING = 0, 1, 2, 3
 EXIT_CODES = {EXIT_PASS: "all checks passed", EXIT_FAIL: "a check failed",
@@ -189,7 +189,7 @@ class GateResult:
             self.exit_code, "error")
 
     def to_dict(self) -> Dict[str, Any]:
-        from . import __version__
+        from .. import __version__
 
         return {"schema_version": 1, "tool": {"name": "model-audit", "version": __version__},
                 "checkpoint": self.checkpoint, "verdict": self.verdict,
@@ -222,18 +222,16 @@ def check_gate(checkpoint: Union[str, os.PathLike], probe: Union[str, os.PathLik
     checkpoint itself are failed checks (exit 1), since refusing such a model is the gate's job.
     ``min_sanity_top1`` reads ``sanity`` (a ``sanity.json``) when given, else runs the check.
     """
-    from .checkpoint import read_tensors
-    from .compare import CompareConfig, compare, load_audit
-    from .scan import ScanConfig, scan
-
+    from ..io.tensors import read_tensors
+    from ..commands.compare import CompareConfig, compare, load_audit
+    from ..commands.scan import ScanConfig, scan
     start = time.perf_counter()
     path = Path(checkpoint)
     config = scan_config or ScanConfig()
     base = load_audit(baseline) if baseline is not None else None
     saved_sanity = None
     if sanity is not None:
-        from .sanity import load_sanity
-
+        from ..commands.sanity import load_sanity
         saved_sanity = load_sanity(sanity)
     checks: List[Check] = []
 
@@ -292,9 +290,8 @@ def check_gate(checkpoint: Union[str, os.PathLike], probe: Union[str, os.PathLik
     _result_checks(checks, policy, audit)
     if policy.min_sanity_top1 is not None:
         if saved_sanity is None:
-            from .sanity import SanityConfig
-            from .sanity import sanity as run_sanity
-
+            from ..commands.sanity import SanityConfig
+            from ..commands.sanity import sanity as run_sanity
             saved_sanity = run_sanity(path, probe, SanityConfig(scan=config)).to_dict()
         _sanity_check(checks, policy, saved_sanity)
     comparison = None
@@ -398,7 +395,7 @@ def junit_xml(result: GateResult) -> str:
                        skipped=str(sum(c.passed is None for c in result.checks)),
                        time=f"{result.seconds:.3f}")
     for check in result.checks:
-        case = ET.SubElement(suite, "testcase", classname="model_audit.gate", name=check.name)
+        case = ET.SubElement(suite, "testcase", classname="model_audit.commands.gate", name=check.name)
         if check.passed is False:
             ET.SubElement(case, "failure", message=check.message).text = (
                 f"value: {check.value!r}; limit: {check.limit!r}")
@@ -406,7 +403,7 @@ def junit_xml(result: GateResult) -> str:
             ET.SubElement(case, "skipped", message=check.message)
         ET.SubElement(case, "system-out").text = check.message
     if result.error:
-        case = ET.SubElement(suite, "testcase", classname="model_audit.gate", name="gate")
+        case = ET.SubElement(suite, "testcase", classname="model_audit.commands.gate", name="gate")
         ET.SubElement(case, "error", message=result.error)
     suites = ET.Element("testsuites")
     suites.append(suite)
@@ -441,11 +438,10 @@ def write_gate(result: GateResult, out_dir: Union[str, os.PathLike], *,
                inputs: Tuple[Union[str, os.PathLike], ...] = ()) -> Dict[str, Path]:
     """Write gate.json, report.html (and audit.json when a scan ran), JUnit and Markdown,
     all or none of them (atomically)."""
-    from .checkpoint import atomic_write_files, same_file
-    from .errors import OutputError
-    from .report import render_gate_report, reopen_probe
-    from .scan import _json_bytes
-
+    from ..io.files import atomic_write_files, same_file
+    from ..errors import OutputError
+    from ..render.html import render_gate_report, reopen_probe
+    from ..commands.scan import _json_bytes
     out = Path(out_dir)
     targets = [out / "gate.json"] + [Path(p) for p in (junit, summary) if p is not None]
     for target in targets + [out]:

@@ -1,6 +1,6 @@
 """Established per-layer-group attribution baselines, shown beside the tool's own metric.
 
-The own metric (:mod:`model_audit.attribution`) measures how much of the misclassified images'
+The own metric (:mod:`model_audit.core.attribution`) measures how much of the misclassified images'
 loss each layer group is responsible for. This module computes, on the same misclassified
 images and the same groups, the scores that established methods give, so a report can show
 how far they agree (:func:`agreement`). It is the only module of the package that imports
@@ -44,7 +44,7 @@ Aggregation (the same for every layer method)
   predict. The attributed quantity is captum's usual one, the *logit* of that class (not the
   predicted class, which would explain the wrong answer instead of the missing right one).
   ``activation`` has no target (it is the magnitude of the layer's output).
-* **Layer: the group's module output.** For :func:`~model_audit.layers.layer_groups` a group
+* **Layer: the group's module output.** For :func:`~model_audit.core.layers.layer_groups` a group
   name is a module path (``model.get_submodule(name)``); the attribution is taken with respect
   to that module's output (``attribute_to_layer_input=False``). A group that has no module of
   its own, i.e. a bare parameter such as a ViT's ``class_token`` (or, at ``module``
@@ -123,11 +123,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._progress import progress_bar
-from .stats import kendall_tau_b, rankdata, spearman  # noqa: F401 (re-exported)
-from .errors import ConfigError, ReplayError
-from .layers import LayerGroup
-
+from .._progress import progress_bar
+from ..core.stats import kendall_tau_b, rankdata, spearman  # noqa: F401 (re-exported)
+from ..errors import ConfigError, ReplayError
+from ..core.layers import LayerGroup
 TARGET_DOC = "true label of each misclassified image (logit of that class)"
 REDUCTION_DOC = ("per group: mean over images of sum(|attribution|) over the group module's "
                  "output elements, normalised to shares summing to 1 over the groups")
@@ -510,7 +509,7 @@ def _auto_rgn(net: nn.Module, groups: Sequence[LayerGroup], batches: Iterable, d
     """``||g_G|| / ||w_G||`` of the mean cross-entropy on the misclassified images, per group.
 
     ``grad_sq`` (per parameter, the squared norm of that mean gradient, as the replay's first
-    step computes it: :attr:`~model_audit.replay.ReplayResult.initial_grad_sq`) saves the
+    step computes it: :attr:`~model_audit.core.replay.ReplayResult.initial_grad_sq`) saves the
     forward and backward pass.
     """
     params = dict(net.named_parameters())
@@ -595,8 +594,8 @@ def compute_baselines(model: nn.Module, batches: Iterable[Tuple[Any, torch.Tenso
     Args:
         model: the classifier (not modified: the work happens on a deep copy in eval mode).
         batches: re-iterable ``(positions, images, labels)`` batches of the misclassified
-            images (a :class:`~model_audit.probe.BatchCache`).
-        groups: the layer groups (:func:`~model_audit.layers.layer_groups`).
+            images (a :class:`~model_audit.io.probe.BatchCache`).
+        groups: the layer groups (:func:`~model_audit.core.layers.layer_groups`).
         names: baseline names, or a spec for :func:`resolve_baselines`.
         device: where to compute.
         progress: show a progress bar per method.
@@ -605,7 +604,7 @@ def compute_baselines(model: nn.Module, batches: Iterable[Tuple[Any, torch.Tenso
         n_steps: integration steps of the path methods.
         grad_sq: per parameter, the squared norm of the mean error-loss gradient at the
             checkpoint, when the caller has it (the replay's
-            :attr:`~model_audit.replay.ReplayResult.initial_grad_sq`): Auto-RGN then takes no
+            :attr:`~model_audit.core.replay.ReplayResult.initial_grad_sq`): Auto-RGN then takes no
             pass of its own, and reports 0 passes and the time of its arithmetic.
 
     Returns:

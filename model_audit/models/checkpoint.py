@@ -1,0 +1,228 @@
+"""Read and write checkpoints; the architecture registry; key, prefix and dtype handling.
+
+A checkpoint is a state dict in a ``.safetensors`` file or a ``.pt``/``.pth`` file. ``.pt``
+files are only ever read with ``torch.load(path, map_location="cpu", weights_only=True)``: no
+other unpickling happens anywhere in the tool.
+
+The architecture comes from ``arch`` (``--arch``) or from the metadata the tool writes into
+the safetensors files it produces (``model_audit.arch``, ``model_audit.num_classes``,
+``model_audit.normalize``, ``model_audit.classes``). Metadata may only name registered
+architectures: a ``package.module:factory`` spec imports code, so it is accepted from the
+command line only, never from a file.
+
+Example:
+    >>> from model_audit.models.checkpoint import load_checkpoint   # doctest: +SKIP
+    >>> ckpt = load_checkpoint("model.safetensors", arch="resnet18-cifar")  # doctest: +SKIP
+    >>> ckpt.num_classes, ckpt.arch  # doctest: +SKIP
+    (10, 'resnet18-cifar')
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import ArchitectureError, CheckpointError
+from ..io.files import atomic_write_bytes
+from ..io.tensors import META_PREFIX, read_tensors, sha256_file, strip_wrapper_prefixes
+from .registry import build_model, head_name, input_channels, is_factory_spec
+
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A checkpoint loaded into a model (eval mode, float32, on CPU)."""
+
+    model: nn.Module
+    arch: str
+    num_classes: int
+    in_channels: int
+    path: str
+    sha256: str
+    parameters: int
+    source_dtypes: Tuple[str, ...]
+    metadata: Dict[str, str] = field(default_factory=dict)
+    normalize: Optional[str] = None
+    classes: Optional[Tuple[str, ...]] = None
+    nonfinite: Tuple[str, ...] = ()
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"arch": self.arch, "num_classes": self.num_classes,
+                "in_channels": self.in_channels, "path": self.path, "sha256": self.sha256,
+                "parameters": self.parameters, "source_dtypes": list(self.source_dtypes),
+                "nonfinite_tensors": list(self.nonfinite)}
+
+
+def _fmt_shape(shape: Sequence[int]) -> str:
+    return "x".join(str(int(d)) for d in shape) or "scalar"
+
+
+def _matches(arch: str, num_classes: int, state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``arch`` (built on the meta device, no memory) has exactly the state's keys/shapes."""
+    try:
+        with torch.device("meta"):
+            expected = build_model(arch, num_classes, {k: tuple(v.shape) for k, v in state.items()}).state_dict()
+    except Exception:  # a candidate that cannot be built is simply not suggested
+        return False
+    return (set(expected) == set(state) and
+            all(tuple(expected[k].shape) == tuple(state[k].shape) for k in expected))
+
+
+def _mismatch_hints(arch: str, num_classes: int, state: Mapping[str, torch.Tensor],
+                    missing: List[str], unexpected: List[str],
+                    candidates: Sequence[str]) -> List[str]:
+    hints: List[str] = []
+    tried = [c for c in dict.fromkeys(candidates) if c and c != arch and not is_factory_spec(c)]
+    conv = state.get("conv1.weight")
+    if conv is not None and conv.dim() == 4:
+        if tuple(conv.shape[2:]) == (3, 3) and not arch.endswith("-cifar"):
+            tried.insert(0, f"{arch}-cifar")
+        elif tuple(conv.shape[2:]) == (7, 7) and arch.endswith("-cifar"):
+            tried.insert(0, arch[: -len("-cifar")])
+    for candidate in tried:
+        if _matches(candidate, num_classes, state):
+            kernel = "x".join(str(d) for d in conv.shape[2:]) if conv is not None and conv.dim() == 4 else ""
+            lead = f"conv1.weight is {kernel}: " if kernel and candidate.split("-")[0] == arch.split("-")[0] else ""
+            hints.append(f"{lead}did you mean {candidate}?")
+            break
+    if unexpected and missing:
+        prefixes = {k.split(".", 1)[0] + "." for k in unexpected if "." in k}
+        if len(prefixes) == 1:
+            prefix = prefixes.pop()
+            if all(k.startswith(prefix) and k[len(prefix):] in missing for k in unexpected[:20]):
+                hints.append(f"every unexpected key starts with {prefix!r}: strip that prefix")
+    return hints
+
+
+def _strict_check(path: Path, arch: str, num_classes: int, model: nn.Module,
+                  state: Mapping[str, torch.Tensor], candidates: Sequence[str] = ()) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = {k: (tuple(state[k].shape), tuple(expected[k].shape))
+                  for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)}
+    if not (missing or unexpected or mismatched):
+        return
+    parts = [f"{path} does not match architecture {arch!r}"
+             f" (the checkpoint has {len(state)} tensors, the model expects {len(expected)}):"]
+
+    def listed(label: str, keys: Sequence[str]) -> None:
+        if keys:
+            shown = ", ".join(keys[:10]) + (f", ... ({len(keys) - 10} more)" if len(keys) > 10 else "")
+            parts.append(f"{label} ({len(keys)}): {shown}.")
+
+    listed("missing keys", missing)
+    listed("unexpected keys", unexpected)
+    if mismatched:
+        items = [f"{k} is {_fmt_shape(g)} but the model wants {_fmt_shape(w)}"
+                 for k, (g, w) in list(mismatched.items())[:10]]
+        parts.append(f"shape mismatches ({len(mismatched)}): " + "; ".join(items) + ".")
+    hints = _mismatch_hints(arch, num_classes, state, missing, unexpected, candidates)
+    parts.append("Hint: " + " ".join(hints) if hints else
+                 "Check --arch (and --num-classes); list names with `model-audit archs`.")
+    raise CheckpointError(" ".join(parts))
+
+
+def _float32(state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Tuple[str, ...]]:
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in state.values()
+                     if v.is_floating_point()})
+    out = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    return out, tuple(dtypes)
+
+
+def load_checkpoint(path: os.PathLike, *, arch: Optional[str] = None,
+                    num_classes: Optional[int] = None) -> LoadedCheckpoint:
+    """Load a checkpoint into a freshly built model, strictly.
+
+    Args:
+        path: ``.safetensors`` or ``.pt``/``.pth`` state dict.
+        arch: architecture name or ``package.module:factory``; default: the file's metadata.
+        num_classes: outputs of the head; default: the metadata, else the head's weight shape.
+
+    Returns:
+        A :class:`LoadedCheckpoint`; the model is in eval mode, float32, on the CPU.
+
+    Raises:
+        CheckpointError: unreadable file or keys/shapes that do not fit the architecture.
+        ArchitectureError: no or unknown architecture.
+    """
+    path = Path(path)
+    raw, metadata = read_tensors(path)
+    state = strip_wrapper_prefixes(raw)
+    meta_arch = metadata.get(META_PREFIX + "arch")
+    if arch is None:
+        if meta_arch is None:
+            raise ArchitectureError(
+                f"{path} does not say which architecture it is: give --arch (for example "
+                "resnet18 or resnet18-cifar, or package.module:factory for your own model; "
+                "`model-audit archs` lists the names)")
+        if is_factory_spec(meta_arch):
+            raise ArchitectureError(
+                f"{path} names the factory {meta_arch!r} in its metadata; factories import code, "
+                "so they are only taken from --arch: pass --arch explicitly if you trust it")
+        arch = meta_arch
+    if num_classes is None and META_PREFIX + "num_classes" in metadata and arch == meta_arch:
+        try:
+            num_classes = int(metadata[META_PREFIX + "num_classes"])
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: metadata model_audit.num_classes is not an integer") from exc
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    if num_classes is None:
+        with torch.device("meta"):
+            template = build_model(arch, 1000, shapes)
+        head = head_name(template) + ".weight"
+        if head not in state:
+            raise CheckpointError(
+                f"{path}: cannot find the classifier head {head!r} of {arch!r} in the "
+                f"checkpoint to read the number of classes; give --num-classes (keys start: "
+                f"{', '.join(list(state)[:5])})")
+        num_classes = int(state[head].shape[0])
+    if num_classes < 1:
+        raise CheckpointError(f"number of classes must be >= 1, got {num_classes}")
+    model = build_model(arch, num_classes, shapes)
+    _strict_check(path, arch, num_classes, model, state, candidates=[meta_arch or ""])
+    state32, dtypes = _float32(state)
+    model.load_state_dict(state32, strict=True)
+    model.float().eval()
+    nonfinite = tuple(k for k, v in state32.items()
+                      if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    classes = None
+    if META_PREFIX + "classes" in metadata:
+        try:
+            parsed = json.loads(metadata[META_PREFIX + "classes"])
+            if isinstance(parsed, list) and all(isinstance(c, str) for c in parsed):
+                classes = tuple(parsed)
+        except (ValueError, RecursionError):
+            classes = None
+    return LoadedCheckpoint(
+        model=model, arch=arch, num_classes=num_classes, in_channels=input_channels(model),
+        path=str(path), sha256=sha256_file(path),
+        parameters=sum(p.numel() for p in model.parameters()), source_dtypes=dtypes,
+        metadata=dict(metadata), normalize=metadata.get(META_PREFIX + "normalize"),
+        classes=classes, nonfinite=nonfinite)
+
+
+
+def save_checkpoint(state: Mapping[str, torch.Tensor], path: os.PathLike, *,
+                    metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Write a state dict as safetensors, atomically, with string metadata."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write_bytes(path, save(tensors, metadata=dict(metadata or {})))
+
+
+def audit_metadata(arch: str, num_classes: int, *, normalize: Optional[str] = None,
+                   classes: Optional[Sequence[str]] = None) -> Dict[str, str]:
+    """The metadata keys the tool reads back in :func:`load_checkpoint`."""
+    meta = {META_PREFIX + "arch": arch, META_PREFIX + "num_classes": str(int(num_classes))}
+    if normalize:
+        meta[META_PREFIX + "normalize"] = normalize
+    if classes:
+        meta[META_PREFIX + "classes"] = json.dumps(list(classes))
+    return meta
