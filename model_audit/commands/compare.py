@@ -31,12 +31,12 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
+from ..io.files import SCHEMA_VERSION, atomic_write_files, json_bytes, refuse_inputs
 from ..core.attribution import flag_rule, scores_from_reductions
 from ..errors import AuditError, ConfigError
 from ..core.stats import (hypergeom_sf, jaccard, kendall_tau_b, overlap_coefficient,
                     percentile_interval, spearman, top_k)
 
-SCHEMA_VERSION = 1
 
 
 class CompareError(AuditError):
@@ -108,7 +108,7 @@ def load_audit(path: Union[str, os.PathLike]) -> Dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(data, dict) or data.get("schema_version") != 1 or "layers" not in data:
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION or "layers" not in data:
         raise ConfigError(f"{path} is not an audit.json written by model-audit scan "
                           "(schema_version 1 with layers)")
     for key in ("model", "probe", "flagged"):
@@ -308,20 +308,16 @@ def format_compare(result: CompareResult) -> str:
 def write_compare(result: CompareResult, out_dir: Union[str, os.PathLike],
                   inputs: Sequence[Union[str, os.PathLike]] = ()) -> Dict[str, Path]:
     """Write ``compare.json`` and ``report.html`` into ``out_dir`` (atomically, both or neither)."""
-    from ..io.files import atomic_write_files, same_file
     from ..errors import OutputError
     from ..render.html import render_compare_report
-    from ..commands.scan import _json_bytes
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} exists and is not a directory")
-    for src in inputs:
-        if out.exists() and same_file(out, src):
-            raise OutputError(f"--out {out} is an input ({src}); choose another directory")
+    refuse_inputs([out], inputs, "; choose another directory")
     data = result.to_dict()
     html = render_compare_report(data)
     paths = {"compare": out / "compare.json", "report": out / "report.html"}
     # both files or neither: a full disk leaves the old pair as it was
-    atomic_write_files([(paths["compare"], _json_bytes(data)),
+    atomic_write_files([(paths["compare"], json_bytes(data)),
                         (paths["report"], html.encode("utf-8"))])
     return paths

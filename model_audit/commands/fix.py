@@ -62,7 +62,7 @@ from .. import __version__
 from .._progress import progress_bar
 from ..io.tensors import META_PREFIX, read_tensors
 from ..models.checkpoint import LoadedCheckpoint, audit_metadata
-from ..io.files import atomic_write_bytes, same_file
+from ..io.files import atomic_write_bytes, atomic_write_files, header, json_bytes, refuse_inputs
 from ..errors import ConfigError, OutputError, ProbeError
 from ..core.evaluate import EvaluationResult, evaluate, fast_layout
 from ..core.layers import LayerGroup, layer_groups
@@ -78,7 +78,6 @@ FIT_RATIO = 3.0
 
 #: Level of the exact McNemar tests in the verdict ("significantly" better/worse, net != 0).
 SIGNIFICANCE_LEVEL = 0.05
-SCHEMA_VERSION = 1
 
 
 class OverlapError(ProbeError):
@@ -249,8 +248,7 @@ class FixResult:
         full = next((r for r in self.controls if r.name == "all"), None)
         saving = (1.0 - sel.trainable / full.trainable) if full and full.trainable else None
         return {
-            "schema_version": SCHEMA_VERSION,
-            "tool": {"name": "model-audit", "version": __version__},
+            **header(),
             "model": self.checkpoint.to_dict(),
             "probe": {**self.probe.describe(), "n": len(self.probe)},
             "train": {"source": self.train_source, "n": self.train_n, "wrong": self.train_wrong},
@@ -471,10 +469,8 @@ def _check_output_path(output: Path, inputs: Sequence[Path]) -> None:
                           "checkpoint is always written as safetensors)")
     if output.exists() and output.is_dir():
         raise OutputError(f"--output {output} is a directory; give a file path")
+    refuse_inputs([output], inputs, "; give a new file name for --output")
     for src in inputs:
-        if output.exists() and same_file(output, src):
-            raise OutputError(f"--output {output} is an input ({src}); refusing to overwrite "
-                              "it: give a new file name")
         if Path(os.path.abspath(output)) == Path(os.path.abspath(src)):
             raise OutputError(f"--output {output} is an input ({src})")
     if not output.parent.exists():
@@ -713,9 +709,7 @@ def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
 
 def write_fix(result: FixResult, out_dir: Union[str, os.PathLike]) -> Dict[str, Path]:
     """Write ``fix.json`` and ``report.html`` into ``out_dir`` (atomically, both or neither)."""
-    from ..io.files import atomic_write_files
     from ..render.html import render_fix_report
-    from ..commands.scan import _json_bytes, _refuse_inputs
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} exists and is not a directory")
@@ -724,8 +718,8 @@ def write_fix(result: FixResult, out_dir: Union[str, os.PathLike]) -> Dict[str, 
     paths = {"fix": out / "fix.json", "report": out / "report.html"}
     inputs = tuple(Path(p) for p in (result.checkpoint.path, result.train_source,
                                      result.probe.source))
-    _refuse_inputs(list(paths.values()), inputs)
-    atomic_write_files([(paths["fix"], _json_bytes(data)),
+    refuse_inputs(paths.values(), inputs)
+    atomic_write_files([(paths["fix"], json_bytes(data)),
                         (paths["report"], html.encode("utf-8"))])
     return paths
 

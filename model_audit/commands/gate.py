@@ -36,6 +36,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from ..io.files import atomic_write_files, header, json_bytes, refuse_inputs
 from ..errors import CheckpointError, ConfigError, EmptyInputError
 
 EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_NOTHING = 0, 1, 2, 3
@@ -189,9 +190,7 @@ class GateResult:
             self.exit_code, "error")
 
     def to_dict(self) -> Dict[str, Any]:
-        from .. import __version__
-
-        return {"schema_version": 1, "tool": {"name": "model-audit", "version": __version__},
+        return {**header(),
                 "checkpoint": self.checkpoint, "verdict": self.verdict,
                 "exit_code": self.exit_code, "meaning": EXIT_CODES[self.exit_code],
                 "policy": {k: (list(v) if isinstance(v, tuple) else v)
@@ -438,24 +437,18 @@ def write_gate(result: GateResult, out_dir: Union[str, os.PathLike], *,
                inputs: Tuple[Union[str, os.PathLike], ...] = ()) -> Dict[str, Path]:
     """Write gate.json, report.html (and audit.json when a scan ran), JUnit and Markdown,
     all or none of them (atomically)."""
-    from ..io.files import atomic_write_files, same_file
-    from ..errors import OutputError
     from ..render.html import render_gate_report, reopen_probe
-    from ..commands.scan import _json_bytes
     out = Path(out_dir)
     targets = [out / "gate.json"] + [Path(p) for p in (junit, summary) if p is not None]
-    for target in targets + [out]:
-        for src in inputs:
-            if target.exists() and same_file(target, src):
-                raise OutputError(f"refusing to write {target}: it is an input ({src})")
+    refuse_inputs(targets + [out], inputs, "")
     paths: Dict[str, Path] = {"gate": out / "gate.json", "report": out / "report.html"}
     data = result.to_dict()
     html = render_gate_report(data, result.audit,
                               reopen_probe(result.audit) if result.audit else None)
-    files = [(paths["gate"], _json_bytes(data)), (paths["report"], html.encode("utf-8"))]
+    files = [(paths["gate"], json_bytes(data)), (paths["report"], html.encode("utf-8"))]
     if result.audit is not None:
         paths["audit"] = out / "audit.json"
-        files.append((paths["audit"], _json_bytes(result.audit)))
+        files.append((paths["audit"], json_bytes(result.audit)))
     if junit is not None:
         paths["junit"] = Path(junit)
         files.append((paths["junit"], junit_xml(result).encode("utf-8")))

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..io.files import atomic_write_files, header, json_bytes, refuse_inputs
 from ..core.attribution import METRIC_NAME
 from ..errors import ConfigError
 from ..core.layers import LayerGroup, layer_groups
@@ -314,10 +315,7 @@ class SanityResult:
 
     def to_dict(self) -> Dict[str, Any]:
         """The content of ``sanity.json``."""
-        from .. import __version__
-        from ..commands.scan import SCHEMA_VERSION
-        return {"schema_version": SCHEMA_VERSION,
-                "tool": {"name": "model-audit", "version": __version__},
+        return {**header(),
                 "model": self.extra.get("model", {}), "probe": self.extra.get("probe", {}),
                 "groups": list(self.groups), "planted_groups": list(self.planted_groups),
                 "group_selection": self.selection, "defects": list(self.defects),
@@ -516,20 +514,15 @@ def write_sanity(result: SanityResult, out_dir: Any, *, inputs: Sequence[Any] = 
     """Write ``sanity.json`` and ``report.html`` into ``out_dir`` (both or neither)."""
     from pathlib import Path
 
-    from ..io.files import atomic_write_files, same_file
     from ..errors import OutputError
     from ..render.html import render_sanity_report
-    from ..commands.scan import _json_bytes
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} exists and is not a directory")
     paths = {"sanity": out / "sanity.json", "report": out / "report.html"}
-    for target in [out, *paths.values()]:
-        for src in inputs:
-            if target.exists() and same_file(target, src):
-                raise OutputError(f"refusing to write {target}: it is an input ({src})")
+    refuse_inputs([out, *paths.values()], inputs, "")
     data = result.to_dict()
-    atomic_write_files([(paths["sanity"], _json_bytes(data)),
+    atomic_write_files([(paths["sanity"], json_bytes(data)),
                         (paths["report"], render_sanity_report(data).encode("utf-8"))])
     return paths
 

@@ -9,7 +9,6 @@ Example:
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -21,19 +20,17 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .. import __version__
 from ..core.attribution import (METRIC_NAME, NET_METRIC_NAME, Attribution, GroupReductions, attribute,
                           group_net_reductions, group_reductions, net_positions)
 from ..baselines import DEFAULT_BASELINES, Agreement, BaselineResult, resolve_baselines
 from ..models.checkpoint import LoadedCheckpoint
-from ..io.files import atomic_write_files, same_file
+from ..io.files import atomic_write_files, header, json_bytes, refuse_inputs
 from ..errors import ConfigError, OutputError, ReplayError
 from ..core.evaluate import EvaluationResult, evaluate, fast_layout
 from ..core.layers import LayerGroup, layer_groups
 from ..options import AuditOptions, resolve_device, resolve_inputs, seed_everything
 from ..io.probe import BatchCache, ProbeSet
 from ..core.replay import ReplayConfig, ReplayResult, replay
-SCHEMA_VERSION = 1
 
 METRIC_DOC = ("score = share of the misclassified images' cross-entropy removed when the group "
               "alone takes its beta-scheduled replay displacement")
@@ -134,8 +131,7 @@ class ScanResult:
             for p in ev.misclassified]
         model = self.checkpoint.to_dict()
         return {
-            "schema_version": SCHEMA_VERSION,
-            "tool": {"name": "model-audit", "version": __version__},
+            **header(),
             "model": model,
             "probe": {**self.probe.describe(), **ev.to_dict()},
             "metric": {"name": self.config.metric, "definition": METRICS[self.config.metric],
@@ -296,44 +292,20 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
                       reductions, baseline_results, agreements, metric_positions)
 
 
-def _json_bytes(data: Dict[str, Any]) -> bytes:
-    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False, default=_json_default)
-    return (text + "\n").encode("utf-8")
-
-
-def _refuse_inputs(targets: List[Path], inputs: Tuple[Path, ...]) -> None:
-    """OutputError when a target is (also through a symlink or hard link) one of ``inputs``."""
-    for target in targets:
-        for src in inputs:
-            if target.exists() and same_file(target, src):
-                raise OutputError(f"refusing to write {target}: it is an input ({src}); "
-                                  "choose another output path")
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
 def write_scan(result: ScanResult, out_dir: Union[str, os.PathLike]) -> Dict[str, Path]:
     """Write ``audit.json`` and ``report.html`` into ``out_dir`` (atomically, both or neither)."""
     from ..render.html import render_scan_report
     out = Path(out_dir)
     inputs = (Path(result.checkpoint.path), Path(result.probe.source))
-    for src in inputs:
-        if out.exists() and same_file(out, src):
-            raise OutputError(f"--out {out} is an input ({src}); choose another directory")
+    refuse_inputs([out], inputs, "; choose another directory")
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} exists and is not a directory")
     paths = {"audit": out / "audit.json", "report": out / "report.html"}
-    _refuse_inputs(list(paths.values()), inputs)
+    refuse_inputs(paths.values(), inputs)
     data = result.to_dict()
     html = render_scan_report(data, result.probe)
     # Both files are written in full before either replaces an old one: a full disk or an
     # unwritable directory leaves the previous audit.json and report.html as they were.
-    atomic_write_files([(paths["audit"], _json_bytes(data)),
+    atomic_write_files([(paths["audit"], json_bytes(data)),
                         (paths["report"], html.encode("utf-8"))])
     return paths

@@ -2,13 +2,14 @@
 and result JSON with its one schema version."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
 
-
-from ..errors import OutputError
+from .. import __version__
+from ..errors import ConfigError, OutputError
 
 
 
@@ -87,3 +88,70 @@ def atomic_write_bytes(path: os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same directory, fsync and rename."""
     atomic_write_files([(path, data)])
 
+
+
+def refuse_inputs(targets: Iterable[os.PathLike], inputs: Iterable[os.PathLike],
+                  hint: str = "; choose another output path") -> None:
+    """OutputError when a target is (also through a symlink or hard link) one of ``inputs``.
+
+    Every command calls this before its first write, so that no output ever replaces an input.
+    """
+    inputs = [Path(src) for src in inputs]
+    for target in map(Path, targets):
+        for src in inputs:
+            if target.exists() and same_file(target, src):
+                raise OutputError(f"refusing to write {target}: it is an input ({src}){hint}")
+
+
+# ------------------------------------------------------------------------------------------
+# Result files (audit.json, compare.json, fix.json, gate.json, sanity.json)
+
+#: The version of every JSON file the tool writes; readers refuse other versions.
+SCHEMA_VERSION = 1
+
+
+def header() -> Dict[str, Any]:
+    """The first fields of every result file: schema version and the tool that wrote it."""
+    return {"schema_version": SCHEMA_VERSION,
+            "tool": {"name": "model-audit", "version": __version__}}
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def json_bytes(data: Mapping[str, Any]) -> bytes:
+    """``data`` as the tool writes JSON: indented, strict (no NaN), numpy values as lists."""
+    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False, default=_json_default)
+    return (text + "\n").encode("utf-8")
+
+
+def read_result(path: os.PathLike, what: str, required: Sequence[str] = ()) -> Dict[str, Any]:
+    """Read a result file the tool wrote, checking its header and the keys a reader needs.
+
+    Args:
+        path: the file.
+        what: how the file is named in messages, e.g. ``"an audit.json written by model-audit
+            scan"``.
+        required: top-level keys that must be present.
+
+    Raises:
+        ConfigError: missing, unreadable, not JSON, another schema version, or a key missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist; give {what}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); give {what}") from exc
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        raise ConfigError(f"{path} is not {what} (schema_version {SCHEMA_VERSION})")
+    for key in required:
+        if key not in data:
+            raise ConfigError(f"{path}: lacks {key!r}; give {what}")
+    return data
