@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
 def markdown_sweep(results, ckpt, device, command, commit, data_text: str) -> str:
     import statistics
 
-    from model_audit.commands.fix import format_p
+    from model_audit.render.text import p_value as format_p
     lines = sb.section_header(f"fix: repair settings on a validation split, "
                               f"{results[0]['model']['arch']}, {device}", command, commit,
                               device) + [
@@ -203,7 +203,7 @@ def _time_ratio(r: Dict[str, Any]) -> str:
 def markdown(results, ckpt, device, command, commit, data_text: str) -> str:
     import statistics
 
-    from model_audit.commands.fix import format_p
+    from model_audit.render.text import p_value as format_p
     d = results[0]
     cfg = d["config"]
     lines = sb.section_header(f"fix: flagged selection vs controls, {d['model']['arch']}, "

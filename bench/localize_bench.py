@@ -349,14 +349,14 @@ def shift_data(args, ckpt, probe_path, shift: str, seed: int, cache: Path
 
 def _finetune_gain(ckpt, groups, selected, train, held_batches, args, lr: float, device: str,
                    base_acc: float, seed: int) -> float:
-    from model_audit.commands.fix import FixConfig, RepairDiverged, _batch_plan, _retrain
+    from model_audit.commands.fix import FixConfig, RepairDiverged, batch_plan, retrain
     from model_audit.options import AuditOptions
     from model_audit.core.plant import accuracy
     config = FixConfig(options=AuditOptions(device=device, seed=seed), lr=lr,
                        steps=args.shift_steps, batch_size=args.shift_batch)
-    plan = _batch_plan(list(range(len(train))), [], args.shift_steps, args.shift_batch, seed)
+    plan = batch_plan(list(range(len(train))), [], args.shift_steps, args.shift_batch, seed)
     try:
-        model, _ = _retrain(ckpt.model, groups, selected, train, plan, config, device, False,
+        model, _ = retrain(ckpt.model, groups, selected, train, plan, config, device, False,
                             "oracle")
     except RepairDiverged:  # a diverged fine-tune: counted as losing everything
         return -base_acc

@@ -25,7 +25,8 @@ from .core.replay import ReplayConfig  # noqa: E402
 from .commands.scan import LayerScore, ScanConfig, ScanResult, scan, write_scan  # noqa: E402
 from .commands.compare import CompareConfig, CompareResult, compare, write_compare  # noqa: E402
 from .commands.fix import FixConfig, FixResult, fix, write_fix  # noqa: E402
-from .commands.gate import GateResult, Policy, check_gate, load_policy, write_gate  # noqa: E402
+from .commands.gate import GateResult, check_gate, write_gate  # noqa: E402
+from .commands.policy import Policy, load_policy  # noqa: E402
 from .render.html import render_directory  # noqa: E402
 from .core.plant import PlantResult, calibrate  # noqa: E402
 from .commands.sanity import SanityConfig, SanityResult, sanity, write_sanity  # noqa: E402

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 from typing import Iterable, Iterator, Optional, TypeVar
+from tqdm import tqdm
 
 T = TypeVar("T")
 
@@ -12,8 +13,6 @@ def progress_bar(items: Iterable[T], *, total: Optional[int] = None, desc: str =
     if not enabled or not sys.stderr.isatty():
         yield from items
         return
-    from tqdm import tqdm
-
     with tqdm(items, total=total, desc=desc, leave=False, file=sys.stderr,
               dynamic_ncols=True) as bar:
         yield from bar

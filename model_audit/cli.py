@@ -12,14 +12,30 @@ from typing import Any, Callable, Optional, Tuple
 import click
 
 from . import __version__
+from .baselines import resolve_baselines
+from .commands.compare import CompareConfig, write_compare
+from .commands.compare import compare as run_compare
+from .commands.fix import BATCHNORM_MODES, FixConfig, format_fix, write_fix
+from .commands.fix import fix as run_fix
+from .commands.gate import check_gate, write_gate
+from .commands.policy import EXAMPLE_POLICY, load_policy
+from .render.markdown import markdown_summary
+from .commands.sanity import SanityConfig, format_sanity, run_sanity_cli, write_sanity
+from .commands.scan import METRICS, ScanConfig, write_scan
+from .commands.scan import scan as run_scan
 from .config import load_defaults
-from .errors import AuditError
 from .core.layers import GRANULARITIES
-from .options import DEVICES, AuditOptions
-from .commands.fix import BATCHNORM_MODES
+from .core.plant import resolve_defects
 from .core.replay import ReplayConfig
-from .commands.scan import METRICS, ScanConfig
 from .core.schedules import SCHEDULES
+from .errors import AuditError, OutputError
+from .io.files import WRITTEN, atomic_write_bytes, same_file
+from .io.records import AuditRecord
+from .models.registry import available_architectures
+from .options import DEVICES, AuditOptions
+from .render import text
+from .render.html import render_directory
+
 COMMANDS_WITH_MODEL = ("scan", "compare", "gate", "fix", "sanity")
 
 
@@ -60,9 +76,6 @@ class AuditGroup(click.Group):
 
     @classmethod
     def refuse_outputs_over_inputs(cls, ctx: click.Context) -> None:
-        from .io.files import same_file
-        from .errors import OutputError
-
         if ctx.params.get("init"):  # `gate --init` writes only --policy, never over a file
             return
         paths = {k: v for k, v in ctx.params.items() if isinstance(v, Path)}
@@ -89,7 +102,6 @@ class AuditGroup(click.Group):
                             f"input {src}; choose another output path. Nothing was done.")
 
     def invoke(self, ctx: click.Context) -> Any:
-        from .io.files import WRITTEN
         before = len(WRITTEN)
         try:
             return super().invoke(ctx)
@@ -174,47 +186,6 @@ def cli(ctx: click.Context) -> None:
         ctx.default_map = {name: defaults for name in COMMANDS_WITH_MODEL}
 
 
-def _format_table(data: dict) -> str:
-    rows = [("group", "params %", "score", "95% interval", "flag freq", "flagged")]
-    for layer in data["layers"]:
-        lo, hi = layer["score_interval"]
-        rows.append((layer["name"], f"{100 * layer['share']:.2f}", f"{layer['score']:.3f}",
-                     f"{lo:.3f}-{hi:.3f}", f"{layer['flag_frequency']:.2f}",
-                     "FLAGGED" if layer["flagged"] else ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                       enumerate(zip(r, widths))).rstrip() for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
-
-
-def _format_baselines(data: dict) -> str:
-    """Per-group baseline shares, then each baseline's agreement with the own metric and cost."""
-    names = list(data["agreement"])
-    rows = [("group", "score", *names)]
-    for layer in data["layers"]:
-        vals = [layer["baselines"].get(n) for n in names]
-        rows.append((layer["name"], f"{layer['score']:.3f}",
-                     *("n/a" if v is None else f"{v:.3f}" for v in vals)))
-    rows.append(("", "", *("" for _ in names)))
-    rows.append(("agreement", "", *("" for _ in names)))
-
-    def num(v: Optional[float]) -> str:
-        return "n/a" if v is None else f"{v:.2f}"
-
-    cost = data["cost"]
-    own = cost["replay_reduction"]["seconds"]
-    rows.append(("spearman", "", *(num(data["agreement"][n]["spearman"]) for n in names)))
-    rows.append(("kendall", "", *(num(data["agreement"][n]["kendall"]) for n in names)))
-    rows.append(("top-k overlap", "", *(num(data["agreement"][n]["topk_overlap"]) for n in names)))
-    rows.append(("seconds", f"{own:.2f}", *(f"{cost[n]['seconds']:.2f}" for n in names)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                       enumerate(zip(r, widths))).rstrip() for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "baselines (shares of each method; score = own metric):\n" + "\n".join(lines)
-
-
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @model_options
@@ -250,8 +221,6 @@ def scan(checkpoint: Path, out: Optional[Path], bootstrap: int, replay_steps: in
     Prints a table (group, parameter share, score, flag frequency, flagged) and writes
     OUT/audit.json and OUT/report.html.
     """
-    from .baselines import resolve_baselines
-    from .commands.scan import ScanConfig, scan as run_scan, write_scan
     probe = _need_probe(kw["probe"])
     config = ScanConfig(options=_audit_options(kw),
                         replay=ReplayConfig(steps=replay_steps, lr=replay_lr,
@@ -262,29 +231,23 @@ def scan(checkpoint: Path, out: Optional[Path], bootstrap: int, replay_steps: in
     out = out if out is not None else Path("reports") / checkpoint.stem
     result = run_scan(checkpoint, probe, config, progress=_progress(kw["quiet"]))
     paths = write_scan(result, out)
-    data = result.to_dict()
     if not kw["quiet"]:
         for warning in result.warnings:
             click.echo(f"warning: {warning}", err=True)
-        ev = data["probe"]
-        click.echo(f"{data['model']['arch']}: {data['model']['parameters']:,} parameters; probe "
-                   f"{ev['n']} images, accuracy {100 * ev['accuracy']:.2f}% "
-                   f"({ev['misclassified']} misclassified)")
-    click.echo(_format_table(data))
+        click.echo(text.scan_summary(result))
+    click.echo(text.scan_table(result))
     click.echo(f"flagged: {', '.join(result.flagged) if result.flagged else 'none'}")
-    if data["agreement"]:
-        click.echo(_format_baselines(data))
+    if result.agreement:
+        click.echo(text.baselines_table(result))
     if not kw["quiet"]:
         click.echo(f"wrote {paths['audit']} and {paths['report']} "
-                   f"({data['timing']['total_s']:.1f} s on {data['device']})")
+                   f"({result.timing['total_s']:.1f} s on {result.device})")
 
 
 def _scan_or_load(path: Path, kw: dict, progress: bool) -> Any:
     """An ``audit.json`` is read as it is; a checkpoint is scanned with the shared options."""
-    from .commands.compare import load_audit
-    from .commands.scan import ScanConfig, scan as run_scan
     if path.suffix.lower() == ".json":
-        return load_audit(path)
+        return AuditRecord.read(path)
     probe = _need_probe(kw["probe"])
     return run_scan(path, probe, ScanConfig(options=_audit_options(kw)), progress=progress)
 
@@ -308,7 +271,6 @@ def compare(a: Path, b: Path, out: Optional[Path], allow_partial: bool, resample
     files written by scan. Prints both flagged sets, overlap against chance, rank correlation
     with bootstrap intervals, and writes OUT/compare.json and OUT/report.html.
     """
-    from .commands.compare import CompareConfig, compare as run_compare, format_compare, write_compare
     config = CompareConfig(allow_partial=allow_partial, resamples=resamples, seed=kw["seed"])
     config.validate()
     out = out if out is not None else Path("reports") / f"compare-{a.stem}-vs-{b.stem}"
@@ -316,7 +278,7 @@ def compare(a: Path, b: Path, out: Optional[Path], allow_partial: bool, resample
     scans = [_scan_or_load(a, kw, progress), _scan_or_load(b, kw, progress)]
     result = run_compare(scans[0], scans[1], config)
     paths = write_compare(result, out, inputs=(a, b))
-    click.echo(format_compare(result))
+    click.echo(text.compare_text(result))
     if not kw["quiet"]:
         click.echo(f"wrote {paths['compare']} and {paths['report']}")
 
@@ -349,9 +311,6 @@ def gate(checkpoint: Optional[Path], policy: Optional[Path], baseline: Optional[
     Exit codes: 0 all checks passed; 1 a check failed; 2 bad input or internal error;
     3 nothing was audited (empty probe, checkpoint without tensors).
     """
-    from .io.files import atomic_write_bytes
-    from .commands.gate import EXAMPLE_POLICY, check_gate, load_policy, markdown_summary, write_gate
-    from .commands.scan import ScanConfig
     if init:
         target = policy or Path("model-audit-policy.toml")
         if target.exists():
@@ -440,7 +399,6 @@ def fix(checkpoint: Path, train: Path, output: Path, layers: str, audit: Optiona
     runs the controls with the same budget, writes the repaired checkpoint to --output
     (verified: frozen tensors byte-identical) and OUT/fix.json and OUT/report.html.
     """
-    from .commands.fix import FixConfig, fix as run_fix, format_fix, write_fix
     probe = _need_probe(kw["probe"])
     names = [c.strip() for c in controls.split(",") if c.strip()]
     config = FixConfig(
@@ -457,18 +415,16 @@ def fix(checkpoint: Path, train: Path, output: Path, layers: str, audit: Optiona
     result = run_fix(checkpoint, train, probe, output, config, audit=audit,
                      progress=_progress(kw["quiet"]))
     paths = write_fix(result, out)
-    data = result.to_dict()
     if not kw["quiet"]:
         for warning in result.warnings:
             click.echo(f"warning: {warning}", err=True)
-    click.echo(format_fix(data))
+    click.echo(format_fix(result))
     if not kw["quiet"]:
         click.echo(f"wrote {output}, {paths['fix']} and {paths['report']}")
 
 
 def _sanity_methods(text: str) -> Tuple[str, ...]:
     """``--methods``: ``own`` (always included) and baseline names or keywords."""
-    from .baselines import resolve_baselines
     items = [t.strip() for t in text.split(",") if t.strip()]
     try:
         return resolve_baselines([t for t in items if t.lower() != "own"])
@@ -512,8 +468,6 @@ def sanity(checkpoint: Path, defects: str, drop: float, tolerance: float, groups
     each method. Prints per method top-1 and MRR beside chance, and writes OUT/sanity.json and
     OUT/report.html. The checkpoint is never written.
     """
-    from .commands.sanity import SanityConfig, format_sanity, run_sanity_cli, write_sanity
-    from .core.plant import resolve_defects
     probe = _need_probe(kw["probe"])
 
     config = SanityConfig(
@@ -537,14 +491,12 @@ def sanity(checkpoint: Path, defects: str, drop: float, tolerance: float, groups
 @click.argument("directory", type=click.Path(path_type=Path))
 def report(directory: Path) -> None:
     """Re-render DIRECTORY/report.html from the JSON files a command wrote there."""
-    from .render.html import render_directory
     click.echo(f"wrote {render_directory(directory)}")
 
 
 @cli.command()
 def archs() -> None:
     """List the registered architecture names."""
-    from .models.registry import available_architectures
     for name in available_architectures():
         click.echo(name)
 

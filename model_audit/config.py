@@ -13,16 +13,11 @@ Example ``pyproject.toml``::
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 from .errors import ConfigError
+from .io.files import read_toml
 
 #: key -> (type, is a path)
 KEYS: Dict[str, Tuple[type, bool]] = {
@@ -43,10 +38,7 @@ def find_config(cwd: Optional[Path] = None) -> Optional[Tuple[Path, Dict[str, An
     for path in (own, pyproject):
         if not path.is_file():
             continue
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+        data = read_toml(path)
         if path == own:
             return path, data.get("tool", {}).get("model-audit", data)
         table = data.get("tool", {}).get("model-audit")

@@ -66,6 +66,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def open_probe_for(ckpt: LoadedCheckpoint, probe: "os.PathLike[str] | str",
+                   options: AuditOptions, *, limit: Optional[int] = None,
+                   ) -> Tuple[ProbeSet, List[str]]:
+    """Open a probe (or repair) set the way ``ckpt`` needs its inputs: its channels, classes
+    and normalisation (``options.normalize``, else the checkpoint's metadata, else none).
+
+    Args:
+        limit: a class-stratified subset size; default ``options.limit``.
+
+    Returns:
+        The set and warnings for the user (no normalisation known, ignored files).
+    """
+    warnings: List[str] = []
+    normalize = options.normalize or ckpt.normalize
+    if normalize is None:
+        normalize = "none"
+        warnings.append("no normalisation given (--normalize) and none in the checkpoint's "
+                        "metadata: images are only scaled to [0, 1]")
+    probe_set = open_probe(probe, channels=ckpt.in_channels, normalize=normalize,
+                           resize=options.resize,
+                           limit=options.limit if limit is None else limit, seed=options.seed,
+                           model_classes=ckpt.classes, num_classes=ckpt.num_classes)
+    ignored = getattr(probe_set, "ignored", [])
+    if ignored:
+        warnings.append(f"{len(ignored)} non-image file(s) in the probe were ignored, "
+                        f"e.g. {ignored[0]}")
+    return probe_set, warnings
+
+
 def load_inputs(checkpoint: "os.PathLike[str] | str", probe: "os.PathLike[str] | str",
                 options: AuditOptions) -> Tuple[LoadedCheckpoint, ProbeSet, List[str]]:
     """Load the checkpoint and open the probe with the same options in every command.
@@ -79,18 +108,8 @@ def load_inputs(checkpoint: "os.PathLike[str] | str", probe: "os.PathLike[str] |
     if ckpt.nonfinite:
         warnings.append(f"{len(ckpt.nonfinite)} tensor(s) hold NaN/Inf values: "
                         f"{', '.join(ckpt.nonfinite[:10])}")
-    normalize = options.normalize or ckpt.normalize
-    if normalize is None:
-        normalize = "none"
-        warnings.append("no normalisation given (--normalize) and none in the checkpoint's "
-                        "metadata: images are only scaled to [0, 1]")
-    probe_set = open_probe(probe, channels=ckpt.in_channels, normalize=normalize,
-                           resize=options.resize, limit=options.limit, seed=options.seed,
-                           model_classes=ckpt.classes, num_classes=ckpt.num_classes)
-    ignored = getattr(probe_set, "ignored", [])
-    if ignored:
-        warnings.append(f"{len(ignored)} non-image file(s) in the probe were ignored, e.g. {ignored[0]}")
-    return ckpt, probe_set, warnings
+    probe_set, more = open_probe_for(ckpt, probe, options)
+    return ckpt, probe_set, warnings + more
 
 
 def resolve_inputs(checkpoint: Any, probe: Any, options: AuditOptions
@@ -106,11 +125,8 @@ def resolve_inputs(checkpoint: Any, probe: Any, options: AuditOptions
     if isinstance(checkpoint, LoadedCheckpoint):
         if isinstance(probe, ProbeSet):
             return checkpoint, probe, []
-        return checkpoint, open_probe(
-            probe, channels=checkpoint.in_channels,
-            normalize=options.normalize or checkpoint.normalize or "none",
-            resize=options.resize, limit=options.limit, seed=options.seed,
-            model_classes=checkpoint.classes, num_classes=checkpoint.num_classes), []
+        probe_set, _ = open_probe_for(checkpoint, probe, options)
+        return checkpoint, probe_set, []
     if isinstance(probe, ProbeSet):
         raise ConfigError("give the probe as a path when the checkpoint is a path")
     return load_inputs(checkpoint, probe, options)

@@ -286,6 +286,18 @@ def test_resnet18_inplace_relu_and_reused_relu_match_the_out_of_place_model():
     assert np.isfinite(ours["integrated_gradients"].scores[1])
 
 
+def test_gauss_legendre_points_and_weights_equal_captums():
+    """The path methods compute captum's Gauss-Legendre quadrature locally (captum has it only
+    in a private module): the numbers must be identical, not just close."""
+    approximation = pytest.importorskip("captum.attr._utils.approximation_methods")
+    from model_audit.baselines.path import _gauss_legendre_alphas, _gauss_legendre_step_sizes
+
+    step_sizes, alphas = approximation.approximation_parameters("gausslegendre")
+    for n in (1, 2, 3, 6, 7, 50, 51, 200):
+        assert _gauss_legendre_alphas(n) == alphas(n)
+        assert _gauss_legendre_step_sizes(n) == step_sizes(n)
+
+
 @pytest.mark.parametrize("internal_batch_size,points_per_image", [
     (None, 9),           # default (3 images): 7 points in chunks of 3 sharing one: 0-2, 2-4, 4-6
     (2, 12),             # the smallest conductance chunk: 6 chunks of 2 points

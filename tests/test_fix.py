@@ -210,14 +210,14 @@ def test_a_diverging_control_is_recorded_not_fatal(monkeypatch, tmp_path):
     # model_audit.commands.fix is also the name of the function the package exports
     fixmod = importlib.import_module("model_audit.commands.fix")
 
-    real = fixmod._retrain
+    real = fixmod.retrain
 
     def retrain(base, groups, selected, *args, **kwargs):
         if {"conv1", "fc"} <= set(selected):  # the "all" control (the selection is fc alone)
             raise fixmod.RepairDiverged("the repair of everything diverged at step 3 (loss nan)")
         return real(base, groups, selected, *args, **kwargs)
 
-    monkeypatch.setattr(fixmod, "_retrain", retrain)
+    monkeypatch.setattr(fixmod, "retrain", retrain)
     result = fix(SAMPLES / "digits-sgd.safetensors", TRAIN, PROBE, None,
                  FixConfig(steps=3, controls=("all", "random"), layers=("fc",)))
     d = result.to_dict()
@@ -241,15 +241,15 @@ def test_bad_wrong_fraction_and_batchnorm_are_refused(work):
 def test_batch_plan_mixes_at_the_asked_fraction():
     fixmod = importlib.import_module("model_audit.commands.fix")
     wrong, right = list(range(0, 30)), list(range(30, 100))
-    plan = fixmod._batch_plan(wrong, right, steps=20, batch=16, seed=0, wrong_fraction=0.25)
+    plan = fixmod.batch_plan(wrong, right, steps=20, batch=16, seed=0, wrong_fraction=0.25)
     assert all(len(b) == 16 and sum(i < 30 for i in b) == 4 for b in plan)
-    assert fixmod._batch_plan(wrong, right, 3, 16, 0, 0.25) == plan[:3]  # seeded
-    assert all(i < 30 for b in fixmod._batch_plan(wrong, right, 5, 8, 0, 1.0) for i in b)
-    assert all(i >= 30 for b in fixmod._batch_plan(wrong, right, 5, 8, 0, 0.0) for i in b)
-    assert all(i >= 30 for b in fixmod._batch_plan([], right, 5, 8, 0, 0.5) for i in b)
-    assert all(i < 30 for b in fixmod._batch_plan(wrong, [], 5, 8, 0, 0.5) for i in b)
+    assert fixmod.batch_plan(wrong, right, 3, 16, 0, 0.25) == plan[:3]  # seeded
+    assert all(i < 30 for b in fixmod.batch_plan(wrong, right, 5, 8, 0, 1.0) for i in b)
+    assert all(i >= 30 for b in fixmod.batch_plan(wrong, right, 5, 8, 0, 0.0) for i in b)
+    assert all(i >= 30 for b in fixmod.batch_plan([], right, 5, 8, 0, 0.5) for i in b)
+    assert all(i < 30 for b in fixmod.batch_plan(wrong, [], 5, 8, 0, 0.5) for i in b)
     # natural: epochs without replacement over everything, errors at their own rate
-    natural = fixmod._batch_plan(wrong, right, steps=25, batch=8, seed=0, wrong_fraction=None)
+    natural = fixmod.batch_plan(wrong, right, steps=25, batch=8, seed=0, wrong_fraction=None)
     flat = [i for b in natural for i in b]
     assert sorted(flat[:100]) == list(range(100)) and sorted(flat[100:200]) == list(range(100))
     assert all(len(b) == 8 for b in natural)
@@ -294,24 +294,24 @@ def test_net_and_controls_come_with_exact_mcnemar_tests(repaired):
         assert (c["name"] in d["verdict"]["beat_significantly"]) == (
             c["flagged_beat_it"] and v["p_value"] < 0.05)
     from model_audit.commands.fix import format_fix
-    text = format_fix(d)
+    text = format_fix(result)
     assert "p(net)" in text and "paired McNemar test" in text
 
 
 def test_random_control_is_disjoint_when_it_can_be_and_says_so_when_not():
     from model_audit.models.tiny import TinyResNet
-    fixmod = importlib.import_module("model_audit.commands.fix")
+    select_mod = importlib.import_module("model_audit.commands.fix.select")
     model = TinyResNet()
     groups = layer_groups(model)
     share = {g.name: g.share for g in groups}
-    names, units, disjoint = fixmod._random_control(model, groups, ["layer2"], seed=0)
+    names, units, disjoint = select_mod.random_control(model, groups, ["layer2"], seed=0)
     assert disjoint and not any(n.startswith("layer2.") for n in names)
     got = sum(u.share for u in units if u.name in names)
-    assert abs(got / share["layer2"] - 1) <= fixmod.RANDOM_SHARE_TOLERANCE
-    assert fixmod._random_control(model, groups, ["layer2"], seed=0)[0] == names  # seeded
+    assert abs(got / share["layer2"] - 1) <= select_mod.RANDOM_SHARE_TOLERANCE
+    assert select_mod.random_control(model, groups, ["layer2"], seed=0)[0] == names  # seeded
     # layer3 holds most parameters: no set of other modules comes near its share, so the
     # control falls back to whole groups (here: overlapping the selection), and says so
-    names, units, disjoint = fixmod._random_control(model, groups, ["layer3"], seed=0)
+    names, units, disjoint = select_mod.random_control(model, groups, ["layer3"], seed=0)
     assert units == groups and set(names) != {"layer3"}
     assert disjoint == (not set(names) & {"layer3"})
 
@@ -363,11 +363,11 @@ def test_bench_fix_section_summarises_seeds(repaired):
 def test_random_control_varies_with_the_seed():
     # twelve equal layers: many sets of two outside the selection match its share exactly
     # (in a ResNet the stages grow 4x, so usually one family of module sets fits)
-    fixmod = importlib.import_module("model_audit.commands.fix")
+    select_mod = importlib.import_module("model_audit.commands.fix.select")
     model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(12)])
     groups = layer_groups(model)
-    draws = [fixmod._random_control(model, groups, ["0", "1"], seed=s) for s in range(8)]
+    draws = [select_mod.random_control(model, groups, ["0", "1"], seed=s) for s in range(8)]
     assert len({d[0] for d in draws}) > 1
     for names, units, disjoint in draws:
         assert disjoint and len(names) == 2 and not {"0", "1"} & set(names)
-    assert fixmod._random_control(model, groups, ["0", "1"], seed=3) == draws[3]
+    assert select_mod.random_control(model, groups, ["0", "1"], seed=3) == draws[3]

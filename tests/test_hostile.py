@@ -489,8 +489,15 @@ def no_work(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("work started although the output is an input")
 
-    for module, name in ((scan_mod, "scan"), (compare_mod, "compare"), (compare_mod, "load_audit"),
-                         (gate_mod, "check_gate"), (gate_mod, "load_policy"),
+    from model_audit.io.records import AuditRecord
+
+    cli_mod = importlib.import_module("model_audit.cli")
+    for name in ("run_scan", "run_compare", "check_gate", "load_policy", "run_fix",
+                 "run_sanity_cli"):
+        monkeypatch.setattr(cli_mod, name, forbidden)
+    for module, name in ((scan_mod, "scan"), (compare_mod, "compare"), (AuditRecord, "read"),
+                         (gate_mod, "check_gate"),
+                         (importlib.import_module("model_audit.commands.policy"), "load_policy"),
                          (ckpt_mod, "load_checkpoint")):
         monkeypatch.setattr(module, name, forbidden)
 
@@ -797,12 +804,12 @@ def test_ctrl_c_in_process_reports_what_was_written(work, tmp_path, monkeypatch)
     """KeyboardInterrupt anywhere in a command: exit 130 and an honest message."""
     import importlib
 
-    scan_mod = importlib.import_module("model_audit.commands.scan")
+    cli_mod = importlib.import_module("model_audit.cli")
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(scan_mod, "scan", interrupted)
+    monkeypatch.setattr(cli_mod, "run_scan", interrupted)
     result = run(["scan", work / "model.safetensors", "--probe", work / "probe.safetensors",
                   "--out", tmp_path / "out"])
     assert result.exit_code == 130

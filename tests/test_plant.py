@@ -164,13 +164,3 @@ def test_changed_tensors_sees_a_buffer_change(digits):
     with torch.no_grad():
         other.bn1.running_mean.add_(1.0)
     assert changed_tensors(ckpt.model, other) == ("bn1.running_mean",)
-
-
-def test_the_examples_in_the_docstrings_run():
-    import doctest
-    import importlib
-
-    for name in ("model_audit.core.attribution", "model_audit.commands.sanity"):
-        module = importlib.import_module(name)
-        failed, attempted = doctest.testmod(module, verbose=False)
-        assert attempted > 0 and failed == 0, name

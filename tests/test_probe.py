@@ -405,7 +405,7 @@ def test_tensor_probe_reads_only_the_requested_images(tmp_path, monkeypatch):
         def get_tensor(self, name):
             return self.fh.get_tensor(name)
 
-    monkeypatch.setattr(safetensors, "safe_open", HandleSpy)
+    monkeypatch.setattr(probe_mod, "safe_open", HandleSpy)
     positions = [199, 0, 100, 101, 102, 5]
     x = probe.load(positions)
     assert (x.flatten(1)[:, 0] * 255).round().long().tolist() == positions

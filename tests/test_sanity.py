@@ -193,7 +193,7 @@ def test_a_sanity_file_that_is_not_one_is_bad_input(tmp_path, sgd_checkpoint, di
 
 def test_min_sanity_top1_must_be_a_fraction(tmp_path):
     from model_audit.errors import ConfigError
-    from model_audit.commands.gate import load_policy
+    from model_audit.commands.policy import load_policy
     pol = tmp_path / "p.toml"
     pol.write_text("[policy]\nmin_sanity_top1 = 2\n")
     with pytest.raises(ConfigError, match="min_sanity_top1 must be between 0 and 1"):

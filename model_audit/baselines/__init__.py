@@ -1,10 +1,17 @@
 """Established per-layer-group attribution baselines, shown beside the tool's own metric.
 
 The own metric (:mod:`model_audit.core.attribution`) measures how much of the misclassified images'
-loss each layer group is responsible for. This module computes, on the same misclassified
+loss each layer group is responsible for. This package computes, on the same misclassified
 images and the same groups, the scores that established methods give, so a report can show
-how far they agree (:func:`agreement`). It is the only module of the package that imports
+how far they agree (:func:`agreement`). It is the only part of the package that imports
 captum, and it imports it lazily (inside the functions), so ``import model_audit`` stays fast.
+
+Modules: this one holds the registry (:data:`BASELINES`) and the orchestration
+(:func:`compute_baselines`, :func:`prepare_layers`); one module per family computes the
+methods: :mod:`.gradient` (gradient x activation, activation), :mod:`.path` (integrated
+gradients, conductance, internal influence), :mod:`.rgn` (Auto-RGN); :mod:`.ranking` holds
+:func:`agreement` and :mod:`._utils` the helpers they share. Import the public names from this
+package.
 
 Baselines (:data:`BASELINES`)
 -----------------------------
@@ -21,14 +28,8 @@ name                       method                                  cheap  passes
 =========================  ======================================  =====  ====================
 
 (``n`` = ``n_steps``, 50 by default; fwd + bwd passes unless marked.) Every method but
-layer integrated gradients handles every group in one pass. Conductance and internal
-influence evaluate the network along the *input* path and need, at each point, the gradient
-of the target w.r.t. a layer's output: one backward pass gives it for every group's output, so
-:func:`_shared_path_totals` computes all groups together with captum's arithmetic (its
-Gauss-Legendre points and weights; the tests check the numbers against captum's
-``LayerConductance`` and ``InternalInfluence`` run one layer at a time, which costs the group
-count times as many passes). Layer integrated gradients interpolates *at* the layer, so it runs
-captum's class once per group. :data:`DEFAULT_BASELINES` is the cheap pair
+layer integrated gradients handles every group in one pass (:mod:`.path` says how
+conductance and internal influence do). :data:`DEFAULT_BASELINES` is the cheap pair
 ``grad_x_activation`` and ``auto_rgn``.
 The exact counts of every run are in :attr:`BaselineResult.forward_images` and
 ``backward_images``: every image that goes through the network once counts once, the
@@ -58,54 +59,20 @@ Aggregation (the same for every layer method)
   finally the groups' values are normalised to **shares that sum to 1** over the groups, the
   scale on which the own metric reports its responsibility shares. The un-normalised means are
   kept in :attr:`BaselineResult.raw`.
-* **Baseline input** of the path methods (conductance, integrated gradients, internal
-  influence): zeros in the normalised input space (captum's default; the data set's mean image
-  under the usual ``(x - mean) / std`` normalisation), Gauss-Legendre quadrature with
-  ``n_steps`` points.
-* **Memory:** the path methods run ``images x points`` evaluations in forwards of at most
-  ``internal_batch_size`` images (default: the batch size of ``batches``). Conductance and
-  influence put ``internal_batch_size // points`` images' whole paths in one forward, or split
-  one image's path when it does not fit (conductance's chunks then share one point, since it
-  takes differences between consecutive points, so it needs at least 2); layer integrated
-  gradients takes one step of a whole batch per forward at least (captum's batching).
+* **Baseline input and memory** of the path methods: see :mod:`.path` (zeros in the
+  normalised input space, Gauss-Legendre quadrature with ``n_steps`` points, at most
+  ``internal_batch_size`` images per forward).
 
-Auto-RGN
---------
-
-The relative-gradient-norm selector of surgical fine-tuning (Lee et al., "Surgical Fine-Tuning
-Improves Adaptation to Distribution Shifts", ICLR 2023) ranks layers by ``||g|| / ||w||``, the
-norm of the loss gradient relative to the norm of the weights. Here the loss is the mean
-cross-entropy of the misclassified images at the checkpoint's weights (eval mode, the loss the
-replay descends), and a group's value is::
-
-    rgn_G = ||g_G||_2 / ||w_G||_2      (g_G, w_G: all of the group's parameters as one vector)
-
-rather than the RMS of the per-tensor ratios ``|g_t| / |w_t|``. Reasons: (1) it is the paper's
-RGN with the group as the layer, which is the unit the tool attributes to; (2) it does not
-depend on how a module splits its parameters into tensors; (3) it is robust: biases and
-normalisation shifts often have norms near zero (they start at zero), so their per-tensor
-ratios explode and would dominate a plain RMS. Indeed ``rgn_G**2 = sum_t (||w_t||^2 /
-||w_G||^2) * (||g_t|| / ||w_t||)^2``: it *is* the RMS of the per-tensor ratios, weighted by each
-tensor's share of the group's squared weight norm. A group whose weights are all zero gets
-``NaN`` (the ratio is undefined). The values are normalised to shares like the others.
+Auto-RGN (:mod:`.rgn`) is ``||g_G||_2 / ||w_G||_2`` of the misclassified images' mean
+cross-entropy per group, normalised to shares like the others.
 
 Correctness on real architectures
 ---------------------------------
 
-captum reads a layer through forward hooks on its module. torchvision's ResNets call one
-``relu`` module twice per block, use in-place ReLU and ``out += identity``; MobileNet uses
-in-place Hardswish/ReLU. Everything runs on a deep copy of the model in eval mode in which
-
-* every group's module is replaced in its parent by a transparent wrapper that calls the
-  original module and returns a *clone* of its output, so no later in-place operation can touch
-  what captum hooked (captum hooks the original module object inside the wrapper). captum's own
-  hooks already clone for the gradient methods, but ``LayerIntegratedGradients`` substitutes the
-  layer's output by its interpolated leaf tensors, and an in-place successor (e.g. the in-place
-  ``relu`` after ``bn1`` in a ResNet) then fails with "a leaf Variable that requires grad is
-  being used in an in-place operation"; and
-* a group module that is called more than once per forward pass (captum records only its last
-  call) is detected, by counting calls with temporary forward hooks over one batch (removed
-  afterwards), and refused with a :class:`BaselineError` naming it.
+The layer methods run on a deep copy of the model in eval mode in which every group's module
+returns a clone of its output (so in-place successors such as torchvision's ReLUs and
+``out += identity`` cannot touch what captum hooked) and a group module called more than once
+per forward pass is refused with a :class:`BaselineError`; :mod:`._utils` says why.
 
 The caller's model is never modified: its parameters and buffers, train/eval mode and hooks
 are the same afterwards, also when an error is raised midway.
@@ -113,6 +80,7 @@ are the same afterwards, also when an error is raised midway.
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -120,25 +88,46 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._progress import progress_bar
-from ..core.stats import kendall_tau_b, rankdata, spearman  # noqa: F401 (re-exported)
-from ..errors import ConfigError, ReplayError
 from ..core.layers import LayerGroup
+from ..core.stats import kendall_tau_b, rankdata, spearman
+from ..errors import ConfigError
+from ._utils import (BaselineError, _abs_sum, _call_counts, _check_settings, _count_images,
+                     _Counter, _group_module, _len, _protect, _shares)
+from .gradient import activation_totals, grad_x_activation_totals
+from .path import (_shared_path_totals, conductance_totals, integrated_gradients_totals,
+                   internal_influence_totals)
+from .ranking import Agreement, agreement
+from .rgn import _auto_rgn, auto_rgn_settings
+
+__all__ = [
+    "BASELINES", "DEFAULT_BASELINES", "Agreement", "BaselineError", "BaselineResult",
+    "BaselineSpec", "REDUCTION_DOC", "TARGET_DOC", "agreement", "compute_baselines",
+    "prepare_layers", "resolve_baselines",
+    # re-exported: tests/test_baselines.py checks them against scipy through this module
+    "kendall_tau_b", "rankdata", "spearman",
+    # private helpers that bench/baselines_bench.py imports from here
+    "_Counter", "_abs_sum", "_shared_path_totals",
+]
+
 TARGET_DOC = "true label of each misclassified image (logit of that class)"
 REDUCTION_DOC = ("per group: mean over images of sum(|attribution|) over the group module's "
                  "output elements, normalised to shares summing to 1 over the groups")
 
 
-class BaselineError(ReplayError):
-    """A baseline attribution cannot run (e.g. a group module is called twice per forward)."""
-
-
 @dataclass(frozen=True)
 class BaselineSpec:
-    """A registered baseline: what it computes and whether it is cheap."""
+    """A registered baseline: what it computes, whether it is cheap, and the function doing it.
+
+    ``compute`` of a layer method (``captum_class`` set) returns, for one batch, each group's
+    per-image sums of ``|attribution|``: ``compute(forward, layers, x, y, n_steps,
+    internal_batch_size) -> {group index: tensor}`` (e.g.
+    :func:`.gradient.grad_x_activation_totals`). ``compute`` of Auto-RGN, the parameter method
+    (``captum_class`` None), returns the raw value of every group over all the batches
+    (:func:`.rgn._auto_rgn`).
+    """
 
     name: str
     title: str
@@ -146,6 +135,12 @@ class BaselineSpec:
     uses_steps: bool            # costs n_steps passes per image (path methods)
     captum_class: Optional[str]  # None: computed without captum
     description: str
+    compute: Callable[..., Any] = field(repr=False, compare=False)
+
+    @property
+    def needs_layer(self) -> bool:
+        """A layer method: attributes to the output of the group's module."""
+        return self.captum_class is not None
 
     def to_dict(self) -> Dict[str, Any]:
         return {"name": self.name, "title": self.title, "cheap": self.cheap,
@@ -156,26 +151,28 @@ class BaselineSpec:
 BASELINES: Dict[str, BaselineSpec] = {
     "grad_x_activation": BaselineSpec(
         "grad_x_activation", "Gradient x Activation", True, False, "LayerGradientXActivation",
-        "gradient of the true-class logit w.r.t. the group's output, times that output"),
+        "gradient of the true-class logit w.r.t. the group's output, times that output",
+        grad_x_activation_totals),
     "activation": BaselineSpec(
         "activation", "Activation", True, False, "LayerActivation",
-        "magnitude of the group's output (no target)"),
+        "magnitude of the group's output (no target)", activation_totals),
     "conductance": BaselineSpec(
         "conductance", "Layer Conductance", False, True, "LayerConductance",
-        "conductance of the group's output for the true-class logit (Dhamdhere et al. 2018)"),
+        "conductance of the group's output for the true-class logit (Dhamdhere et al. 2018)",
+        conductance_totals),
     "integrated_gradients": BaselineSpec(
         "integrated_gradients", "Layer Integrated Gradients", False, True,
         "LayerIntegratedGradients",
         "integrated gradients of the true-class logit along the group's output (Sundararajan "
-        "et al. 2017)"),
+        "et al. 2017)", integrated_gradients_totals),
     "internal_influence": BaselineSpec(
         "internal_influence", "Internal Influence", False, True, "InternalInfluence",
         "gradient of the true-class logit w.r.t. the group's output, integrated along the input "
-        "path (Leino et al. 2018)"),
+        "path (Leino et al. 2018)", internal_influence_totals),
     "auto_rgn": BaselineSpec(
         "auto_rgn", "Auto-RGN", True, False, None,
         "relative gradient norm ||g||/||w|| of the misclassified images' loss per group "
-        "(surgical fine-tuning, Lee et al. 2023)"),
+        "(surgical fine-tuning, Lee et al. 2023)", _auto_rgn),
 }
 
 #: The cheap default set: one forward and one backward pass over the misclassified images each.
@@ -242,314 +239,7 @@ def _json_floats(values: np.ndarray) -> List[Optional[float]]:
 
 
 # ------------------------------------------------------------------------------------------
-# Model preparation
-
-
-def _clone_output(out: Any) -> Any:
-    if isinstance(out, torch.Tensor):
-        return out.clone()
-    if isinstance(out, tuple) and hasattr(out, "_fields"):  # namedtuple
-        return type(out)(*(_clone_output(o) for o in out))
-    if isinstance(out, (tuple, list)):
-        return type(out)(_clone_output(o) for o in out)
-    if isinstance(out, dict):
-        return type(out)((k, _clone_output(v)) for k, v in out.items())
-    return out
-
-
-class _CloneOutput(nn.Module):
-    """Calls the wrapped module and returns a clone of its output.
-
-    In-place operations after the group (``relu(inplace=True)``, ``out += identity``) then work
-    on the clone, never on the tensor captum's hook on the wrapped module saw or substituted.
-    Attribute look-ups fall through to the wrapped module, so forward code that reads e.g.
-    ``self.fc.in_features`` keeps working, and any arguments are passed on.
-    """
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return _clone_output(self.inner(*args, **kwargs))
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("inner"), name)
-
-    def __getitem__(self, idx: Any) -> Any:  # a wrapped container stays indexable
-        return self.inner[idx]  # type: ignore[index]
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(self.inner)  # type: ignore[call-overload]
-
-    def __bool__(self) -> bool:  # ``if self.layer:`` must not depend on the wrapped module
-        return True
-
-
-def _group_module(model: nn.Module, group: LayerGroup) -> Optional[nn.Module]:
-    """The module whose output is the group's layer, or None (bare parameter, partial module)."""
-    try:
-        module = model.get_submodule(group.name)
-    except AttributeError:
-        return None
-    if module is model:
-        return None
-    own = sorted(f"{group.name}.{n}" for n, _ in module.named_parameters())
-    return module if own == sorted(group.parameter_names) else None
-
-
-def _protect(net: nn.Module, modules: Dict[int, nn.Module], names: Dict[int, str]) -> None:
-    """Replace every group module in its parent (in ``net``) by a :class:`_CloneOutput`."""
-    for i, module in modules.items():
-        parent_name, _, child = names[i].rpartition(".")
-        parent = net.get_submodule(parent_name) if parent_name else net
-        if getattr(parent, "_modules", {}).get(child) is not module:
-            continue  # reached through another path: captum still hooks it, no clone
-        parent._modules[child] = _CloneOutput(module)
-
-
-def _call_counts(net: nn.Module, modules: Dict[int, nn.Module], x: torch.Tensor) -> Dict[int, int]:
-    """How often each module runs in one forward pass (of one batch)."""
-    counts = {i: 0 for i in modules}
-    handles = []
-
-    def counter(i: int) -> Callable[..., None]:
-        def hook(*_: Any) -> None:
-            counts[i] += 1
-        return hook
-
-    try:
-        for i, module in modules.items():
-            handles.append(module.register_forward_hook(counter(i)))
-        with torch.no_grad():
-            net(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return counts
-
-
-# ------------------------------------------------------------------------------------------
 # Computation
-
-
-class _Counter:
-    """Counts the images that go forward through the network and back from its logits."""
-
-    def __init__(self) -> None:
-        self.forward = 0
-        self.backward = 0
-
-    def wrap(self, net: nn.Module) -> Callable[..., torch.Tensor]:
-        def forward(x: torch.Tensor, *args: Any) -> torch.Tensor:
-            out = net(x, *args)
-            self.forward += int(x.shape[0])
-            if isinstance(out, torch.Tensor) and out.requires_grad:
-                out.register_hook(self._on_backward)
-            return out
-        return forward
-
-    def _on_backward(self, grad: torch.Tensor) -> None:
-        self.backward += int(grad.shape[0])
-
-
-def _abs_sum(attr: Any) -> torch.Tensor:
-    """Per-image sum of |attribution| over every element of a layer's output (tensor/tuple)."""
-    if isinstance(attr, torch.Tensor):
-        a = attr.detach()
-        return a.abs().reshape(a.shape[0], -1).sum(1).double().cpu() if a.dim() else \
-            a.abs().reshape(1).double().cpu()
-    parts = [_abs_sum(a) for a in attr]
-    return torch.stack(parts).sum(0)
-
-
-def _tensors(out: Any) -> List[torch.Tensor]:
-    """The tensors of a module's output (a tensor, or tuples/lists/dicts of them), in order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _tensors(o)]
-    if isinstance(out, dict):
-        return [t for o in out.values() for t in _tensors(o)]
-    return []
-
-
-def _shares(raw: np.ndarray) -> np.ndarray:
-    """``raw / sum(raw)`` over the finite groups (NaN stays NaN; all zeros when nothing is)."""
-    finite = np.isfinite(raw)
-    total = raw[finite].sum() if finite.any() else 0.0
-    out = np.full(raw.shape, np.nan)
-    out[finite] = raw[finite] / total if total > 0 else 0.0
-    return out
-
-
-#: Path methods computed for every group in one pass (see :func:`_shared_path_totals`).
-SHARED_PATH = ("conductance", "internal_influence")
-
-
-def _shared_path_totals(name: str, forward: Callable[..., torch.Tensor],
-                        layers: Dict[int, nn.Module], x: torch.Tensor, y: torch.Tensor,
-                        n_steps: int, internal_batch_size: int) -> Dict[int, torch.Tensor]:
-    """Conductance or internal influence of every group at once: per-image |attribution| sums.
-
-    Both methods evaluate the network at points ``x' + alpha (x - x')`` of the *input* path and
-    need, at each point, the gradient of the target logit w.r.t. a layer's output (and, for
-    conductance, that output). One backward pass gives those gradients for every group's output
-    at once, so this costs ``n_steps + 1`` (conductance) or ``n_steps`` (influence) passes per
-    image for all groups together, where captum's ``LayerConductance`` / ``InternalInfluence``
-    take that many per group. The arithmetic is theirs (the tests check it against them):
-
-    * conductance: ``sum_k g(a_k) * (h(a_{k+1}) - h(a_k))`` over the ``n_steps + 1``
-      Gauss-Legendre points ``a_k``;
-    * internal influence: ``sum_k w_k * g(a_k)`` over ``n_steps`` points with weights ``w_k``.
-
-    Memory: at most ``internal_batch_size`` points (images x steps) per forward. When a whole
-    path fits, ``internal_batch_size // points`` images go together; otherwise one image's path
-    is split into chunks, which for conductance share one point (the difference needs both
-    ends), as captum's ``_batch_attribution`` does.
-    """
-    from captum.attr._utils.approximation_methods import approximation_parameters
-
-    step_sizes_func, alphas_func = approximation_parameters("gausslegendre")
-    conductance = name == "conductance"
-    alphas = alphas_func(n_steps + 1) if conductance else alphas_func(n_steps)
-    weights = None if conductance else step_sizes_func(n_steps)
-    points = len(alphas)
-    ibs = max(internal_batch_size, 2 if conductance else 1)
-    per_forward = max(1, ibs // points)  # images whose whole path fits in one forward
-    chunk = min(points, ibs)              # points per forward (>= 2 for conductance)
-    idx = list(layers)
-    saved: Dict[int, List[torch.Tensor]] = {}  # each group's output tensors in this forward
-
-    def saver(i: int) -> Callable[..., None]:
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            saved[i] = _tensors(output)
-        return hook
-
-    out: Dict[int, List[torch.Tensor]] = {i: [] for i in idx}
-    handles = [layers[i].register_forward_hook(saver(i)) for i in idx]
-    try:
-        for start in range(0, int(x.shape[0]), per_forward):
-            xs, ys = x[start:start + per_forward], y[start:start + per_forward]
-            m = int(xs.shape[0])
-            totals: Dict[int, Optional[List[torch.Tensor]]] = {i: None for i in idx}
-            k = 0
-            while True:
-                stop = min(k + chunk, points)
-                a = torch.tensor(alphas[k:stop], dtype=xs.dtype, device=xs.device)
-                steps = len(a)
-                # step-major, as captum stacks them: [all images at a_k, all at a_k+1, ...];
-                # the baseline input is zeros, so a point is a * x
-                scaled = (a.view(-1, *([1] * xs.dim())) * xs.unsqueeze(0)).reshape(
-                    steps * m, *xs.shape[1:]).requires_grad_()
-                saved.clear()
-                logits = forward(scaled)
-                picked = logits.gather(1, ys.repeat(steps).view(-1, 1)).sum()
-                flat = [t for i in idx for t in saved[i]]
-                grads = iter(torch.autograd.grad(picked, flat, allow_unused=True))
-                for i in idx:
-                    parts = []
-                    for h in saved[i]:
-                        g = next(grads)
-                        g = torch.zeros_like(h) if g is None else g
-                        g = g.reshape(steps, m, *h.shape[1:])
-                        if conductance:
-                            h = h.detach().reshape(steps, m, *h.shape[1:])
-                            parts.append((g[:-1] * (h[1:] - h[:-1])).sum(0))
-                        else:
-                            w = torch.tensor(weights[k:stop], dtype=g.dtype, device=g.device)
-                            parts.append((g * w.view(-1, *([1] * (g.dim() - 1)))).sum(0))
-                    totals[i] = parts if totals[i] is None else [
-                        t + p for t, p in zip(totals[i], parts)]
-                saved.clear()
-                if stop >= points:
-                    break
-                # conductance: the next chunk starts at this one's last point
-                k = stop - 1 if conductance else stop
-            for i in idx:
-                out[i].append(_abs_sum(tuple(totals[i])) if totals[i] else
-                              torch.zeros(m, dtype=torch.float64))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {i: torch.cat(out[i]) for i in idx}
-
-
-def _layer_totals(name: str, forward: Callable[..., torch.Tensor], layers: Dict[int, nn.Module],
-                  x: torch.Tensor, y: torch.Tensor, n_steps: int,
-                  internal_batch_size: int) -> Dict[int, torch.Tensor]:
-    """Per-image |attribution| sums of one batch, for each group with a layer."""
-    import captum.attr as ca
-
-    idx = list(layers)
-    mods = [layers[i] for i in idx]
-    b = int(x.shape[0])
-    if name == "grad_x_activation":
-        attrs = ca.LayerGradientXActivation(forward, mods).attribute(x, target=y)
-        return {i: _abs_sum(a) for i, a in zip(idx, attrs)}
-    if name == "activation":
-        attrs = ca.LayerActivation(forward, mods).attribute(x)
-        return {i: _abs_sum(a) for i, a in zip(idx, attrs)}
-    if name in SHARED_PATH:
-        return _shared_path_totals(name, forward, layers, x, y, n_steps, internal_batch_size)
-    if name != "integrated_gradients":  # pragma: no cover - registry and code list the same
-        raise ConfigError(f"unknown layer baseline {name!r}")
-    # Layer IG interpolates *at* the layer, so every group needs passes of its own.
-    return {i: _abs_sum(ca.LayerIntegratedGradients(forward, module).attribute(
-        x, target=y, n_steps=n_steps, internal_batch_size=max(internal_batch_size, b)))
-        for i, module in layers.items()}
-
-
-def _auto_rgn(net: nn.Module, groups: Sequence[LayerGroup], batches: Iterable, device: str,
-              counter: _Counter, n: int, progress: bool,
-              grad_sq: Optional[Dict[str, float]] = None) -> np.ndarray:
-    """``||g_G|| / ||w_G||`` of the mean cross-entropy on the misclassified images, per group.
-
-    ``grad_sq`` (per parameter, the squared norm of that mean gradient, as the replay's first
-    step computes it: :attr:`~model_audit.core.replay.ReplayResult.initial_grad_sq`) saves the
-    forward and backward pass.
-    """
-    params = dict(net.named_parameters())
-    if grad_sq is not None:
-        return _relative_norms(groups, params, grad_sq)
-    for p in params.values():
-        p.requires_grad_(True)
-    names = list(params)
-    grads = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in params.items()}
-    with torch.enable_grad():
-        for _, x, y in progress_bar(batches, total=_len(batches), desc="baseline auto_rgn",
-                                    enabled=progress):
-            x, y = x.to(device), y.to(device)
-            logits = net(x).float()
-            counter.forward += int(x.shape[0])
-            loss = F.cross_entropy(logits, y, reduction="sum")
-            chunk = torch.autograd.grad(loss, [params[k] for k in names], allow_unused=True)
-            counter.backward += int(x.shape[0])
-            for k, g in zip(names, chunk):
-                if g is not None:
-                    grads[k] += g.double()
-    return _relative_norms(groups, params,
-                           {k: float(g.div(n).pow(2).sum()) for k, g in grads.items()})
-
-
-def _relative_norms(groups: Sequence[LayerGroup], params: Dict[str, torch.Tensor],
-                    grad_sq: Dict[str, float]) -> np.ndarray:
-    values = np.empty(len(groups))
-    for j, group in enumerate(groups):
-        g2 = sum(grad_sq[p] for p in group.parameter_names)
-        w2 = sum(float(params[p].detach().double().pow(2).sum()) for p in group.parameter_names)
-        values[j] = math.sqrt(g2) / math.sqrt(w2) if w2 > 0 else math.nan
-    return values
-
-
-def _len(batches: Iterable) -> Optional[int]:
-    try:
-        return len(batches)  # type: ignore[arg-type]
-    except TypeError:
-        return None
 
 
 def prepare_layers(net: nn.Module, groups: Sequence[LayerGroup],
@@ -558,10 +248,11 @@ def prepare_layers(net: nn.Module, groups: Sequence[LayerGroup],
 
     Freezes the parameters (the layer methods take gradients w.r.t. layer outputs only),
     refuses a group module that runs more than once per forward pass of ``x``, and wraps every
-    group module in a :class:`_CloneOutput` (in place, in ``net``).
+    group module in a :class:`~._utils._CloneOutput` (in place, in ``net``).
 
     Returns:
-        ``{group index: module}`` for the groups that have a layer (see :func:`_group_module`).
+        ``{group index: module}`` for the groups that have a layer (see
+        :func:`~._utils._group_module`).
 
     Raises:
         BaselineError: a group module is called more than once per forward pass.
@@ -581,6 +272,21 @@ def prepare_layers(net: nn.Module, groups: Sequence[LayerGroup],
     layers = {j: m for j, m in modules.items() if counts[j] == 1}
     _protect(net, layers, {j: groups[j].name for j in layers})
     return layers
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What the methods of one :func:`compute_baselines` call share."""
+
+    net: nn.Module              # the deep copy, in eval mode
+    groups: Sequence[LayerGroup]
+    batches: Iterable[Tuple[Any, torch.Tensor, torch.Tensor]]
+    device: str
+    progress: bool
+    n: int                      # images
+    batch_size: int             # the largest batch
+    ibs: int                    # internal batch size of the path methods
+    n_steps: int
 
 
 def compute_baselines(model: nn.Module, batches: Iterable[Tuple[Any, torch.Tensor, torch.Tensor]],
@@ -617,126 +323,76 @@ def compute_baselines(model: nn.Module, batches: Iterable[Tuple[Any, torch.Tenso
     chosen = resolve_baselines(names if isinstance(names, str) else list(names))
     if not chosen:
         return {}
-    if n_steps < 1:
-        raise ConfigError(f"baseline n_steps must be >= 1, got {n_steps}")
-    if internal_batch_size is not None and internal_batch_size < 1:
-        raise ConfigError(f"internal batch size must be >= 1, got {internal_batch_size}")
-    n = 0
-    first: Optional[torch.Tensor] = None
-    batch_size = 0
-    for _, x, _ in batches:
-        n += int(x.shape[0])
-        batch_size = max(batch_size, int(x.shape[0]))
-        if first is None and len(x):
-            first = x
-    if n == 0 or first is None:
-        raise BaselineError("no misclassified images: there is nothing for the baselines to "
-                            "attribute")
+    _check_settings(n_steps, internal_batch_size)
+    n, batch_size, first = _count_images(batches)
     ibs = int(internal_batch_size or getattr(batches, "batch_size", None) or batch_size)
-
-    if any(BASELINES[name].captum_class for name in chosen):
-        import captum.attr  # noqa: F401  (imported here so that no method's time includes it)
-    net = copy.deepcopy(model).to(device).eval()
-    results: Dict[str, BaselineResult] = {}
-    if "auto_rgn" in chosen:
-        counter = _Counter()
-        t0 = time.perf_counter()
-        raw = _auto_rgn(net, groups, batches, device, counter, n, progress, grad_sq)
-        results["auto_rgn"] = BaselineResult(
-            "auto_rgn", _shares(raw), counter.forward, counter.backward,
-            time.perf_counter() - t0,
-            {"target": "true label (mean cross-entropy of the misclassified images)",
-             "reduction": "||grad_G||_2 / ||w_G||_2 over the group's parameters as one vector, "
-                          "normalised to shares summing to 1 over the groups",
-             "n_steps": None, "baseline_input": None, "images": n,
-             "gradient": "the replay's first step (no pass of its own)" if grad_sq is not None
-             else "one forward and backward pass over the images"}, raw)
-    layer_names = [name for name in chosen if BASELINES[name].captum_class]
+    layer_names = [name for name in chosen if BASELINES[name].needs_layer]
     if layer_names:
-        layers = prepare_layers(net, groups, first.to(device))
+        # captum is imported lazily (to keep ``import model_audit`` fast); import it here so
+        # that no method's time includes it
+        importlib.import_module("captum.attr")
+    run = _Run(copy.deepcopy(model).to(device).eval(), groups, batches, device, progress, n,
+               batch_size, ibs, n_steps)
+    # parameter methods first: they read the parameters under their own names, which the layer
+    # methods' preparation changes (it wraps the group modules)
+    results = {name: _run_parameter_method(name, run, grad_sq)
+               for name in chosen if not BASELINES[name].needs_layer}
+    if layer_names:
+        layers = prepare_layers(run.net, groups, first.to(device))
         for name in layer_names:
-            counter = _Counter()
-            forward = counter.wrap(net)
-            totals = np.zeros(len(groups))
-            t0 = time.perf_counter()
-            if layers:
-                with torch.enable_grad():
-                    for _, x, y in progress_bar(batches, total=_len(batches),
-                                                desc=f"baseline {name}", enabled=progress):
-                        x, y = x.to(device), y.to(device).long()
-                        for j, s in _layer_totals(name, forward, layers, x, y, n_steps,
-                                                  ibs).items():
-                            totals[j] += float(s.sum())
-            raw = np.full(len(groups), np.nan)
-            for j in layers:
-                raw[j] = totals[j] / n
-            spec = BASELINES[name]
-            steps = spec.uses_steps
-            settings: Dict[str, Any] = {
-                "target": None if name == "activation" else TARGET_DOC,
-                "reduction": REDUCTION_DOC,
-                "layer": "output of the group's module",
-                "n_steps": n_steps if steps else None,
-                "baseline_input": "zeros (normalised input space)" if steps else None,
-                "internal_batch_size": (None if not steps else max(ibs, batch_size)
-                                        if name == "integrated_gradients" else
-                                        max(ibs, 2 if name == "conductance" else 1)),
-                "groups_per_pass": "one" if name == "integrated_gradients" else "all",
-                "captum_class": spec.captum_class, "images": n,
-                "groups_without_layer": [groups[j].name for j in range(len(groups))
-                                         if j not in layers]}
-            results[name] = BaselineResult(name, _shares(raw), counter.forward, counter.backward,
-                                           time.perf_counter() - t0, settings, raw)
+            results[name] = _run_layer_method(name, run, layers)
     return {name: results[name] for name in chosen}
 
 
-# ------------------------------------------------------------------------------------------
-# Agreement with the own metric
+def _run_parameter_method(name: str, run: _Run,
+                          grad_sq: Optional[Dict[str, float]]) -> BaselineResult:
+    """A method without a layer (Auto-RGN, the only one): a value per group from the gradient
+    w.r.t. the parameters (or from ``grad_sq``)."""
+    counter = _Counter()
+    t0 = time.perf_counter()
+    raw = BASELINES[name].compute(run.net, run.groups, run.batches, run.device, counter, run.n,
+                                  run.progress, grad_sq)
+    return BaselineResult(name, _shares(raw), counter.forward, counter.backward,
+                          time.perf_counter() - t0,
+                          auto_rgn_settings(run.n, grad_sq is not None), raw)
 
 
-@dataclass(frozen=True)
-class Agreement:
-    """Rank agreement of a baseline with the own metric over the groups."""
+def _run_layer_method(name: str, run: _Run, layers: Dict[int, nn.Module]) -> BaselineResult:
+    """A layer method over all the batches: the mean per-image sum per group, as shares."""
+    counter = _Counter()
+    forward = counter.wrap(run.net)
+    totals = np.zeros(len(run.groups))
+    t0 = time.perf_counter()
+    if layers:
+        compute = BASELINES[name].compute
+        with torch.enable_grad():
+            for _, x, y in progress_bar(run.batches, total=_len(run.batches),
+                                        desc=f"baseline {name}", enabled=run.progress):
+                x, y = x.to(run.device), y.to(run.device).long()
+                for j, s in compute(forward, layers, x, y, run.n_steps, run.ibs).items():
+                    totals[j] += float(s.sum())
+    raw = np.full(len(run.groups), np.nan)
+    for j in layers:
+        raw[j] = totals[j] / run.n
+    settings = _layer_settings(name, run, layers)
+    return BaselineResult(name, _shares(raw), counter.forward, counter.backward,
+                          time.perf_counter() - t0, settings, raw)
 
-    spearman: Optional[float]       # Spearman's rho (average ranks for ties)
-    kendall: Optional[float]        # Kendall's tau-b
-    topk_overlap: Optional[float]   # |top-k by the baseline & flagged| / k, k = #flagged
-    n: int = 0                      # groups compared (both scores finite)
-    k: int = 0                      # flagged groups
 
-    def to_dict(self) -> Dict[str, Any]:
-        return {"spearman": self.spearman, "kendall": self.kendall,
-                "topk_overlap": self.topk_overlap, "n": self.n, "k": self.k}
-
-
-def agreement(own_scores: Sequence[float], other_scores: Sequence[float],
-              flagged: Sequence[bool]) -> Agreement:
-    """How far a baseline's group scores agree with the own metric's.
-
-    ``spearman`` and ``kendall`` (tau-b) compare the two rankings over the groups where both
-    scores are finite (NaN, e.g. a bare-parameter group under a layer method, is dropped
-    pairwise); fewer than 3 such groups, or a constant vector, gives None. ``topk_overlap`` is
-    the fraction of the own metric's ``k`` flagged groups that are among the baseline's ``k``
-    highest-scoring groups (NaN scores are never among them; ties at the k-th place are broken
-    by group order); None when nothing is flagged.
-    """
-    own = np.asarray(own_scores, dtype=np.float64).ravel()
-    other = np.asarray(other_scores, dtype=np.float64).ravel()
-    flags = np.asarray(flagged, dtype=bool).ravel()
-    if not (len(own) == len(other) == len(flags)):
-        raise ValueError(f"lengths differ: own {len(own)}, other {len(other)}, "
-                         f"flagged {len(flags)}")
-    valid = np.isfinite(own) & np.isfinite(other)
-    n = int(valid.sum())
-    rho = tau = None
-    if n >= 3:
-        rho = spearman(own[valid], other[valid])
-        tau = kendall_tau_b(own[valid], other[valid])
-    k = int(flags.sum())
-    overlap = None
-    if k > 0:
-        key = np.where(np.isfinite(other), other, -np.inf)
-        order = np.argsort(-key, kind="mergesort")
-        top = [j for j in order[:k] if np.isfinite(other[j])]
-        overlap = float(flags[top].sum()) / k
-    return Agreement(rho, tau, overlap, n, k)
+def _layer_settings(name: str, run: _Run, layers: Dict[int, nn.Module]) -> Dict[str, Any]:
+    """The settings a layer method reports (:attr:`BaselineResult.settings`)."""
+    spec = BASELINES[name]
+    steps = spec.uses_steps
+    return {
+        "target": None if name == "activation" else TARGET_DOC,
+        "reduction": REDUCTION_DOC,
+        "layer": "output of the group's module",
+        "n_steps": run.n_steps if steps else None,
+        "baseline_input": "zeros (normalised input space)" if steps else None,
+        "internal_batch_size": (None if not steps else max(run.ibs, run.batch_size)
+                                if name == "integrated_gradients" else
+                                max(run.ibs, 2 if name == "conductance" else 1)),
+        "groups_per_pass": "one" if name == "integrated_gradients" else "all",
+        "captum_class": spec.captum_class, "images": run.n,
+        "groups_without_layer": [run.groups[j].name for j in range(len(run.groups))
+                                 if j not in layers]}

@@ -23,19 +23,21 @@ Example:
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Mapping, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
-from ..io.files import SCHEMA_VERSION, atomic_write_files, json_bytes, refuse_inputs
+from ..io.records import AuditRecord
+from ..io.files import SCHEMA_VERSION, read_result, atomic_write_files, json_bytes, refuse_inputs
 from ..core.attribution import flag_rule, scores_from_reductions
 from ..errors import AuditError, ConfigError
 from ..core.stats import (hypergeom_sf, jaccard, kendall_tau_b, overlap_coefficient,
                     percentile_interval, spearman, top_k)
+from ..errors import OutputError
+from ..render.html import render_compare_report
 
 
 
@@ -94,63 +96,70 @@ class CompareResult:
                        "resamples": self.config.resamples, "seed": self.config.seed},
         }
 
+    @property
+    def new_flags(self) -> Tuple[str, ...]:
+        """Groups B flags and A does not (for the gate: newly flagged since the baseline)."""
+        return tuple(g for g in self.flagged_b if g not in self.flagged_a)
 
-def load_audit(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """Read and check an ``audit.json`` written by ``scan``.
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CompareResult":
+        """A ``compare.json`` read back (:meth:`read`), or ``to_dict()``'s output."""
+        config = d.get("config") or {}
+        return cls(dict(d["a"]), dict(d["b"]), tuple(d["groups"]),
+                   {k: list(v) for k, v in d["left_out"].items()},
+                   tuple(d["flagged"]["a"]), tuple(d["flagged"]["b"]),
+                   d["jaccard"], d["overlap_coefficient"],
+                   {int(k): v for k, v in d["top_k_overlap"].items()},
+                   {k: dict(v) for k, v in d["correlation"].items()}, dict(d["chance"]),
+                   dict(d["intervals"]), [dict(s) for s in d["scores"]],
+                   CompareConfig(bool(config.get("allow_partial", False)),
+                                 int(config.get("resamples", 0)), int(config.get("seed", 0))))
 
-    Raises:
-        ConfigError: missing file, not JSON, or not an audit of a known schema.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"audit file {path} does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION or "layers" not in data:
-        raise ConfigError(f"{path} is not an audit.json written by model-audit scan "
-                          "(schema_version 1 with layers)")
-    for key in ("model", "probe", "flagged"):
-        if key not in data:
-            raise ConfigError(f"{path}: audit.json lacks {key!r}")
-    data.setdefault("_source", str(path))
-    return data
+    @classmethod
+    def read(cls, path: Union[str, os.PathLike]) -> "CompareResult":
+        """Read and check a ``compare.json`` written by ``compare``.
+
+        Raises:
+            ConfigError: missing, unreadable, or not a compare.json of this schema version.
+        """
+        what = "a compare.json written by model-audit compare"
+        data = read_result(path, what, ("a", "b", "groups", "flagged", "correlation", "scores"))
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"{path} is not {what}: {type(exc).__name__} {exc}") from exc
 
 
-def _as_dict(scan: Any) -> Dict[str, Any]:
-    if isinstance(scan, dict):
+def _record(scan: Any) -> AuditRecord:
+    """The typed audit of a ScanResult, an AuditRecord, a path to ``audit.json`` or an audit dict."""
+    if isinstance(scan, AuditRecord):
         return scan
     if isinstance(scan, (str, os.PathLike)):
-        return load_audit(scan)
-    return scan.to_dict()
+        return AuditRecord.read(scan)
+    if isinstance(scan, dict):
+        return AuditRecord.from_dict(scan)
+    return scan.record()
 
 
-def _summary(d: Dict[str, Any]) -> Dict[str, Any]:
-    model, probe = d["model"], d["probe"]
-    return {"source": d.get("_source", model.get("path")), "checkpoint": model.get("path"),
-            "arch": model.get("arch"), "sha256": model.get("sha256"),
-            "probe": probe.get("source"), "n": probe.get("n"),
-            "accuracy": probe.get("accuracy"), "misclassified": probe.get("misclassified"),
-            "flagged": list(d["flagged"])}
+def _summary(r: AuditRecord) -> Dict[str, Any]:
+    return {"source": r.source, "checkpoint": r.checkpoint, "arch": r.arch, "sha256": r.sha256,
+            "probe": r.probe_source, "n": r.probe_n, "accuracy": r.accuracy,
+            "misclassified": r.misclassified, "flagged": list(r.flagged)}
 
 
-def _same_probe(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
-    pa, pb = a["probe"], b["probe"]
-    oa, ob = a.get("options", {}), b.get("options", {})
-    return (pa.get("source") == pb.get("source") and pa.get("n") == pb.get("n")
-            and oa.get("limit") == ob.get("limit") and oa.get("seed") == ob.get("seed"))
+def _same_probe(a: AuditRecord, b: AuditRecord) -> bool:
+    return (a.probe_source == b.probe_source and a.probe_n == b.probe_n
+            and a.limit == b.limit and a.seed == b.seed)
 
 
 class _Resampler:
     """Recomputes one scan's scores and flags from its per-image reductions and weights."""
 
-    def __init__(self, d: Dict[str, Any]) -> None:
-        per = d.get("per_image") or {}
-        self.index = np.asarray(per.get("index", []), dtype=np.int64)
-        self.r = np.asarray(per.get("reduction", []), dtype=np.float64)
-        self.shares = np.asarray([layer["share"] for layer in d["layers"]], dtype=np.float64)
-        self.n = int(d["probe"]["n"])
+    def __init__(self, r: AuditRecord) -> None:
+        self.index = r.per_image_index
+        self.r = r.per_image_reduction
+        self.shares = np.asarray([layer.share for layer in r.layers], dtype=np.float64)
+        self.n = r.probe_n
         self.ok = self.r.ndim == 2 and len(self.index) == len(self.r) > 0
 
     def scores(self, counts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -168,82 +177,88 @@ def _stats(names: Sequence[str], sa: Sequence[float], sb: Sequence[float],
 
 
 def compare(a: Any, b: Any, config: CompareConfig = CompareConfig()) -> CompareResult:
-    """Compare two scans (ScanResult, audit dict or path to ``audit.json``).
+    """Compare two scans (ScanResult, AuditRecord, audit dict or path to ``audit.json``).
 
     Raises:
         CompareError: different architectures or layer groups, unless ``allow_partial``.
     """
     config.validate()
-    da, db = _as_dict(a), _as_dict(b)
-    names_a = [layer["name"] for layer in da["layers"]]
-    names_b = [layer["name"] for layer in db["layers"]]
-    arch_a, arch_b = da["model"].get("arch"), db["model"].get("arch")
+    ra, rb = _record(a), _record(b)
+    shared, left_out = _shared_groups(ra, rb, config.allow_partial)
+    sa = [ra.layer(n).score for n in shared]
+    sb = [rb.layer(n).score for n in shared]
+    fa = {n for n in ra.flagged if n in shared}
+    fb = {n for n in rb.flagged if n in shared}
+    point = _stats(shared, sa, sb, fa, fb)
+    correlation: Dict[str, Dict[str, Optional[float]]] = {
+        "replay_reduction": {"spearman": point["spearman"], "kendall": point["kendall"]}}
+    for name in sorted(set(ra.baselines) & set(rb.baselines)):
+        ba = [_or_nan(ra.layer(n).baselines.get(name)) for n in shared]
+        bb = [_or_nan(rb.layer(n).baselines.get(name)) for n in shared]
+        correlation[name] = {"spearman": spearman(ba, bb), "kendall": kendall_tau_b(ba, bb)}
+    g = len(shared)
+    topk = {k: len(top_k(shared, sa, k) & top_k(shared, sb, k)) / k
+            for k in (1, 2, 3) if k <= g}
+    scores = [{"name": n, "params": ra.layer(n).params, "score_a": ra.layer(n).score,
+               "score_b": rb.layer(n).score, "flagged_a": n in fa, "flagged_b": n in fb,
+               "flag_frequency_a": ra.layer(n).flag_frequency,
+               "flag_frequency_b": rb.layer(n).flag_frequency} for n in shared]
+    return CompareResult(_summary(ra), _summary(rb), tuple(shared), left_out,
+                         tuple(n for n in shared if n in fa), tuple(n for n in shared if n in fb),
+                         point["jaccard"], point["overlap_coefficient"], topk, correlation,
+                         _chance(g, fa, fb), _bootstrap(ra, rb, shared, config), scores, config)
+
+
+def _or_nan(value: Optional[float]) -> float:
+    return float("nan") if value is None else value
+
+
+def _shared_groups(ra: AuditRecord, rb: AuditRecord, allow_partial: bool
+                   ) -> Tuple[List[str], Dict[str, List[str]]]:
+    """The groups both scans have (in A's order) and those only one has; CompareError when the
+    scans are not comparable and ``allow_partial`` is off."""
+    names_a, names_b = ra.names, rb.names
     shared = [n for n in names_a if n in set(names_b)]
     a_only = [n for n in names_a if n not in set(names_b)]
     b_only = [n for n in names_b if n not in set(names_a)]
-    if not config.allow_partial:
-        if arch_a != arch_b:
+    if not allow_partial:
+        if ra.arch != rb.arch:
             raise CompareError(
-                f"the scans are of different architectures ({arch_a} and {arch_b}); pass "
+                f"the scans are of different architectures ({ra.arch} and {rb.arch}); pass "
                 "--allow-partial to compare the layer groups they share")
-        if a_only or b_only or da.get("granularity") != db.get("granularity"):
+        if a_only or b_only or ra.granularity != rb.granularity:
             raise CompareError(
                 f"the scans have different layer groups (only in A: {', '.join(a_only) or '-'}; "
                 f"only in B: {', '.join(b_only) or '-'}); scan both with the same "
                 "--granularity, or pass --allow-partial")
     if not shared:
         raise CompareError("the scans share no layer group; nothing to compare")
-    la = {layer["name"]: layer for layer in da["layers"]}
-    lb = {layer["name"]: layer for layer in db["layers"]}
-    sa = [la[n]["score"] for n in shared]
-    sb = [lb[n]["score"] for n in shared]
-    fa = {n for n in da["flagged"] if n in shared}
-    fb = {n for n in db["flagged"] if n in shared}
-    point = _stats(shared, sa, sb, fa, fb)
-    correlation: Dict[str, Dict[str, Optional[float]]] = {
-        "replay_reduction": {"spearman": point["spearman"], "kendall": point["kendall"]}}
-    for name in sorted(set(da.get("baselines", {})) & set(db.get("baselines", {}))):
-        ba = [la[n].get("baselines", {}).get(name) for n in shared]
-        bb = [lb[n].get("baselines", {}).get(name) for n in shared]
-        ba = [float("nan") if v is None else v for v in ba]
-        bb = [float("nan") if v is None else v for v in bb]
-        correlation[name] = {"spearman": spearman(ba, bb), "kendall": kendall_tau_b(ba, bb)}
-    g = len(shared)
+    return shared, {"a_only": a_only, "b_only": b_only}
+
+
+def _chance(g: int, fa: Set[str], fb: Set[str]) -> Dict[str, Any]:
+    """The overlap a random second set of the same size would have (hypergeometric)."""
     observed = len(fa & fb)
     expected = len(fa) * len(fb) / g
-    chance = {"groups": g, "size_a": len(fa), "size_b": len(fb), "observed_overlap": observed,
-              "expected_overlap": expected,
-              "expected_overlap_coefficient": (expected / min(len(fa), len(fb))
-                                               if min(len(fa), len(fb)) else None),
-              "p_value": hypergeom_sf(observed, g, len(fa), len(fb))}
-    intervals = _bootstrap(da, db, shared, config)
-    topk = {k: len(top_k(shared, sa, k) & top_k(shared, sb, k)) / k
-            for k in (1, 2, 3) if k <= g}
-    scores = [{"name": n, "params": la[n]["params"], "score_a": la[n]["score"],
-               "score_b": lb[n]["score"], "flagged_a": n in fa, "flagged_b": n in fb,
-               "flag_frequency_a": la[n].get("flag_frequency"),
-               "flag_frequency_b": lb[n].get("flag_frequency")} for n in shared]
-    return CompareResult(_summary(da), _summary(db), tuple(shared),
-                         {"a_only": a_only, "b_only": b_only},
-                         tuple(n for n in shared if n in fa), tuple(n for n in shared if n in fb),
-                         point["jaccard"], point["overlap_coefficient"], topk, correlation,
-                         chance, intervals, scores, config)
+    return {"groups": g, "size_a": len(fa), "size_b": len(fb), "observed_overlap": observed,
+            "expected_overlap": expected,
+            "expected_overlap_coefficient": (expected / min(len(fa), len(fb))
+                                             if min(len(fa), len(fb)) else None),
+            "p_value": hypergeom_sf(observed, g, len(fa), len(fb))}
 
 
-def _bootstrap(da: Dict[str, Any], db: Dict[str, Any], shared: Sequence[str],
+def _bootstrap(ra_: AuditRecord, rb_: AuditRecord, shared: Sequence[str],
                config: CompareConfig) -> Dict[str, Any]:
-    ra, rb = _Resampler(da), _Resampler(db)
-    paired = _same_probe(da, db)
+    ra, rb = _Resampler(ra_), _Resampler(rb_)
+    paired = _same_probe(ra_, rb_)
     info: Dict[str, Any] = {"resamples": 0, "paired": paired, "level": 0.95}
     if config.resamples == 0 or not (ra.ok and rb.ok):
         if config.resamples and not (ra.ok and rb.ok):
             info["note"] = ("no per-image reductions in one of the scans (no errors, or an "
                             "older audit.json): no intervals")
         return info
-    names_a = [layer["name"] for layer in da["layers"]]
-    names_b = [layer["name"] for layer in db["layers"]]
-    ia = [names_a.index(n) for n in shared]
-    ib = [names_b.index(n) for n in shared]
+    ia = [ra_.names.index(n) for n in shared]
+    ib = [rb_.names.index(n) for n in shared]
     rng = np.random.default_rng(config.seed)
     samples: Dict[str, List[Optional[float]]] = {
         "jaccard": [], "overlap_coefficient": [], "spearman": [], "kendall": []}
@@ -263,53 +278,9 @@ def _bootstrap(da: Dict[str, Any], db: Dict[str, Any], shared: Sequence[str],
     return info
 
 
-def format_compare(result: CompareResult) -> str:
-    """The readable table the CLI prints."""
-    d = result.to_dict()
-
-    def num(v: Optional[float]) -> str:
-        return "n/a" if v is None else f"{v:.3f}"
-
-    def interval(key: str) -> str:
-        iv = d["intervals"].get(key)
-        return f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else ""
-
-    rows = [("group", "params", "score A", "score B", "flag A", "flag B")]
-    for s in d["scores"]:
-        rows.append((s["name"], f"{s['params']:,}", f"{s['score_a']:.3f}", f"{s['score_b']:.3f}",
-                     "yes" if s["flagged_a"] else "", "yes" if s["flagged_b"] else ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                       for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    ch = d["chance"]
-    corr = d["correlation"]["replay_reduction"]
-    lines += [
-        f"A: {d['a']['source']}  flagged: {', '.join(d['flagged']['a']) or 'none'}",
-        f"B: {d['b']['source']}  flagged: {', '.join(d['flagged']['b']) or 'none'}",
-        f"overlap: {ch['observed_overlap']} of {ch['groups']} groups; "
-        f"Jaccard {num(d['jaccard'])}{interval('jaccard')}; "
-        f"overlap coefficient {num(d['overlap_coefficient'])}{interval('overlap_coefficient')}",
-        f"chance: expected overlap {ch['expected_overlap']:.2f}; "
-        f"P(overlap >= {ch['observed_overlap']} by chance) = {ch['p_value']:.3g}",
-        f"rank correlation of scores: Spearman {num(corr['spearman'])}{interval('spearman')}, "
-        f"Kendall {num(corr['kendall'])}{interval('kendall')}",
-        "top-k overlap: " + ", ".join(f"k={k}: {v:.2f}" for k, v in d["top_k_overlap"].items()),
-    ]
-    for name, c in d["correlation"].items():
-        if name != "replay_reduction":
-            lines.append(f"baseline {name}: Spearman {num(c['spearman'])}, Kendall {num(c['kendall'])}")
-    if d["left_out"]["a_only"] or d["left_out"]["b_only"]:
-        lines.append(f"left out: only in A {', '.join(d['left_out']['a_only']) or '-'}; "
-                     f"only in B {', '.join(d['left_out']['b_only']) or '-'}")
-    return "\n".join(lines)
-
-
 def write_compare(result: CompareResult, out_dir: Union[str, os.PathLike],
                   inputs: Sequence[Union[str, os.PathLike]] = ()) -> Dict[str, Path]:
     """Write ``compare.json`` and ``report.html`` into ``out_dir`` (atomically, both or neither)."""
-    from ..errors import OutputError
-    from ..render.html import render_compare_report
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} exists and is not a directory")

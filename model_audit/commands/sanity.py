@@ -25,164 +25,26 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from torch import nn
 
+from ..core.scoring import (RANDOM, MethodSummary, chance_levels, group_output_units, rank_stats,
+                            scores_by_method, summarize)
+from ..render.text import sanity_text, sanity_verdict
 from ..io.files import atomic_write_files, header, json_bytes, refuse_inputs
 from ..core.attribution import METRIC_NAME
 from ..errors import ConfigError
 from ..core.layers import LayerGroup, layer_groups
 from ..core.plant import DEFECTS, PlantResult, applicable, calibrate, resolve_defects
 from ..io.probe import BatchCache, ProbeSet
-#: The random ranking's name among the methods.
-RANDOM = "random"
-
-
-# ------------------------------------------------------------------------------------------
-# Ranking and scoring
-
-
-def rank_stats(scores: Sequence[float], true_index: int) -> Tuple[float, float, float]:
-    """``(expected rank, top-1 hit, reciprocal rank)`` of group ``true_index`` under ``scores``.
-
-    Ties are broken at random on average (see the module docstring); NaN scores rank last.
-
-    >>> rank_stats([0.1, 0.7, 0.2], 1)
-    (1.0, 1.0, 1.0)
-    >>> rank_stats([0.5, 0.5, 0.0], 0)
-    (1.5, 0.5, 0.75)
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    s = np.where(np.isfinite(s), s, -np.inf)
-    mine = s[true_index]
-    greater = int((s > mine).sum())
-    tied = int((s == mine).sum())  # including the group itself
-    positions = np.arange(greater + 1, greater + tied + 1, dtype=np.float64)
-    return (float(positions.mean()), (1.0 / tied) if greater == 0 else 0.0,
-            float((1.0 / positions).mean()))
-
-
-def chance_levels(n_groups: int) -> Tuple[float, float]:
-    """Top-1 and MRR of a uniformly random ranking of ``n_groups`` groups: ``1/G``, ``H_G/G``.
-
-    >>> [round(v, 3) for v in chance_levels(7)]
-    [0.143, 0.37]
-    """
-    if n_groups < 1:
-        raise ValueError("at least one group is needed")
-    harmonic = sum(1.0 / k for k in range(1, n_groups + 1))
-    return 1.0 / n_groups, harmonic / n_groups
-
-
-@dataclass(frozen=True)
-class MethodSummary:
-    """One method's localisation over the cases: top-1 and MRR, with their spread."""
-
-    top1: Optional[float]
-    mrr: Optional[float]
-    n: int
-    top1_sd: Optional[float] = None   # standard deviation over repeats (seeds), when > 1
-    mrr_sd: Optional[float] = None
-    flag_hit: Optional[float] = None  # the planted group among the flagged (own metric only)
-    flagged_size: Optional[float] = None
-
-    def to_dict(self) -> Dict[str, Any]:
-        out = {"top1": self.top1, "mrr": self.mrr, "n": self.n}
-        for key in ("top1_sd", "mrr_sd", "flag_hit", "flagged_size"):
-            if getattr(self, key) is not None:
-                out[key] = getattr(self, key)
-        return out
-
-
-def summarize(cases: Sequence["SanityCase"], methods: Sequence[str],
-              own: str = METRIC_NAME) -> Dict[str, MethodSummary]:
-    """Top-1 and MRR per method over the cases whose defect reached its target drop.
-
-    The spread is the standard deviation of the per-seed means (when there are several seeds);
-    the flag hit and flagged-set size are reported for the own metric ``own``.
-    """
-    used = [c for c in cases if c.plant.reached]
-    out: Dict[str, MethodSummary] = {}
-    seeds = sorted({c.plant.seed for c in used})
-    for m in methods:
-        rows = [c for c in used if m in c.top1]
-        if not rows:
-            out[m] = MethodSummary(None, None, 0)
-            continue
-        top1 = float(np.mean([c.top1[m] for c in rows]))
-        mrr = float(np.mean([c.reciprocal[m] for c in rows]))
-        sd_t = sd_m = None
-        if len(seeds) > 1:
-            by_seed = [[c for c in rows if c.plant.seed == s] for s in seeds]
-            by_seed = [b for b in by_seed if b]
-            sd_t = float(np.std([np.mean([c.top1[m] for c in b]) for b in by_seed], ddof=1))
-            sd_m = float(np.std([np.mean([c.reciprocal[m] for c in b]) for b in by_seed],
-                                ddof=1))
-        hit = size = None
-        if m == own:
-            hit = float(np.mean([c.plant.group in c.flagged for c in rows]))
-            size = float(np.mean([len(c.flagged) for c in rows]))
-        out[m] = MethodSummary(top1, mrr, len(rows), sd_t, sd_m, hit, size)
-    return out
-
-
-# ------------------------------------------------------------------------------------------
-# Per-case scores
-
-
-def group_output_units(model: nn.Module, groups: Sequence[LayerGroup], x: torch.Tensor
-                       ) -> np.ndarray:
-    """Output elements per image of each group's module (NaN for a group without a module).
-
-    Used to put the layer baselines in a size-normalised form (mean |attribution| per output
-    unit instead of the sum, which favours the wide early layers).
-    """
-    units = np.full(len(groups), np.nan)
-    hooks = []
-    modules = dict(model.named_modules())
-
-    def hook(j: int) -> Callable[..., None]:
-        def record(_m: nn.Module, _i: Any, out: Any) -> None:
-            if isinstance(out, torch.Tensor):
-                units[j] = out[0].numel()
-        return record
-
-    try:
-        for j, g in enumerate(groups):
-            if g.name in modules:
-                hooks.append(modules[g.name].register_forward_hook(hook(j)))
-        with torch.inference_mode():
-            model.eval()(x[:1])
-    finally:
-        for h in hooks:
-            h.remove()
-    return units
-
-
-def scores_by_method(result: Any, *, units: Optional[np.ndarray] = None,
-                     random_seed: int = 0) -> Dict[str, np.ndarray]:
-    """Every method's per-group scores from one :class:`~model_audit.commands.scan.ScanResult`.
-
-    The own metric (named after the scan's ``metric``) and its size-normalised variants
-    (``<metric>_per_param``: mean loss reduction per parameter of the group;
-    ``<metric>_per_sqrt_param``: per square root of its parameter count), each
-    baseline that ran, its per-output-unit form (``<name>_per_unit``) when ``units`` is given,
-    and ``random`` (seeded uniform scores).
-    """
-    params = np.array([layer.params for layer in result.layers], dtype=np.float64)
-    reduction = np.array([layer.reduction for layer in result.layers], dtype=np.float64)
-    own = result.config.metric
-    out: Dict[str, np.ndarray] = {
-        own: np.array([layer.score for layer in result.layers], dtype=np.float64),
-        f"{own}_per_param": reduction / params,
-        f"{own}_per_sqrt_param": reduction / np.sqrt(params),
-    }
-    for name, b in result.baselines.items():
-        out[name] = np.asarray(b.scores, dtype=np.float64)
-        if units is not None and name != "auto_rgn" and len(b.raw) == len(units):
-            out[f"{name}_per_unit"] = np.asarray(b.raw, dtype=np.float64) / units
-    out[RANDOM] = np.random.default_rng(random_seed).random(len(params))
-    return out
+import sys
+from pathlib import Path
+from tqdm import tqdm
+from ..commands.scan import ScanConfig, scan
+from ..errors import OutputError
+from ..models.checkpoint import audit_metadata, save_checkpoint
+from ..options import load_inputs, resolve_device, resolve_inputs, seed_everything
+from ..render.html import render_sanity_report
+from ..baselines import resolve_baselines
 
 
 # ------------------------------------------------------------------------------------------
@@ -363,7 +225,6 @@ def run_cases(ckpt: Any, probe: ProbeSet, groups: Sequence[LayerGroup],
     localize benchmark's candidate metrics); ``on_damaged(plant, model)`` sees every damaged
     copy (``--keep-damaged``).
     """
-    from ..commands.scan import ScanConfig, scan
     scan_config: ScanConfig = config.scan or ScanConfig()
     opts = scan_config.options
     names = [g.name for g in groups]
@@ -419,8 +280,6 @@ def sanity(checkpoint: Any, probe: Any, config: SanityConfig = SanityConfig(), *
     Raises:
         AuditError: bad checkpoint, probe or options (before any work).
     """
-    from ..options import resolve_device, resolve_inputs, seed_everything
-    from ..commands.scan import ScanConfig
     start = time.perf_counter()
     scan_config: ScanConfig = config.scan or ScanConfig()
     scan_config.validate()
@@ -457,65 +316,14 @@ def sanity(checkpoint: Any, probe: Any, config: SanityConfig = SanityConfig(), *
 # Output: the terminal table, sanity.json, report.html
 
 
-def _fmt(v: Any, fmt: str = "{:.2f}") -> str:
-    return "-" if v is None else fmt.format(v)
-
-
-def verdict(data: Dict[str, Any]) -> str:
-    """One sentence: which method localised the planted faults best on this model."""
-    methods = [m for m in data["methods_order"]
-               if m != RANDOM and data["methods"][m]["mrr"] is not None]
-    if not methods:
-        return ""
-    best = max(methods, key=lambda m: (data["methods"][m]["mrr"], data["methods"][m]["top1"]))
-    own = data.get("metric", METRIC_NAME)
-    if best == own:
-        return (f"on this model the scan's own metric ({own}) localised the planted faults best "
-                "of the methods checked")
-    return (f"on this model {best} localised the planted faults better than the scan's own "
-            f"metric ({own}): MRR {_fmt(data['methods'][best]['mrr'])} against "
-            f"{_fmt(data['methods'][own]['mrr'])}")
-
-
 def format_sanity(data: Dict[str, Any]) -> str:
-    """The terminal table of ``sanity.json``: per case the planted group's rank under each
-    method, then per method top-1 and MRR beside chance."""
-    from tabulate import tabulate
-
-    methods = list(data["methods_order"])
-    rows = []
-    for c in data["cases"]:
-        drop = f"{100 * c['drop']:.1f}" + ("" if c["reached"] else " NOT REACHED")
-        rows.append([c["group"], c["defect"], c["seed"], f"{c['severity']:.3g}", drop,
-                     *[(f"{c['ranks'][m]:.1f}" if c["reached"] else "-") for m in methods]])
-    cases = tabulate(rows, headers=["group", "defect", "seed", "severity", "drop (pts)",
-                                    *[f"rank: {m}" for m in methods]],
-                     tablefmt="simple", disable_numparse=True)
-    summary = [[m, _fmt(data["methods"][m]["top1"]), _fmt(data["methods"][m]["mrr"]),
-                data["methods"][m]["n"]] for m in methods]
-    summary.append(["chance", _fmt(data["chance"]["top1"]), _fmt(data["chance"]["mrr"]), ""])
-    table = tabulate(summary, headers=["method", "top-1", "MRR", "cases"], tablefmt="simple",
-                     disable_numparse=True)
-    lines = [cases, "", table]
-    if verdict(data):
-        lines.append(verdict(data))
-    if data["not_reached"]:
-        lines.append("not reached (no severity cost the drop within the tolerance; not scored): "
-                     + ", ".join(f"{c['group']}/{c['defect']} (closest {100 * c['drop']:.1f} pts)"
-                                 for c in data["not_reached"]))
-    null = data.get("null")
-    if null:
-        lines.append(f"null (nothing planted): flagged {', '.join(null['flagged']) or 'nothing'}")
-    return "\n".join(lines)
+    """The terminal text of ``sanity.json`` (tables and the verdict)."""
+    return sanity_text(data, sanity_verdict(data))
 
 
 def write_sanity(result: SanityResult, out_dir: Any, *, inputs: Sequence[Any] = ()
                  ) -> Dict[str, Any]:
     """Write ``sanity.json`` and ``report.html`` into ``out_dir`` (both or neither)."""
-    from pathlib import Path
-
-    from ..errors import OutputError
-    from ..render.html import render_sanity_report
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} exists and is not a directory")
@@ -527,39 +335,11 @@ def write_sanity(result: SanityResult, out_dir: Any, *, inputs: Sequence[Any] = 
     return paths
 
 
-def load_sanity(path: Any) -> Dict[str, Any]:
-    """Read a ``sanity.json`` (for the gate's ``min_sanity_top1``).
-
-    Raises:
-        ConfigError: unreadable, or not a sanity.json of this tool.
-    """
-    import json
-    from pathlib import Path
-
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the sanity file {path}: {exc}") from exc
-    if not isinstance(data, dict) or "schema_version" not in data \
-            or not isinstance(data.get("methods"), dict) \
-            or data.get("metric", METRIC_NAME) not in data["methods"]:
-        raise ConfigError(f"{path} is not a sanity.json written by `model-audit sanity`")
-    return data
-
-
 def run_sanity_cli(checkpoint: Any, probe: Any, config: SanityConfig, *,
                    keep_damaged: Any = None, progress: bool = False,
                    say: Optional[Callable[[str], None]] = None) -> SanityResult:
     """:func:`sanity` with what the command line adds: the cost up front, a progress bar with
     an ETA, and ``--keep-damaged`` (each damaged copy saved as ``.safetensors``)."""
-    import sys
-    from pathlib import Path
-
-    from ..models.checkpoint import audit_metadata, save_checkpoint
-    from ..errors import OutputError
-    from ..options import load_inputs
-    from ..commands.scan import ScanConfig
     bar: List[Any] = []
     keep = Path(keep_damaged) if keep_damaged is not None else None
     if keep is not None and keep.exists() and not keep.is_dir():
@@ -581,8 +361,6 @@ def run_sanity_cli(checkpoint: Any, probe: Any, config: SanityConfig, *,
                 f"{cost['scans']} scans of {cost['probe_images_per_scan']} probe images and up "
                 f"to {cost['evaluations_at_most']} probe evaluations to calibrate the defects")
         if progress and sys.stderr.isatty():
-            from tqdm import tqdm
-
             bar.append(tqdm(total=cost["cases"], desc="sanity", file=sys.stderr,
                             dynamic_ncols=True))
 
@@ -609,7 +387,6 @@ def run_sanity_cli(checkpoint: Any, probe: Any, config: SanityConfig, *,
 
 def method_names(scan_config: Any) -> Tuple[str, ...]:
     """The methods a sanity check reports: the own metric, each baseline, random."""
-    from ..baselines import resolve_baselines
     return (scan_config.metric, *resolve_baselines(list(scan_config.baselines)), RANDOM)
 
 

@@ -12,18 +12,20 @@ from __future__ import annotations
 import os
 import platform
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..core.attribution import (METRIC_NAME, NET_METRIC_NAME, Attribution, GroupReductions, attribute,
                           group_net_reductions, group_reductions, net_positions)
 from ..baselines import DEFAULT_BASELINES, Agreement, BaselineResult, resolve_baselines
 from ..models.checkpoint import LoadedCheckpoint
+from ..io.records import AuditRecord, LayerScore
 from ..io.files import atomic_write_files, header, json_bytes, refuse_inputs
 from ..errors import ConfigError, OutputError, ReplayError
 from ..core.evaluate import EvaluationResult, evaluate, fast_layout
@@ -31,6 +33,8 @@ from ..core.layers import LayerGroup, layer_groups
 from ..options import AuditOptions, resolve_device, resolve_inputs, seed_everything
 from ..io.probe import BatchCache, ProbeSet
 from ..core.replay import ReplayConfig, ReplayResult, replay
+from ..baselines import agreement, compute_baselines
+from ..render.html import render_scan_report
 
 METRIC_DOC = ("score = share of the misclassified images' cross-entropy removed when the group "
               "alone takes its beta-scheduled replay displacement")
@@ -67,27 +71,6 @@ class ScanConfig:
 
 
 @dataclass(frozen=True)
-class LayerScore:
-    """One layer group's result."""
-
-    name: str
-    params: int
-    share: float
-    reduction: float
-    score: float
-    score_interval: Tuple[float, float]
-    flag_frequency: float
-    flagged: bool
-    baselines: Dict[str, Optional[float]] = field(default_factory=dict)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"name": self.name, "params": self.params, "share": self.share,
-                "score": self.score, "score_interval": list(self.score_interval),
-                "reduction": self.reduction, "flag_frequency": self.flag_frequency,
-                "flagged": self.flagged, "baselines": dict(self.baselines)}
-
-
-@dataclass(frozen=True)
 class ScanResult:
     """The result of a scan; ``to_dict()`` is the content of ``audit.json``."""
 
@@ -109,6 +92,10 @@ class ScanResult:
     @property
     def flagged(self) -> Tuple[str, ...]:
         return tuple(layer.name for layer in self.layers if layer.flagged)
+
+    def record(self) -> AuditRecord:
+        """This scan as ``audit.json`` holds it: what compare, gate and fix read."""
+        return AuditRecord.from_dict(self.to_dict())
 
     def cost(self) -> Dict[str, Dict[str, Any]]:
         """Wall time and passes of the own metric (replay + attribution) and each baseline."""
@@ -193,9 +180,33 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
     device = resolve_device(opts.device)
     seed_everything(opts.seed)
     ckpt, probe, warnings = resolve_inputs(checkpoint, probe, opts)
-    model = ckpt.model
-    groups: List[LayerGroup] = layer_groups(model, opts.granularity)
+    groups: List[LayerGroup] = layer_groups(ckpt.model, opts.granularity)
     timing: Dict[str, float] = {"load_s": time.perf_counter() - start}
+    with _on_device(ckpt.model, device):
+        t0 = time.perf_counter()
+        ev = evaluate(ckpt.model, probe, device=device, batch_size=opts.batch_size,
+                      progress=progress)
+        timing["evaluate_s"] = time.perf_counter() - t0
+        if ev.misclassified:
+            found = _attribute_errors(ckpt, probe, ev, groups, config, device, progress,
+                                      timing, warnings)
+        else:
+            warnings.append("the model classifies every probe image correctly: there are no "
+                            "errors to attribute, and nothing is flagged")
+            found = _Found.nothing(len(groups))
+    passes = {"forward_images": ev.n + found.forward_images,
+              "backward_images": found.backward_images}
+    timing["total_s"] = time.perf_counter() - start
+    return ScanResult(ckpt, probe, ev, _layer_scores(groups, found), found.replay, config,
+                      device, {k: round(v, 4) for k, v in timing.items()}, passes,
+                      tuple(warnings), found.reductions, found.baselines, found.agreements,
+                      found.positions)
+
+
+@contextmanager
+def _on_device(model: nn.Module, device: str) -> Iterator[None]:
+    """The model in eval mode on ``device`` (fast layout, deterministic cuDNN) for the scan;
+    its device, mode and layout as they were afterwards, also after an error."""
     original_device = next(model.parameters()).device
     was_training = model.training
     deterministic = torch.backends.cudnn.deterministic
@@ -204,97 +215,120 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
         model.to(device).eval()
         torch.backends.cudnn.deterministic = True
         stack.enter_context(fast_layout(model, device))
-        t0 = time.perf_counter()
-        ev = evaluate(model, probe, device=device, batch_size=opts.batch_size, progress=progress)
-        timing["evaluate_s"] = time.perf_counter() - t0
-        errors = ev.misclassified
-        passes = {"forward_images": ev.n, "backward_images": 0}
-        result_replay: Optional[ReplayResult] = None
-        reductions: Optional[GroupReductions] = None
-        metric_positions: Optional[Tuple[int, ...]] = None
-        baseline_results: Dict[str, BaselineResult] = {}
-        agreements: Dict[str, Agreement] = {}
-        shares = [g.share for g in groups]
-        if errors:
-            cache = BatchCache(probe, errors, opts.batch_size)
-            t0 = time.perf_counter()
-            try:
-                result_replay = replay(model, cache, config=config.replay, device=device,
-                                       progress=progress)
-            except ReplayError as exc:
-                if ckpt.nonfinite:
-                    raise ReplayError(
-                        f"{exc}. The checkpoint holds NaN/Inf values in "
-                        f"{', '.join(ckpt.nonfinite[:10])}") from exc
-                raise
-            timing["replay_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            rows: List[int] = list(errors)
-            if config.metric == NET_METRIC_NAME:
-                rows = net_positions(ev.n, errors, opts.seed)
-                reductions, _ = group_net_reductions(
-                    model, BatchCache(probe, rows, opts.batch_size), result_replay.displacement,
-                    groups, device=device, progress=progress)
-                metric_positions = tuple(rows)
-            else:
-                reductions = group_reductions(model, cache, result_replay.displacement, groups,
-                                              device=device, progress=progress,
-                                              base_losses=result_replay.initial_losses)
-            if not result_replay.lr_check_passed:
-                warnings.append(
-                    f"no replay learning rate from {config.replay.lr:g} down to "
-                    f"{result_replay.peak_lr:.3g} passed the step-size check; the replay used "
-                    f"{result_replay.peak_lr:.3g}: give a smaller --replay-lr")
-            if result_replay.final_loss >= result_replay.initial_loss:
-                warnings.append(
-                    f"the replay did not lower the error loss ({result_replay.initial_loss:.4g} "
-                    f"-> {result_replay.final_loss:.4g}): its displacement is a poor direction "
-                    "and the scores are unreliable; try a smaller --replay-lr")
-            timing["attribution_s"] = time.perf_counter() - t0
-            passes["forward_images"] += result_replay.forward_images + reductions.forward_images
-            passes["backward_images"] += result_replay.backward_images
-            t0 = time.perf_counter()
-            attr = attribute(reductions, shares, probe_size=ev.n, misclassified_positions=rows,
-                             resamples=config.bootstrap, seed=opts.seed)
-            timing["bootstrap_s"] = time.perf_counter() - t0
-            names = resolve_baselines(list(config.baselines))
-            if names:
-                from ..baselines import agreement, compute_baselines
-                t0 = time.perf_counter()
-                baseline_results = compute_baselines(
-                    model, cache, groups, names, device=device, progress=progress,
-                    n_steps=config.baseline_steps, grad_sq=result_replay.initial_grad_sq)
-                timing["baselines_s"] = time.perf_counter() - t0
-                agreements = {n: agreement(attr.scores, b.scores, attr.flagged)
-                              for n, b in baseline_results.items()}
-            if not attr.scores.any():
-                warnings.append("no layer group reduces the error loss in the replay; nothing "
-                                "is flagged (try a smaller replay learning rate)")
-        else:
-            warnings.append("the model classifies every probe image correctly: there are no "
-                            "errors to attribute, and nothing is flagged")
-            zeros = np.zeros(len(groups))
-            attr = Attribution(zeros, zeros, zeros.astype(bool), zeros, zeros, zeros, 0)
+        yield
     finally:
         stack.close()
         model.to(original_device).train(was_training)
         torch.backends.cudnn.deterministic = deterministic
-    layers = tuple(
+
+
+@dataclass(frozen=True)
+class _Found:
+    """What the stages after the evaluation found (nothing when there are no errors)."""
+
+    attr: Attribution
+    replay: Optional[ReplayResult] = None
+    reductions: Optional[GroupReductions] = None
+    positions: Optional[Tuple[int, ...]] = None   # rows of ``reductions`` (net metric)
+    baselines: Dict[str, BaselineResult] = field(default_factory=dict)
+    agreements: Dict[str, Agreement] = field(default_factory=dict)
+    forward_images: int = 0
+    backward_images: int = 0
+
+    @classmethod
+    def nothing(cls, n_groups: int) -> "_Found":
+        zeros = np.zeros(n_groups)
+        return cls(Attribution(zeros, zeros, zeros.astype(bool), zeros, zeros, zeros, 0))
+
+
+def _attribute_errors(ckpt: LoadedCheckpoint, probe: ProbeSet, ev: EvaluationResult,
+                      groups: List[LayerGroup], config: ScanConfig, device: str,
+                      progress: bool, timing: Dict[str, float], warnings: List[str]) -> _Found:
+    """Replay over the errors, the per-group reductions, scores and flags, the baselines."""
+    opts, model, errors = config.options, ckpt.model, ev.misclassified
+    cache = BatchCache(probe, errors, opts.batch_size)
+    t0 = time.perf_counter()
+    result_replay = _replay(ckpt, cache, config, device, progress)
+    timing["replay_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rows: List[int] = list(errors)
+    positions: Optional[Tuple[int, ...]] = None
+    if config.metric == NET_METRIC_NAME:
+        rows = net_positions(ev.n, errors, opts.seed)
+        reductions, _ = group_net_reductions(
+            model, BatchCache(probe, rows, opts.batch_size), result_replay.displacement,
+            groups, device=device, progress=progress)
+        positions = tuple(rows)
+    else:
+        reductions = group_reductions(model, cache, result_replay.displacement, groups,
+                                      device=device, progress=progress,
+                                      base_losses=result_replay.initial_losses)
+    warnings.extend(_replay_warnings(result_replay, config.replay))
+    timing["attribution_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    attr = attribute(reductions, [g.share for g in groups], probe_size=ev.n,
+                     misclassified_positions=rows, resamples=config.bootstrap, seed=opts.seed)
+    timing["bootstrap_s"] = time.perf_counter() - t0
+    baseline_results: Dict[str, BaselineResult] = {}
+    agreements: Dict[str, Agreement] = {}
+    names = resolve_baselines(list(config.baselines))
+    if names:
+        t0 = time.perf_counter()
+        baseline_results = compute_baselines(
+            model, cache, groups, names, device=device, progress=progress,
+            n_steps=config.baseline_steps, grad_sq=result_replay.initial_grad_sq)
+        timing["baselines_s"] = time.perf_counter() - t0
+        agreements = {n: agreement(attr.scores, b.scores, attr.flagged)
+                      for n, b in baseline_results.items()}
+    if not attr.scores.any():
+        warnings.append("no layer group reduces the error loss in the replay; nothing "
+                        "is flagged (try a smaller replay learning rate)")
+    return _Found(attr, result_replay, reductions, positions, baseline_results, agreements,
+                  result_replay.forward_images + reductions.forward_images,
+                  result_replay.backward_images)
+
+
+def _replay(ckpt: LoadedCheckpoint, cache: BatchCache, config: ScanConfig, device: str,
+            progress: bool) -> ReplayResult:
+    """The replay; a failure on a checkpoint with NaN/Inf values says where they are."""
+    try:
+        return replay(ckpt.model, cache, config=config.replay, device=device, progress=progress)
+    except ReplayError as exc:
+        if ckpt.nonfinite:
+            raise ReplayError(
+                f"{exc}. The checkpoint holds NaN/Inf values in "
+                f"{', '.join(ckpt.nonfinite[:10])}") from exc
+        raise
+
+
+def _replay_warnings(result: ReplayResult, config: ReplayConfig) -> List[str]:
+    out = []
+    if not result.lr_check_passed:
+        out.append(
+            f"no replay learning rate from {config.lr:g} down to "
+            f"{result.peak_lr:.3g} passed the step-size check; the replay used "
+            f"{result.peak_lr:.3g}: give a smaller --replay-lr")
+    if result.final_loss >= result.initial_loss:
+        out.append(
+            f"the replay did not lower the error loss ({result.initial_loss:.4g} "
+            f"-> {result.final_loss:.4g}): its displacement is a poor direction "
+            "and the scores are unreliable; try a smaller --replay-lr")
+    return out
+
+
+def _layer_scores(groups: List[LayerGroup], found: _Found) -> Tuple[LayerScore, ...]:
+    attr = found.attr
+    return tuple(
         LayerScore(g.name, g.params, g.share, float(attr.reduction[i]), float(attr.scores[i]),
                    (float(attr.score_low[i]), float(attr.score_high[i])),
                    float(attr.flag_frequency[i]), bool(attr.flagged[i]),
                    {n: (float(b.scores[i]) if np.isfinite(b.scores[i]) else None)
-                    for n, b in baseline_results.items()})
+                    for n, b in found.baselines.items()})
         for i, g in enumerate(groups))
-    timing["total_s"] = time.perf_counter() - start
-    return ScanResult(ckpt, probe, ev, layers, result_replay, config, device,
-                      {k: round(v, 4) for k, v in timing.items()}, passes, tuple(warnings),
-                      reductions, baseline_results, agreements, metric_positions)
 
 
 def write_scan(result: ScanResult, out_dir: Union[str, os.PathLike]) -> Dict[str, Path]:
     """Write ``audit.json`` and ``report.html`` into ``out_dir`` (atomically, both or neither)."""
-    from ..render.html import render_scan_report
     out = Path(out_dir)
     inputs = (Path(result.checkpoint.path), Path(result.probe.source))
     refuse_inputs([out], inputs, "; choose another directory")

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 from .. import __version__
 from ..errors import ConfigError, OutputError
@@ -155,3 +161,15 @@ def read_result(path: os.PathLike, what: str, required: Sequence[str] = ()) -> D
         if key not in data:
             raise ConfigError(f"{path}: lacks {key!r}; give {what}")
     return data
+
+
+def read_toml(path: os.PathLike) -> Dict[str, Any]:
+    """A TOML file's content (policy files, project defaults).
+
+    Raises:
+        ConfigError: ``path: invalid TOML: ...`` when it cannot be parsed.
+    """
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc

@@ -31,6 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EmptyProbeError, ProbeError
+from PIL import Image
+from safetensors import safe_open
+from .tensors import validate_safetensors_header
+from ..errors import CheckpointError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -252,8 +256,6 @@ class ImageFolderProbe(ProbeSet):
                          channels=channels, normalization=normalization, resize=resize)
 
     def _decode(self, path: Path) -> torch.Tensor:
-        from PIL import Image
-
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -313,10 +315,6 @@ class TensorFileProbe(ProbeSet):
 
     def __init__(self, path: Path, *, channels: int, normalization: Normalization,
                  resize: Optional[Tuple[int, int]], num_classes: Optional[int] = None) -> None:
-        from safetensors import safe_open
-
-        from ..io.tensors import validate_safetensors_header
-        from ..errors import CheckpointError
 
         self.path = Path(path)
         try:
@@ -380,8 +378,6 @@ class TensorFileProbe(ProbeSet):
                          normalization=normalization, resize=resize)
 
     def _load_raw(self, source_indices: Sequence[int]) -> torch.Tensor:
-        from safetensors import safe_open
-
         idx = list(source_indices)
         if not idx:
             return torch.empty(0, self.channels, 1, 1)

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 import torch
 
 from ..errors import CheckpointError, EmptyCheckpointError
+from safetensors.torch import load_file
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -167,8 +168,6 @@ def validate_safetensors_header(path: Path) -> Tuple[Dict[str, Any], Dict[str, s
 
 def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     header, metadata = validate_safetensors_header(path)
-    from safetensors.torch import load_file
-
     for name, entry in header.items():
         # Valid for the format (u64 sizes), but torch sizes are int64: the library accepts
         # larger dimensions, then torch fails (a C++ stack trace in its message) or the byte

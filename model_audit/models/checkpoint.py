@@ -31,6 +31,7 @@ from ..errors import ArchitectureError, CheckpointError
 from ..io.files import atomic_write_bytes
 from ..io.tensors import META_PREFIX, read_tensors, sha256_file, strip_wrapper_prefixes
 from .registry import build_model, head_name, input_channels, is_factory_spec
+from safetensors.torch import save
 
 
 
@@ -211,8 +212,6 @@ def load_checkpoint(path: os.PathLike, *, arch: Optional[str] = None,
 def save_checkpoint(state: Mapping[str, torch.Tensor], path: os.PathLike, *,
                     metadata: Optional[Mapping[str, str]] = None) -> None:
     """Write a state dict as safetensors, atomically, with string metadata."""
-    from safetensors.torch import save
-
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write_bytes(path, save(tensors, metadata=dict(metadata or {})))
 

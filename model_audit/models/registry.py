@@ -11,12 +11,12 @@ from torch import nn
 
 from ..errors import ArchitectureError
 from .tiny import TinyResNet
+import sys
+import torchvision.models as tvm
 
 
 
 def _torchvision_classifiers() -> List[str]:
-    import torchvision.models as tvm
-
     return sorted(tvm.list_models(module=tvm))
 
 
@@ -26,8 +26,6 @@ def _cifar_bases() -> List[str]:
 
 
 def _build_torchvision(name: str, num_classes: int) -> nn.Module:
-    import torchvision.models as tvm
-
     kwargs: Dict[str, Any] = {"weights": None, "num_classes": num_classes}
     if name in ("inception_v3", "googlenet"):
         kwargs.update(aux_logits=False, init_weights=False)
@@ -90,8 +88,6 @@ def build_model(arch: str, num_classes: int,
     shapes = shapes or {}
     if is_factory_spec(arch):
         module_name, _, attr = arch.partition(":")
-        import sys
-
         added = os.getcwd() not in sys.path
         if added:  # `model-audit` is a console script: put the user's directory on the path
             sys.path.insert(0, os.getcwd())

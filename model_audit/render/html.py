@@ -11,11 +11,19 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import jinja2
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
 
-from ..io.probe import ProbeSet
+from ..errors import AuditError, ConfigError
+from ..io.files import atomic_write_bytes
+from ..io.probe import ProbeSet, open_probe
+from .text import sanity_verdict as verdict
+
 MAX_THUMBNAILS = 32
 
 
@@ -25,17 +33,19 @@ def _env() -> jinja2.Environment:
         autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
-def _svg(fig: Any) -> str:
-    import matplotlib
+def _figure(width: float, height: float) -> Tuple[Figure, Any]:
+    """A figure and its axes, without pyplot: no global backend or figure state is touched
+    (a notebook's backend stays as it was)."""
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
 
+
+def _svg(fig: Figure) -> str:
     buf = io.StringIO()
     # Text as text (small and crisp); a fixed hash salt and no date: the same data gives
     # byte-identical SVG, so re-rendering a report reproduces it.
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "model-audit"}):
         fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
     text = buf.getvalue()
     return text[text.index("<svg"):]
 
@@ -43,11 +53,6 @@ def _svg(fig: Any) -> str:
 def layer_chart(layers: List[Dict[str, Any]]) -> str:
     """Grouped bars per layer group: the own score (with its bootstrap interval; red when
     flagged), each baseline's share beside it, and the parameter share."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
 
     names = [layer["name"] for layer in layers]
     baselines = list(layers[0].get("baselines", {})) if layers else []
@@ -57,7 +62,7 @@ def layer_chart(layers: List[Dict[str, Any]]) -> str:
     series = len(baselines) + 2
     width = 0.8 / series
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(6.5, (0.35 + 0.12 * series) * len(names) + 2), 3.6))
+    fig, ax = _figure(max(6.5, (0.35 + 0.12 * series) * len(names) + 2), 3.6)
     colors = ["#c0392b" if layer["flagged"] else "#2e86c1" for layer in layers]
     offset = lambda i: x - 0.4 + width * (i + 0.5)  # noqa: E731
     ax.bar(offset(0), scores, width, color=colors, label="score (own metric; red: flagged)",
@@ -82,14 +87,10 @@ def damping_chart(steps: List[Dict[str, Any]]) -> Optional[str]:
     """Learning rate and momentum per replay step, points coloured by damping regime."""
     if not steps:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     colors = {"underdamped": "#e67e22", "critical": "#27ae60", "overdamped": "#2e86c1"}
     t = [s["step"] for s in steps]
-    fig, ax = plt.subplots(figsize=(6, 2.8))
+    fig, ax = _figure(6, 2.8)
     ax.plot(t, [s["momentum"] for s in steps], color="#333", lw=1)
     for s in steps:
         ax.scatter(s["step"], s["momentum"], color=colors[s["regime"]], zorder=3)
@@ -106,7 +107,6 @@ def damping_chart(steps: List[Dict[str, Any]]) -> Optional[str]:
 
 def thumbnail(probe: ProbeSet, position: int, size: int = 64) -> str:
     """A probe image re-encoded by the tool as a PNG ``data:`` URI (never the original bytes)."""
-    from PIL import Image
 
     x = probe.load([position], normalized=False)[0].clamp(0, 1)
     arr = (x.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
@@ -148,15 +148,10 @@ def render_gate_report(gate: Dict[str, Any], audit: Optional[Dict[str, Any]] = N
 
 def compare_chart(scores: List[Dict[str, Any]]) -> str:
     """Grouped bars: the two scans' scores per shared group."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
 
     names = [s["name"] for s in scores]
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(names) + 2), 3.2))
+    fig, ax = _figure(max(6.0, 0.55 * len(names) + 2), 3.2)
     ax.bar(x - 0.2, [s["score_a"] for s in scores], 0.4, color="#2e86c1", label="A")
     ax.bar(x + 0.2, [s["score_b"] for s in scores], 0.4, color="#e67e22", label="B")
     ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
@@ -182,8 +177,6 @@ def render_compare_report(data: Dict[str, Any]) -> str:
 
 def reopen_probe(audit: Dict[str, Any]) -> Optional[ProbeSet]:
     """The scan's probe set opened again (same subset), for thumbnails; None when it is gone."""
-    from ..errors import AuditError
-    from ..io.probe import open_probe
     options = audit.get("options", {})
     try:
         return open_probe(audit["probe"]["source"], channels=audit["model"].get("in_channels", 3),
@@ -194,8 +187,6 @@ def reopen_probe(audit: Dict[str, Any]) -> Optional[ProbeSet]:
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
-    from ..errors import ConfigError
-
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
@@ -215,8 +206,6 @@ def render_directory(directory: Union[str, os.PathLike]) -> Path:
     Raises:
         ConfigError: no such directory or none of those files in it.
     """
-    from ..io.files import atomic_write_bytes
-    from ..errors import ConfigError
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -251,16 +240,11 @@ def render_directory(directory: Union[str, os.PathLike]) -> Path:
 
 def controls_chart(data: Dict[str, Any]) -> str:
     """Fixed, broken and net per run: the flagged selection and each control."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
 
     runs = [data["selection"]] + data["controls"]
     labels = [f"{r['name']}\n{r['params_percent']:.1f}% params" for r in runs]
     x = np.arange(len(runs))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(runs) + 2), 3.0))
+    fig, ax = _figure(max(5.0, 1.4 * len(runs) + 2), 3.0)
     ax.bar(x - 0.27, [r["fixed"] for r in runs], 0.27, color="#27ae60", label="fixed")
     ax.bar(x, [r["broken"] for r in runs], 0.27, color="#c0392b", label="broken")
     ax.bar(x + 0.27, [r["net"] for r in runs], 0.27, color="#2e86c1", label="net")
@@ -310,7 +294,6 @@ def sanity_matrix(data: Dict[str, Any], method: str) -> Dict[str, Any]:
 def render_sanity_report(data: Dict[str, Any]) -> str:
     """The HTML report of ``model-audit sanity``: hit rates against chance, a planted ->
     top-ranked matrix per method, and every case."""
-    from ..commands.sanity import verdict
     matrices = {m: sanity_matrix(data, m) for m in data["methods_order"]}
     return _env().get_template("sanity.html").render(data=data, matrices=matrices,
                                                      verdict=verdict(data))

@@ -1,0 +1,189 @@
+"""The result of a repair: each run's effect on the probe, the controls' comparison with the
+selection (exact McNemar tests) and the verdict; ``FixResult.to_dict()`` is ``fix.json``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ...core.evaluate import EvaluationResult
+from ...core.stats import mcnemar_exact
+from ...io.files import header
+from ...io.probe import ProbeSet
+from ...models.checkpoint import LoadedCheckpoint
+
+if TYPE_CHECKING:  # annotations only: the package imports this module
+    from . import FixConfig
+
+#: Level of the exact McNemar tests in the verdict ("significantly" better/worse, net != 0).
+SIGNIFICANCE_LEVEL = 0.05
+
+
+@dataclass(frozen=True)
+class RepairRun:
+    """One retraining run (the selection or a control) and its effect on the probe."""
+
+    name: str
+    groups: Tuple[str, ...]
+    trainable: int
+    share: float
+    steps: int
+    seconds: float
+    after: EvaluationResult
+    before: EvaluationResult
+    diverged: Optional[str] = None   # the message when this run's loss became NaN/Inf
+    disjoint: Optional[bool] = None  # random control: trains no parameter of the selection
+
+    @cached_property
+    def fixed(self) -> List[int]:
+        return torch.nonzero((self.before.predictions != self.before.labels)
+                             & (self.after.predictions == self.after.labels)).flatten().tolist()
+
+    @cached_property
+    def broken(self) -> List[int]:
+        return torch.nonzero((self.before.predictions == self.before.labels)
+                             & (self.after.predictions != self.after.labels)).flatten().tolist()
+
+    @property
+    def net(self) -> int:
+        return len(self.fixed) - len(self.broken)
+
+    def summary(self) -> Dict[str, Any]:
+        return {"name": self.name, "groups": list(self.groups), "trainable_params": self.trainable,
+                "params_percent": 100.0 * self.share, "steps": self.steps,
+                "compute_param_steps": self.steps * self.trainable,
+                "seconds": round(self.seconds, 3), "accuracy_before": self.before.accuracy,
+                "accuracy_after": self.after.accuracy, "fixed": len(self.fixed),
+                "broken": len(self.broken), "net": self.net,
+                # exact McNemar (sign) test of fixed vs broken: how likely a net at least this
+                # far from 0 is if each changed image were as likely to break as to be fixed
+                "net_p_value": mcnemar_exact(len(self.fixed), len(self.broken)),
+                "diverged": self.diverged, "disjoint_from_selection": self.disjoint}
+
+
+@dataclass(frozen=True)
+class FixResult:
+    """The repair, its controls and the written checkpoint."""
+
+    checkpoint: LoadedCheckpoint
+    probe: ProbeSet
+    train_source: str
+    train_n: int
+    train_wrong: int
+    selection: RepairRun
+    controls: Tuple[RepairRun, ...]
+    config: FixConfig
+    output: Optional[str]
+    output_sha256: Optional[str]
+    verified_identical: int
+    device: str
+    timing: Dict[str, float]
+    warnings: Tuple[str, ...] = ()
+    selection_source: str = "names"
+
+    def control_summaries(self) -> List[Dict[str, Any]]:
+        """Each control's summary, whether the flagged selection beat it, and the paired
+        McNemar test against the selection on the same probe images."""
+        sel = self.selection
+        sel_right = sel.after.predictions == sel.after.labels
+        controls = []
+        for run in self.controls:
+            s = run.summary()
+            # a control that diverged produced no model to compare with
+            s["flagged_beat_it"] = None if run.diverged else sel.net > run.net
+            s["vs_flagged"] = None
+            if not run.diverged:
+                # paired on the same probe images: sel.net - run.net = only_flagged - only_control
+                ctl_right = run.after.predictions == run.after.labels
+                b = int((sel_right & ~ctl_right).sum())
+                c = int((~sel_right & ctl_right).sum())
+                s["vs_flagged"] = {"only_flagged_right": b, "only_control_right": c,
+                                   "p_value": mcnemar_exact(b, c)}
+            controls.append(s)
+        return controls
+
+    def per_class(self) -> List[Dict[str, Any]]:
+        """Accuracy before and after, fixed and broken, for each class on the probe."""
+        sel = self.selection
+        before, after = sel.before, sel.after
+        out = []
+        for c, name in enumerate(self.probe.classes):
+            mask = before.labels == c
+            n = int(mask.sum())
+            if n == 0:
+                continue
+            out.append({
+                "class": name, "n": n,
+                "accuracy_before": float((before.predictions[mask] == c).float().mean()),
+                "accuracy_after": float((after.predictions[mask] == c).float().mean()),
+                "fixed": sum(1 for i in sel.fixed if int(before.labels[i]) == c),
+                "broken": sum(1 for i in sel.broken if int(before.labels[i]) == c)})
+        return out
+
+    def images(self) -> Dict[str, List[Dict[str, Any]]]:
+        """The probe images the repair fixed, broke, and left wrong."""
+        sel = self.selection
+        before, after = sel.before, sel.after
+
+        def item(i: int) -> Dict[str, Any]:
+            return {"index": i, "label": int(before.labels[i]),
+                    "before": int(before.predictions[i]), "after": int(after.predictions[i]),
+                    "confidence_before": float(before.confidences[i]),
+                    "confidence_after": float(after.confidences[i])}
+
+        still = torch.nonzero((before.predictions != before.labels)
+                              & (after.predictions != after.labels)).flatten().tolist()
+        return {"fixed": [item(i) for i in sel.fixed], "broken": [item(i) for i in sel.broken],
+                "still_wrong": [item(i) for i in still]}
+
+    def to_dict(self) -> Dict[str, Any]:
+        sel = self.selection
+        sel_summary = sel.summary()
+        controls = self.control_summaries()
+        full = next((r for r in self.controls if r.name == "all"), None)
+        saving = (1.0 - sel.trainable / full.trainable) if full and full.trainable else None
+        return {
+            **header(),
+            "model": self.checkpoint.to_dict(),
+            "probe": {**self.probe.describe(), "n": len(self.probe)},
+            "train": {"source": self.train_source, "n": self.train_n, "wrong": self.train_wrong},
+            "config": self.config.to_dict(),
+            "selection": {**sel_summary, "source": self.selection_source,
+                          "total_params": self.checkpoint.parameters},
+            "accuracy": {"before": sel.before.accuracy, "after": sel.after.accuracy},
+            "fixed": len(sel.fixed), "broken": len(sel.broken), "net": sel.net,
+            "compute": {"steps": sel.steps, "trainable_params": sel.trainable,
+                        "param_steps": sel.steps * sel.trainable, "seconds": round(sel.seconds, 3),
+                        "param_steps_saving_vs_full": saving},
+            "per_class": self.per_class(),
+            "controls": controls,
+            "verdict": verdict(controls, sel_summary["net_p_value"]),
+            "images": self.images(),
+            "output": {"path": self.output, "sha256": self.output_sha256,
+                       "verified_identical_tensors": self.verified_identical},
+            "device": self.device, "timing": self.timing, "seed": self.config.options.seed,
+            "warnings": list(self.warnings),
+        }
+
+
+def verdict(controls: Sequence[Dict[str, Any]], net_p_value: float,
+            alpha: float = SIGNIFICANCE_LEVEL) -> Dict[str, Any]:
+    """Did the flagged selection beat each control (and significantly, at ``alpha``)?
+
+    ``controls`` are :meth:`FixResult.control_summaries`; ``net_p_value`` is the McNemar test
+    of the selection's own fixed vs broken.
+    """
+    judged = [c for c in controls if c["flagged_beat_it"] is not None]
+    return {"beat_all_controls": all(c["flagged_beat_it"] for c in judged) if judged else None,
+            "beat": [c["name"] for c in controls if c["flagged_beat_it"]],
+            "did_not_beat": [c["name"] for c in controls if c["flagged_beat_it"] is False],
+            "diverged": [c["name"] for c in controls if c["diverged"]],
+            "significance_level": alpha,
+            "beat_significantly": [c["name"] for c in controls if c["flagged_beat_it"]
+                                   and c["vs_flagged"]["p_value"] < alpha],
+            "worse_significantly": [c["name"] for c in controls
+                                    if c["flagged_beat_it"] is False
+                                    and c["vs_flagged"]["p_value"] < alpha],
+            "net_significant": net_p_value < alpha}

@@ -1,0 +1,155 @@
+"""The repair's batches and its retraining loop (steps 2 and 3 of :mod:`model_audit.commands.fix`).
+
+Public because the benchmarks drive them directly: :func:`batch_plan` draws the train
+positions of every optimizer step, :func:`retrain` trains a copy of a model on them with only
+the selected groups' parameters free.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..._progress import progress_bar
+from ...core.evaluate import fast_layout
+from ...core.layers import LayerGroup
+from ...core.schedules import MomentumScheduler
+from ...errors import ConfigError
+from ...io.probe import ProbeSet
+
+if TYPE_CHECKING:  # annotations only: the package imports this module
+    from . import FixConfig
+
+
+class RepairDiverged(ConfigError):
+    """The repair's loss became NaN/Inf."""
+
+
+def batch_plan(wrong: List[int], right: List[int], steps: int, batch: int, seed: int,
+               wrong_fraction: Optional[float] = None) -> List[List[int]]:
+    """Train positions of every step.
+
+    With a ``wrong_fraction``, each batch holds ``round(batch * wrong_fraction)`` images drawn
+    from the errors and the rest from the images the model gets right (with replacement,
+    seeded); when one pool is empty the other fills the batch. With ``None`` the repair data
+    is sampled uniformly, epoch by epoch without replacement (plain fine-tuning: errors appear
+    at their natural rate).
+
+    Args:
+        wrong: train positions the model gets wrong.
+        right: train positions the model gets right.
+        steps: number of optimizer steps (batches).
+        batch: images per batch.
+        seed: seed of the draws (the same arguments give the same plan).
+        wrong_fraction: share of each batch drawn from ``wrong``, or None (natural).
+
+    Returns:
+        One list of train positions per step, each of length ``batch``.
+    """
+    rng = np.random.default_rng(seed)
+    plan: List[List[int]] = []
+    if wrong_fraction is None:
+        pool = np.asarray(sorted(wrong + right))
+        order = np.empty(0, dtype=np.int64)
+        for _ in range(steps):
+            while len(order) < batch:
+                order = np.concatenate([order, rng.permutation(pool)])
+            plan.append(order[:batch].tolist())
+            order = order[batch:]
+        return plan
+    n_wrong = int(round(batch * wrong_fraction))
+    if not right:
+        n_wrong = batch
+    elif not wrong:
+        n_wrong = 0
+    for _ in range(steps):
+        idx: List[int] = []
+        if n_wrong:
+            idx += rng.choice(wrong, size=n_wrong, replace=True).tolist()
+        if batch - n_wrong:
+            idx += rng.choice(right, size=batch - n_wrong, replace=True).tolist()
+        plan.append(idx)
+    return plan
+
+
+def _free_selection(model: nn.Module, groups: Sequence[LayerGroup], selected: Sequence[str],
+                    batchnorm: str) -> List[nn.Parameter]:
+    """Freeze every parameter outside ``selected``; return the selected ones.
+
+    The model stays in eval mode, except (with ``batchnorm="train"``) the BatchNorm layers of
+    the selected groups, which normalise with batch statistics and update their running ones.
+    """
+    chosen = {p for g in groups if g.name in selected for p in g.parameter_names}
+    trainable = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in chosen)
+        if name in chosen:
+            trainable.append(p)
+    if batchnorm == "train":
+        buffers = {b for g in groups if g.name in selected for b in g.buffer_names}
+        for name, module in model.named_modules():
+            if (isinstance(module, nn.modules.batchnorm._BatchNorm)
+                    and f"{name}.running_mean" in buffers):
+                module.train()
+    return trainable
+
+
+def retrain(base: nn.Module, groups: Sequence[LayerGroup], selected: Sequence[str],
+            train: ProbeSet, plan: List[List[int]], config: FixConfig, device: str,
+            progress: bool, desc: str) -> Tuple[nn.Module, float]:
+    """Retrain a copy of ``base`` with only the ``selected`` groups' parameters free.
+
+    One SGD step per batch of ``plan`` (cross-entropy on ``train``), with a cosine learning
+    rate from ``config.lr`` to 0 and the momentum of ``config.schedule`` applied by
+    :class:`~model_audit.core.schedules.MomentumScheduler`; every module outside the
+    selection stays in eval mode (see ``config.batchnorm`` for the selection's BatchNorm
+    layers). ``base`` is not modified.
+
+    Args:
+        base: the model to start from (copied).
+        groups: the layer groups (or modules) that ``selected`` names.
+        selected: names of the units to train.
+        train: the repair data that ``plan`` indexes.
+        plan: train positions of every step (see :func:`batch_plan`).
+        config: ``lr``, ``schedule``, ``batchnorm`` and ``options.seed`` are used.
+        device: where to train.
+        progress: show a progress bar.
+        desc: the progress bar's label.
+
+    Returns:
+        (the retrained copy, on ``device``; the seconds the loop took).
+
+    Raises:
+        RepairDiverged: the loss became NaN/Inf.
+    """
+    model = copy.deepcopy(base).to(device).eval()
+    trainable = _free_selection(model, groups, selected, config.batchnorm)
+    opt = torch.optim.SGD(trainable, lr=config.lr, momentum=0.0)
+    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=len(plan))
+    momentum = MomentumScheduler(opt, config.schedule)
+    start = time.perf_counter()
+    torch.manual_seed(config.options.seed)
+    with fast_layout(model, device):
+        for step, idx in enumerate(progress_bar(plan, total=len(plan), desc=desc,
+                                                enabled=progress)):
+            x = train.load(idx).to(device)
+            y = train.labels[idx].to(device)
+            loss = F.cross_entropy(model(x).float(), y)
+            if not math.isfinite(float(loss.detach())):
+                raise RepairDiverged(
+                    f"the repair of {', '.join(selected)} diverged at step {step} (loss "
+                    f"{float(loss.detach())}) with lr {config.lr}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            lr_sched.step()
+            momentum.step()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model, time.perf_counter() - start

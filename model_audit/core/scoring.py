@@ -1,0 +1,172 @@
+"""Scoring localisation: where a method ranks the group that holds a known fault.
+
+Used by ``model-audit sanity`` (faults planted by :mod:`model_audit.core.plant`) and by the
+localisation benchmark: the rank of the planted group under each method, top-1, MRR and
+their chance levels, and the per-group scores of every method from one scan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .attribution import METRIC_NAME
+from .layers import LayerGroup
+
+#: The random ranking's name among the methods (the chance level every method must beat).
+RANDOM = "random"
+
+if TYPE_CHECKING:  # sanity's cases are scored here; sanity imports this module
+    from ..commands.sanity import SanityCase
+
+
+# ------------------------------------------------------------------------------------------
+# Ranking and scoring
+
+
+def rank_stats(scores: Sequence[float], true_index: int) -> Tuple[float, float, float]:
+    """``(expected rank, top-1 hit, reciprocal rank)`` of group ``true_index`` under ``scores``.
+
+    Ties are broken at random on average (see the module docstring); NaN scores rank last.
+
+    >>> rank_stats([0.1, 0.7, 0.2], 1)
+    (1.0, 1.0, 1.0)
+    >>> rank_stats([0.5, 0.5, 0.0], 0)
+    (1.5, 0.5, 0.75)
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    s = np.where(np.isfinite(s), s, -np.inf)
+    mine = s[true_index]
+    greater = int((s > mine).sum())
+    tied = int((s == mine).sum())  # including the group itself
+    positions = np.arange(greater + 1, greater + tied + 1, dtype=np.float64)
+    return (float(positions.mean()), (1.0 / tied) if greater == 0 else 0.0,
+            float((1.0 / positions).mean()))
+
+
+def chance_levels(n_groups: int) -> Tuple[float, float]:
+    """Top-1 and MRR of a uniformly random ranking of ``n_groups`` groups: ``1/G``, ``H_G/G``.
+
+    >>> [round(v, 3) for v in chance_levels(7)]
+    [0.143, 0.37]
+    """
+    if n_groups < 1:
+        raise ValueError("at least one group is needed")
+    harmonic = sum(1.0 / k for k in range(1, n_groups + 1))
+    return 1.0 / n_groups, harmonic / n_groups
+
+
+@dataclass(frozen=True)
+class MethodSummary:
+    """One method's localisation over the cases: top-1 and MRR, with their spread."""
+
+    top1: Optional[float]
+    mrr: Optional[float]
+    n: int
+    top1_sd: Optional[float] = None   # standard deviation over repeats (seeds), when > 1
+    mrr_sd: Optional[float] = None
+    flag_hit: Optional[float] = None  # the planted group among the flagged (own metric only)
+    flagged_size: Optional[float] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = {"top1": self.top1, "mrr": self.mrr, "n": self.n}
+        for key in ("top1_sd", "mrr_sd", "flag_hit", "flagged_size"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+def summarize(cases: Sequence["SanityCase"], methods: Sequence[str],
+              own: str = METRIC_NAME) -> Dict[str, MethodSummary]:
+    """Top-1 and MRR per method over the cases whose defect reached its target drop.
+
+    The spread is the standard deviation of the per-seed means (when there are several seeds);
+    the flag hit and flagged-set size are reported for the own metric ``own``.
+    """
+    used = [c for c in cases if c.plant.reached]
+    out: Dict[str, MethodSummary] = {}
+    seeds = sorted({c.plant.seed for c in used})
+    for m in methods:
+        rows = [c for c in used if m in c.top1]
+        if not rows:
+            out[m] = MethodSummary(None, None, 0)
+            continue
+        top1 = float(np.mean([c.top1[m] for c in rows]))
+        mrr = float(np.mean([c.reciprocal[m] for c in rows]))
+        sd_t = sd_m = None
+        if len(seeds) > 1:
+            by_seed = [[c for c in rows if c.plant.seed == s] for s in seeds]
+            by_seed = [b for b in by_seed if b]
+            sd_t = float(np.std([np.mean([c.top1[m] for c in b]) for b in by_seed], ddof=1))
+            sd_m = float(np.std([np.mean([c.reciprocal[m] for c in b]) for b in by_seed],
+                                ddof=1))
+        hit = size = None
+        if m == own:
+            hit = float(np.mean([c.plant.group in c.flagged for c in rows]))
+            size = float(np.mean([len(c.flagged) for c in rows]))
+        out[m] = MethodSummary(top1, mrr, len(rows), sd_t, sd_m, hit, size)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Per-case scores
+
+
+def group_output_units(model: nn.Module, groups: Sequence[LayerGroup], x: torch.Tensor
+                       ) -> np.ndarray:
+    """Output elements per image of each group's module (NaN for a group without a module).
+
+    Used to put the layer baselines in a size-normalised form (mean |attribution| per output
+    unit instead of the sum, which favours the wide early layers).
+    """
+    units = np.full(len(groups), np.nan)
+    hooks = []
+    modules = dict(model.named_modules())
+
+    def hook(j: int) -> Callable[..., None]:
+        def record(_m: nn.Module, _i: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor):
+                units[j] = out[0].numel()
+        return record
+
+    try:
+        for j, g in enumerate(groups):
+            if g.name in modules:
+                hooks.append(modules[g.name].register_forward_hook(hook(j)))
+        with torch.inference_mode():
+            model.eval()(x[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return units
+
+
+def scores_by_method(result: Any, *, units: Optional[np.ndarray] = None,
+                     random_seed: int = 0) -> Dict[str, np.ndarray]:
+    """Every method's per-group scores from one :class:`~model_audit.commands.scan.ScanResult`.
+
+    The own metric (named after the scan's ``metric``) and its size-normalised variants
+    (``<metric>_per_param``: mean loss reduction per parameter of the group;
+    ``<metric>_per_sqrt_param``: per square root of its parameter count), each
+    baseline that ran, its per-output-unit form (``<name>_per_unit``) when ``units`` is given,
+    and ``random`` (seeded uniform scores).
+    """
+    params = np.array([layer.params for layer in result.layers], dtype=np.float64)
+    reduction = np.array([layer.reduction for layer in result.layers], dtype=np.float64)
+    own = result.config.metric
+    out: Dict[str, np.ndarray] = {
+        own: np.array([layer.score for layer in result.layers], dtype=np.float64),
+        f"{own}_per_param": reduction / params,
+        f"{own}_per_sqrt_param": reduction / np.sqrt(params),
+    }
+    for name, b in result.baselines.items():
+        out[name] = np.asarray(b.scores, dtype=np.float64)
+        if units is not None and name != "auto_rgn" and len(b.raw) == len(units):
+            out[f"{name}_per_unit"] = np.asarray(b.raw, dtype=np.float64) / units
+    out[RANDOM] = np.random.default_rng(random_seed).random(len(params))
+    return out
+
+

@@ -1,0 +1,218 @@
+"""Terminal text of the commands: tables (tabulate) and one way of writing a missing number.
+
+Each function takes a command's typed result and returns the text the CLI prints; nothing
+here prints or exits.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+
+from tabulate import tabulate
+
+from ..core.attribution import METRIC_NAME
+from ..core.scoring import RANDOM
+
+if TYPE_CHECKING:  # the commands import this module to render: types only, no cycle at run time
+    from ..commands.compare import CompareResult
+    from ..commands.scan import ScanResult
+
+
+def num(value: Optional[float], spec: str = ".3f", missing: str = "n/a") -> str:
+    """A number for a table, or ``missing`` when there is none (undefined correlation...).
+
+    >>> num(0.12345), num(None), num(None, missing="-"), num(2.0, ".1f")
+    ('0.123', 'n/a', '-', '2.0')
+    """
+    return missing if value is None else format(value, spec)
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A column-aligned table: the first column left-aligned, the others right-aligned.
+
+    >>> print(text_table(["group", "score"], [["layer1", "0.500"], ["fc", "0.125"]]))
+    group      score
+    -------  -------
+    layer1     0.500
+    fc         0.125
+    """
+    align = ("left",) + ("right",) * (len(headers) - 1)
+    return tabulate([list(r) for r in rows], headers=list(headers), tablefmt="simple",
+                    disable_numparse=True, colalign=align)
+
+
+def scan_table(result: "ScanResult") -> str:
+    """Per group: parameter share, score with its interval, flag frequency, flagged."""
+    rows = [(layer.name, f"{100 * layer.share:.2f}", f"{layer.score:.3f}",
+             f"{layer.score_interval[0]:.3f}-{layer.score_interval[1]:.3f}",
+             f"{layer.flag_frequency:.2f}", "FLAGGED" if layer.flagged else "")
+            for layer in result.layers]
+    return text_table(("group", "params %", "score", "95% interval", "flag freq", "flagged"),
+                      rows)
+
+
+def baselines_table(result: "ScanResult") -> str:
+    """Per-group baseline shares, then each baseline's agreement with the own metric and cost."""
+    names = list(result.agreement)
+    rows = [(layer.name, f"{layer.score:.3f}", *(num(layer.baselines.get(n)) for n in names))
+            for layer in result.layers]
+    cost = result.cost()
+    agree = result.agreement
+    rows += [("", "", *("" for _ in names)), ("agreement", "", *("" for _ in names)),
+             ("spearman", "", *(num(agree[n].spearman, ".2f") for n in names)),
+             ("kendall", "", *(num(agree[n].kendall, ".2f") for n in names)),
+             ("top-k overlap", "", *(num(agree[n].topk_overlap, ".2f") for n in names)),
+             ("seconds", num(cost["replay_reduction"]["seconds"], ".2f"),
+              *(num(cost[n]["seconds"], ".2f") for n in names))]
+    return ("baselines (shares of each method; score = own metric):\n"
+            + text_table(("group", "score", *names), rows))
+
+
+def scan_summary(result: "ScanResult") -> str:
+    """The line before the table: model, probe size, accuracy and errors."""
+    ev = result.evaluation
+    return (f"{result.checkpoint.arch}: {result.checkpoint.parameters:,} parameters; probe "
+            f"{ev.n} images, accuracy {100 * ev.accuracy:.2f}% "
+            f"({len(ev.misclassified)} misclassified)")
+
+
+def compare_text(result: "CompareResult") -> str:
+    """The comparison: scores side by side, overlap against chance, rank correlations."""
+    def interval(key: str) -> str:
+        iv = result.intervals.get(key)
+        return f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else ""
+
+    rows = [(s["name"], f"{s['params']:,}", f"{s['score_a']:.3f}", f"{s['score_b']:.3f}",
+             "yes" if s["flagged_a"] else "", "yes" if s["flagged_b"] else "")
+            for s in result.scores]
+    ch = result.chance
+    corr = result.correlation["replay_reduction"]
+    lines = [
+        text_table(("group", "params", "score A", "score B", "flag A", "flag B"), rows),
+        f"A: {result.a['source']}  flagged: {', '.join(result.flagged_a) or 'none'}",
+        f"B: {result.b['source']}  flagged: {', '.join(result.flagged_b) or 'none'}",
+        f"overlap: {ch['observed_overlap']} of {ch['groups']} groups; "
+        f"Jaccard {num(result.jaccard)}{interval('jaccard')}; overlap coefficient "
+        f"{num(result.overlap_coefficient)}{interval('overlap_coefficient')}",
+        f"chance: expected overlap {ch['expected_overlap']:.2f}; "
+        f"P(overlap >= {ch['observed_overlap']} by chance) = {ch['p_value']:.3g}",
+        f"rank correlation of scores: Spearman {num(corr['spearman'])}{interval('spearman')}, "
+        f"Kendall {num(corr['kendall'])}{interval('kendall')}",
+        "top-k overlap: " + ", ".join(f"k={k}: {v:.2f}" for k, v in result.top_k.items()),
+    ]
+    lines += [f"baseline {name}: Spearman {num(c['spearman'])}, Kendall {num(c['kendall'])}"
+              for name, c in result.correlation.items() if name != "replay_reduction"]
+    left = result.left_out
+    if left["a_only"] or left["b_only"]:
+        lines.append(f"left out: only in A {', '.join(left['a_only']) or '-'}; "
+                     f"only in B {', '.join(left['b_only']) or '-'}")
+    return "\n".join(lines)
+
+
+def sanity_text(data: Dict[str, Any], verdict: str) -> str:
+    """The terminal table of ``sanity.json``: per case the planted group's rank under each
+    method, then per method top-1 and MRR beside chance."""
+    methods = list(data["methods_order"])
+    rows = []
+    for c in data["cases"]:
+        drop = f"{100 * c['drop']:.1f}" + ("" if c["reached"] else " NOT REACHED")
+        rows.append([c["group"], c["defect"], c["seed"], f"{c['severity']:.3g}", drop,
+                     *[(f"{c['ranks'][m]:.1f}" if c["reached"] else "-") for m in methods]])
+    cases = tabulate(rows, headers=["group", "defect", "seed", "severity", "drop (pts)",
+                                    *[f"rank: {m}" for m in methods]],
+                     tablefmt="simple", disable_numparse=True)
+    summary = [[m, num(data["methods"][m]["top1"], ".2f", "-"),
+                num(data["methods"][m]["mrr"], ".2f", "-"), data["methods"][m]["n"]]
+               for m in methods]
+    summary.append(["chance", num(data["chance"]["top1"], ".2f", "-"),
+                    num(data["chance"]["mrr"], ".2f", "-"), ""])
+    table = tabulate(summary, headers=["method", "top-1", "MRR", "cases"], tablefmt="simple",
+                     disable_numparse=True)
+    lines = [cases, "", table]
+    if verdict:
+        lines.append(verdict)
+    if data["not_reached"]:
+        lines.append("not reached (no severity cost the drop within the tolerance; not scored): "
+                     + ", ".join(f"{c['group']}/{c['defect']} (closest {100 * c['drop']:.1f} pts)"
+                                 for c in data["not_reached"]))
+    null = data.get("null")
+    if null:
+        lines.append(f"null (nothing planted): flagged {', '.join(null['flagged']) or 'nothing'}")
+    return "\n".join(lines)
+
+
+def sanity_verdict(data: Dict[str, Any]) -> str:
+    """One sentence: which method localised the planted faults best on this model."""
+    methods = [m for m in data["methods_order"]
+               if m != RANDOM and data["methods"][m]["mrr"] is not None]
+    if not methods:
+        return ""
+    best = max(methods, key=lambda m: (data["methods"][m]["mrr"], data["methods"][m]["top1"]))
+    own = data.get("metric", METRIC_NAME)
+    if best == own:
+        return (f"on this model the scan's own metric ({own}) localised the planted faults best "
+                "of the methods checked")
+    return (f"on this model {best} localised the planted faults better than the scan's own "
+            f"metric ({own}): MRR {num(data['methods'][best]['mrr'], '.2f', '-')} against "
+            f"{num(data['methods'][own]['mrr'], '.2f', '-')}")
+
+
+def p_value(value: Optional[float]) -> str:
+    """A p-value for tables: two significant digits, ``<0.001`` below that, ``-`` for None.
+
+    >>> p_value(0.0412), p_value(0.00001), p_value(None)
+    ('0.041', '<0.001', '-')
+    """
+    if value is None:
+        return "-"
+    return f"{value:.2g}" if value >= 0.001 else "<0.001"
+
+
+def fix_text(data: Dict[str, Any]) -> str:
+    """The repair: the selection and every control (fixed, broken, net, its p-value, cost),
+    then the verdict. ``data`` is ``FixResult.to_dict()``."""
+    sel = data["selection"]
+    lines = [
+        f"retrained {', '.join(sel['groups'])}: {sel['trainable_params']:,} parameters "
+        f"({sel['params_percent']:.1f}% of {sel['total_params']:,}), {sel['steps']} steps, "
+        f"{data['config']['schedule']} momentum",
+        f"probe accuracy {100 * data['accuracy']['before']:.2f}% -> "
+        f"{100 * data['accuracy']['after']:.2f}%: fixed {data['fixed']}, broken "
+        f"{data['broken']}, net {data['net']:+d}",
+    ]
+    rows = []
+    for run in [sel] + data["controls"]:
+        unit = "modules" if run.get("disjoint_from_selection") else "groups"
+        rows.append((run["name"], ",".join(run["groups"]) if len(run["groups"]) <= 4 else
+                     f"{len(run['groups'])} {unit}", f"{run['params_percent']:.1f}",
+                     str(run["fixed"]), str(run["broken"]), f"{run['net']:+d}",
+                     p_value(run["net_p_value"]), f"{run['compute_param_steps']:.3g}",
+                     f"{run['seconds']:.1f}"))
+    lines.append(tabulate(rows, headers=["selection", "groups", "params %", "fixed", "broken",
+                                         "net", "p(net)", "param-steps", "seconds"],
+                          tablefmt="simple", disable_numparse=True,
+                          colalign=("left", "left") + ("right",) * 7))
+    lines += _fix_verdict_lines(data)
+    return "\n".join(lines)
+
+
+def _fix_verdict_lines(data: Dict[str, Any]) -> List[str]:
+    sel, verdict = data["selection"], data["verdict"]
+    lines = [f"p(net): exact McNemar test of fixed vs broken; the net is "
+             f"{'' if verdict.get('net_significant') else 'NOT '}distinguishable from churn "
+             f"(p {p_value(sel['net_p_value'])}, level {verdict['significance_level']:g})"]
+    if not data["controls"]:
+        return lines
+    lines.append("the flagged selection beat: " + (", ".join(verdict["beat"]) or "none") +
+                 ("; did not beat: " + ", ".join(verdict["did_not_beat"])
+                  if verdict["did_not_beat"] else "") +
+                 ("; diverged: " + ", ".join(verdict["diverged"])
+                  if verdict["diverged"] else ""))
+    paired = [f"{c['name']} p {p_value(c['vs_flagged']['p_value'])}" for c in data["controls"]
+              if c.get("vs_flagged")]
+    if paired:
+        lines.append("paired McNemar test against each control on the same probe images: " +
+                     ", ".join(paired) + "; significantly better than: " +
+                     (", ".join(verdict["beat_significantly"]) or "none") +
+                     "; significantly worse than: " +
+                     (", ".join(verdict["worse_significantly"]) or "none"))
+    return lines
