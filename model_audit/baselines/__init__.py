@@ -92,7 +92,6 @@ from torch import nn
 
 from .._progress import progress_bar
 from ..core.layers import LayerGroup
-from ..core.stats import kendall_tau_b, rankdata, spearman
 from ..errors import ConfigError
 from ._utils import (BaselineError, _abs_sum, _call_counts, _check_settings, _count_images,
                      _Counter, _group_module, _len, _protect, _shares)
@@ -106,8 +105,6 @@ __all__ = [
     "BASELINES", "DEFAULT_BASELINES", "Agreement", "BaselineError", "BaselineResult",
     "BaselineSpec", "REDUCTION_DOC", "TARGET_DOC", "agreement", "compute_baselines",
     "prepare_layers", "resolve_baselines",
-    # re-exported: tests/test_baselines.py checks them against scipy through this module
-    "kendall_tau_b", "rankdata", "spearman",
     # private helpers that bench/baselines_bench.py imports from here
     "_Counter", "_abs_sum", "_shared_path_totals",
 ]

@@ -28,11 +28,11 @@ from typing import Any, Dict, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._progress import progress_bar
 from ..core.layers import LayerGroup
+from ..core.replay import summed_gradients
 from ._utils import _Counter, _len
 
 
@@ -50,20 +50,12 @@ def _auto_rgn(net: nn.Module, groups: Sequence[LayerGroup], batches: Iterable, d
         return _relative_norms(groups, params, grad_sq)
     for p in params.values():
         p.requires_grad_(True)
-    names = list(params)
-    grads = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in params.items()}
     with torch.enable_grad():
-        for _, x, y in progress_bar(batches, total=_len(batches), desc="baseline auto_rgn",
-                                    enabled=progress):
-            x, y = x.to(device), y.to(device)
-            logits = net(x).float()
-            counter.forward += int(x.shape[0])
-            loss = F.cross_entropy(logits, y, reduction="sum")
-            chunk = torch.autograd.grad(loss, [params[k] for k in names], allow_unused=True)
-            counter.backward += int(x.shape[0])
-            for k, g in zip(names, chunk):
-                if g is not None:
-                    grads[k] += g.double()
+        grads, _, images = summed_gradients(
+            net, params, progress_bar(batches, total=_len(batches), desc="baseline auto_rgn",
+                                      enabled=progress), device, dtype=torch.float64)
+    counter.forward += images
+    counter.backward += images
     return _relative_norms(groups, params,
                            {k: float(g.div(n).pow(2).sum()) for k, g in grads.items()})
 

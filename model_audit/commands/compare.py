@@ -32,7 +32,7 @@ import numpy as np
 
 from ..io.records import AuditRecord
 from ..io.files import SCHEMA_VERSION, read_result, atomic_write_files, json_bytes, refuse_inputs
-from ..core.attribution import flag_rule, scores_from_reductions
+from ..core.attribution import bootstrap_counts, flag_rule, resampled_scores
 from ..errors import AuditError, ConfigError
 from ..core.stats import (hypergeom_sf, jaccard, kendall_tau_b, overlap_coefficient,
                     percentile_interval, spearman, top_k)
@@ -163,11 +163,8 @@ class _Resampler:
         self.ok = self.r.ndim == 2 and len(self.index) == len(self.r) > 0
 
     def scores(self, counts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        w = counts[self.index].astype(np.float64)
-        total = w.sum()
-        mean = (w @ self.r) / total if total > 0 else np.zeros(len(self.shares))
-        s = scores_from_reductions(mean)
-        return s, flag_rule(s, self.shares) if total > 0 else np.zeros(len(s), dtype=bool)
+        s = resampled_scores(self.r, self.index, counts)
+        return s, flag_rule(s, self.shares)
 
 
 def _stats(names: Sequence[str], sa: Sequence[float], sb: Sequence[float],
@@ -263,8 +260,8 @@ def _bootstrap(ra_: AuditRecord, rb_: AuditRecord, shared: Sequence[str],
     samples: Dict[str, List[Optional[float]]] = {
         "jaccard": [], "overlap_coefficient": [], "spearman": [], "kendall": []}
     for _ in range(config.resamples):
-        ca = np.bincount(rng.integers(0, ra.n, ra.n), minlength=ra.n)
-        cb = ca if paired else np.bincount(rng.integers(0, rb.n, rb.n), minlength=rb.n)
+        ca = bootstrap_counts(rng, ra.n)
+        cb = ca if paired else bootstrap_counts(rng, rb.n)
         sa, fa = ra.scores(ca)
         sb, fb = rb.scores(cb)
         sets_a = {shared[j] for j, i in enumerate(ia) if fa[i]}

@@ -125,6 +125,26 @@ class Attribution:
     resamples: int
 
 
+def bootstrap_counts(rng: np.random.Generator, n: int) -> np.ndarray:
+    """How often each of the ``n`` probe images is drawn in one bootstrap resample."""
+    return np.bincount(rng.integers(0, n, size=n), minlength=n)
+
+
+def resampled_scores(r: np.ndarray, positions: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The scores of one resample: each row of ``r`` (the image at probe position
+    ``positions[i]``) weighted by how often that image was drawn (``counts``); all zero when
+    none of the rows was drawn.
+
+    >>> r = np.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> resampled_scores(r, np.array([0, 2]), np.array([3, 0, 1])).tolist()
+    [0.75, 0.25]
+    """
+    w = counts[positions].astype(np.float64)
+    total = w.sum()
+    mean = (w @ r) / total if total > 0 else np.zeros(r.shape[1])
+    return scores_from_reductions(mean)
+
+
 def attribute(reductions: GroupReductions, shares: Sequence[float], *, probe_size: int,
               misclassified_positions: Sequence[int], resamples: int = 200,
               seed: int = 0) -> Attribution:
@@ -149,11 +169,7 @@ def attribute(reductions: GroupReductions, shares: Sequence[float], *, probe_siz
     positions = np.asarray(misclassified_positions)
     boot_scores = np.empty((resamples, len(share)))
     for b in range(resamples):
-        draw = rng.integers(0, probe_size, size=probe_size)
-        weights = np.bincount(draw, minlength=probe_size)[positions].astype(np.float64)
-        total = weights.sum()
-        boot_mean = (weights @ r) / total if total > 0 else np.zeros(len(share))
-        boot_scores[b] = scores_from_reductions(boot_mean)
+        boot_scores[b] = resampled_scores(r, positions, bootstrap_counts(rng, probe_size))
     freq = flag_rule(boot_scores, share).mean(axis=0)
     low, high = np.percentile(boot_scores, [2.5, 97.5], axis=0)
     return Attribution(mean, scores, flagged, freq, low, high, resamples)

@@ -6,7 +6,7 @@ on the mean cross-entropy of the misclassified probe images::
     lr_t  = cosine from lr down to lr * lr_min_ratio over the steps
     mu_t  = schedule(lr_t)          (beta: 1 - 2*sqrt(lr_t), critically damped)
     g_t   = grad of the loss at theta_t   (gradients accumulated over batches)
-    v_t   = mu_t * v_{t-1} + g_t
+    v_t   = mu_t * v_{t-1} + g_t            (torch.optim.SGD, dampening 0, nesterov off)
     theta_{t+1} = theta_t - lr_t * v_t
 
 It works on copies of the parameters through ``torch.func.functional_call``: the model's own
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +32,11 @@ from torch import nn
 from torch.func import functional_call
 
 from .._progress import progress_bar
-from ..errors import ReplayError
+from ..errors import ConfigError, ReplayError
 from ..io.probe import BatchCache
-from ..core.schedules import MomentumSchedule, StepRecord, cosine_lr, step_record
+from .schedules import MomentumSchedule, MomentumScheduler, StepRecord, cosine_lr, step_record
+
+
 @dataclass(frozen=True)
 class ReplayConfig:
     """Options of the replay (documented defaults; see the module docstring)."""
@@ -46,8 +48,6 @@ class ReplayConfig:
     schedule: str = "beta"      # beta | hybrid | constant (0.9)
 
     def validate(self) -> None:
-        from ..errors import ConfigError
-
         if self.steps < 1:
             raise ConfigError(f"replay steps must be >= 1, got {self.steps}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -132,9 +132,49 @@ def _mean_loss(model: nn.Module, params: Dict[str, torch.Tensor], batches: Batch
     return float(losses.mean())
 
 
+def summed_gradients(forward: Callable[[torch.Tensor], torch.Tensor],
+                     params: Dict[str, torch.Tensor], batches: Iterable, device: str, *,
+                     dtype: Optional[torch.dtype] = None,
+                     per_image: Optional[List[torch.Tensor]] = None
+                     ) -> Tuple[Dict[str, torch.Tensor], float, int]:
+    """The gradient of the summed cross-entropy over all ``batches``, accumulated batch by
+    batch (memory bounded by one batch), with respect to ``params``.
+
+    Args:
+        forward: images -> logits, computed from ``params`` (which require grad).
+        params: the tensors to differentiate by name.
+        batches: ``(positions, images, labels)`` triples.
+        dtype: accumulate in this dtype (default: each parameter's own).
+        per_image: when given, each batch's per-image losses are appended (detached, CPU).
+
+    Returns:
+        (the summed gradient per name, the summed loss, the number of images).
+    """
+    names = list(params)
+    grads = {k: torch.zeros_like(v, dtype=dtype or v.dtype) for k, v in params.items()}
+    total, images = 0.0, 0
+    for _, x, y in batches:
+        x, y = x.to(device), y.to(device)
+        losses = F.cross_entropy(forward(x).float(), y, reduction="none")
+        loss = losses.sum()
+        chunk = torch.autograd.grad(loss, [params[k] for k in names], allow_unused=True)
+        for k, g in zip(names, chunk):
+            if g is not None:
+                grads[k] += g if dtype is None else g.to(dtype)
+        if per_image is not None:
+            per_image.append(losses.detach().cpu())
+        total += float(loss.detach())
+        images += len(y)
+    return grads, total, images
+
+
 def replay(model: nn.Module, batches: BatchCache, *, config: ReplayConfig = ReplayConfig(),
            device: str = "cpu", progress: bool = False) -> ReplayResult:
     """Run the beta-scheduled replay over the images in ``batches``.
+
+    The steps are ``torch.optim.SGD`` (heavy ball, no dampening) on copies of the parameters,
+    with the cosine learning rate set before each step and the momentum from it by
+    :class:`~model_audit.core.schedules.MomentumScheduler`, as ``fix`` trains.
 
     Step size: the peak learning rate ``config.lr`` is halved (up to :data:`MAX_HALVINGS`
     times) until the first step, which has no momentum yet, passes the Armijo check
@@ -151,75 +191,84 @@ def replay(model: nn.Module, batches: BatchCache, *, config: ReplayConfig = Repl
         raise ReplayError("nothing to replay: the model makes no errors on the probe")
     if model.training:
         raise ReplayError("internal error: the replay needs the model in eval mode")
-    schedule = MomentumSchedule(config.schedule)
     theta0 = detached_params(model, device)
-    theta = {k: v.clone() for k, v in theta0.items()}
-    velocity = {k: torch.zeros_like(v) for k, v in theta.items()}
-    names = list(theta)
+    theta = {k: v.clone().requires_grad_(True) for k, v in theta0.items()}
     steps: List[ReplayStep] = []
-    forward = backward = 0
-    peak = config.lr
-    trials = 0
-    passed = not config.lr_search
+    search = _StepSize(config.lr, passed=not config.lr_search)
     initial: List[torch.Tensor] = []
     initial_grad_sq: Dict[str, float] = {}
+    opt: Optional[torch.optim.SGD] = None
+    momentum: Optional[MomentumScheduler] = None
     for t in progress_bar(range(config.steps), total=config.steps, desc="replay", enabled=progress):
-        grads = {k: torch.zeros_like(v) for k, v in theta.items()}
-        total_loss = 0.0
-        leaves = {k: v.requires_grad_(True) for k, v in theta.items()}
-        for _, x, y in batches:
-            x, y = x.to(device), y.to(device)
-            logits = functional_call(model, leaves, (x,), strict=False).float()
-            per_image = F.cross_entropy(logits, y, reduction="none")
-            loss = per_image.sum()
-            chunk = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
-            for k, g in zip(names, chunk):
-                if g is not None:
-                    grads[k] += g
-            if t == 0:
-                initial.append(per_image.detach().cpu())
-            total_loss += float(loss.detach())
-            forward += len(y)
-            backward += len(y)
-        mean_loss = total_loss / n
+        grads, total, _ = summed_gradients(
+            lambda x: functional_call(model, theta, (x,), strict=False), theta, batches,
+            device, per_image=initial if t == 0 else None)
+        mean_loss = total / n
         with torch.no_grad():
-            per_param = {k: float(grads[k].div_(n).pow(2).sum()) for k in names}
-            sq = sum(per_param.values())
-            if t == 0:
-                initial_grad_sq = per_param
-        if not (math.isfinite(mean_loss) and math.isfinite(sq)):
-            if t == 0:
-                raise ReplayError(
-                    f"the loss or gradient on the misclassified images is not finite (loss "
-                    f"{mean_loss}) before any replay step: the checkpoint's weights or the probe "
-                    "images hold NaN/Inf values")
-            raise ReplayError(
-                f"the replay diverged at step {t} (loss {mean_loss} after starting at "
-                f"{steps[0].loss:.4g}) with peak learning rate {peak:.4g} and the "
-                f"{config.schedule} schedule; lower the replay learning rate (--replay-lr)")
-        if t == 0 and config.lr_search:
-            with torch.no_grad():
-                for _ in range(MAX_HALVINGS + 1):
-                    trial = {k: theta0[k] - peak * grads[k] for k in names}
-                    trials += 1
-                    forward += n
-                    value = _mean_loss(model, trial, batches, device)
-                    if math.isfinite(value) and value <= mean_loss - ARMIJO * peak * sq:
-                        passed = True
-                        break
-                    if trials > MAX_HALVINGS:
-                        break
-                    peak /= 2.0
-        lr = cosine_lr(t, config.steps, peak, peak * config.lr_min_ratio)
-        mu = schedule(lr)
-        with torch.no_grad():
-            for k in names:
-                velocity[k].mul_(mu).add_(grads[k])
-                theta[k] = leaves[k].detach().sub(velocity[k], alpha=lr)
-        steps.append(ReplayStep(step_record(t, lr, mu), mean_loss, math.sqrt(sq)))
+            per_param = {k: float(g.div_(n).pow(2).sum()) for k, g in grads.items()}
+        sq = sum(per_param.values())
+        _check_finite(t, mean_loss, sq, steps, search.peak, config)
+        lr = cosine_lr(t, config.steps, search.peak, search.peak * config.lr_min_ratio)
+        if t == 0:
+            initial_grad_sq = per_param
+            if config.lr_search:
+                search.run(model, theta0, grads, mean_loss, sq, batches, device)
+                lr = cosine_lr(t, config.steps, search.peak, search.peak * config.lr_min_ratio)
+            opt = torch.optim.SGD(list(theta.values()), lr=lr, momentum=0.0)
+            momentum = MomentumScheduler(opt, config.schedule)
+        else:
+            for group in opt.param_groups:
+                group["lr"] = lr
+            momentum.step()
+        for k, p in theta.items():
+            p.grad = grads[k]
+        opt.step()
+        steps.append(ReplayStep(step_record(t, lr, opt.param_groups[0]["momentum"]), mean_loss,
+                                math.sqrt(sq)))
+    theta = {k: v.detach() for k, v in theta.items()}
     final_losses, right = per_sample_losses(model, theta, batches, device)
-    forward += n
-    displacement = {k: (theta[k] - theta0[k]).detach() for k in names}
+    displacement = {k: theta[k] - theta0[k] for k in theta}
+    passes = n * config.steps
     return ReplayResult(tuple(steps), displacement, steps[0].loss, float(final_losses.mean()),
-                        int(right.sum()), n, forward, backward, peak, trials,
-                        torch.cat(initial), passed, initial_grad_sq)
+                        int(right.sum()), n, passes + n * search.trials + n, passes,
+                        search.peak, search.trials, torch.cat(initial), search.passed,
+                        initial_grad_sq)
+
+
+def _check_finite(t: int, mean_loss: float, sq: float, steps: List[ReplayStep], peak: float,
+                  config: ReplayConfig) -> None:
+    if math.isfinite(mean_loss) and math.isfinite(sq):
+        return
+    if t == 0:
+        raise ReplayError(
+            f"the loss or gradient on the misclassified images is not finite (loss "
+            f"{mean_loss}) before any replay step: the checkpoint's weights or the probe "
+            "images hold NaN/Inf values")
+    raise ReplayError(
+        f"the replay diverged at step {t} (loss {mean_loss} after starting at "
+        f"{steps[0].loss:.4g}) with peak learning rate {peak:.4g} and the "
+        f"{config.schedule} schedule; lower the replay learning rate (--replay-lr)")
+
+
+@dataclass
+class _StepSize:
+    """The Armijo search of the peak learning rate on the first (momentum-free) step."""
+
+    peak: float
+    passed: bool
+    trials: int = 0
+
+    @torch.no_grad()
+    def run(self, model: nn.Module, theta0: Dict[str, torch.Tensor],
+            grads: Dict[str, torch.Tensor], mean_loss: float, sq: float, batches: BatchCache,
+            device: str) -> None:
+        for _ in range(MAX_HALVINGS + 1):
+            trial = {k: theta0[k] - self.peak * grads[k] for k in theta0}
+            self.trials += 1
+            value = _mean_loss(model, trial, batches, device)
+            if math.isfinite(value) and value <= mean_loss - ARMIJO * self.peak * sq:
+                self.passed = True
+                return
+            if self.trials > MAX_HALVINGS:
+                return
+            self.peak /= 2.0
