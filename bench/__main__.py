@@ -16,7 +16,7 @@ BENCHMARKS = {
     "baselines": "the own metric against each Captum baseline: cost ratio and rank agreement",
     "fix": "repair of the flagged groups vs all/random/Auto-RGN on test halves; --sweep",
     "cuda": "scan, baselines and fix on the CPU and on CUDA: do they agree?",
-    "train": "epochs to 90%/95% test accuracy: sgd, nesterov, beta, hybrid, adam",
+    "train": "epochs to 90%%/95%% test accuracy: sgd, nesterov, beta, hybrid, adam",
     "localize": "ground truth: is a planted defect or a shift's best group ranked first?",
 }
 

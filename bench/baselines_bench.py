@@ -25,7 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
-from . import scan_bench as sb
+from . import _common as common
+from . import cifar
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,12 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time captum's LayerConductance one layer at a time against the "
                              "tool's shared pass on N misclassified images (0: off) "
                              "[default: 32]")
-    sb.add_common_arguments(parser)
-    parser.add_argument("--train-steps", type=int, default=sb.DEFAULT_TRAIN_STEPS)
-    parser.add_argument("--train-batch", type=int, default=sb.DEFAULT_TRAIN_BATCH)
-    parser.add_argument("--train-per-class", type=int, default=sb.DEFAULT_TRAIN_PER_CLASS)
+    common.add_common_arguments(parser)
+    parser.add_argument("--train-steps", type=int, default=common.DEFAULT_TRAIN_STEPS)
+    parser.add_argument("--train-batch", type=int, default=common.DEFAULT_TRAIN_BATCH)
+    parser.add_argument("--train-per-class", type=int, default=common.DEFAULT_TRAIN_PER_CLASS)
     parser.add_argument("--retrain", action="store_true")
-    sb.add_checkpoint_argument(parser, extra=", brief (the scan bench's briefly trained "
+    common.add_checkpoint_argument(parser, extra=", brief (the scan bench's briefly trained "
                                "ResNet-18)")
 
 
@@ -55,16 +56,15 @@ def run(args: argparse.Namespace) -> int:
     from model_audit import AuditOptions, ScanConfig, scan
     from model_audit.baselines import DEFAULT_BASELINES, resolve_baselines
     path_names = resolve_baselines(args.path_baselines)  # a bad name fails before any work
-    device = sb.pick_device(args.device)
+    device = common.pick_device(args.device)
     command = "python -m bench baselines " + " ".join(sys.argv[2:])
-    commit = sb.git_commit()
-    cache = args.cache_dir or sb.default_cache_dir()
+    commit = common.git_commit()
+    cache = args.cache_dir or common.default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    cifar = sb._cifar_module()
     kwargs = {"tarball": args.data} if args.data else {}
     classes = list(cifar.CIFAR10_CLASSES)
     train_dir = cifar.cifar_subset(cache, "train", args.train_per_class, **kwargs)
-    ckpt, training = sb.prepare_checkpoint(cache, train_dir, args, device, classes)
+    ckpt, training = common.prepare_checkpoint(cache, train_dir, args, device, classes)
     args.model_text = (f"`{training['checkpoint']}`" if training.get("checkpoint") else
                        f"the `python -m bench scan` checkpoint ({args.train_steps} steps x "
                        f"batch {args.train_batch})")
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                                      training.get("arch"), training.get("normalize"))
     section = markdown(results, device, command, commit, args, reference)
     print(section)
-    sb.append_results(args.out, section)
+    common.append_results(args.out, section)
     return 0
 
 
@@ -193,7 +193,7 @@ def _n(v: Any, fmt: str = "{:.2f}") -> str:
 
 def markdown(results, device, command, commit, args, reference=None) -> str:
     arch = results[0]["audit"]["model"]["arch"] if results else "resnet18-cifar"
-    lines = sb.section_header(f"own metric vs Captum baselines, {arch}, {device}",
+    lines = common.section_header(f"own metric vs Captum baselines, {arch}, {device}",
                               command, commit, device) + [
              f"- model: {getattr(args, 'model_text', 'the scan bench checkpoint')}; path "
              f"methods at n_steps={args.steps}", ""]

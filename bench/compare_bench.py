@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-from . import scan_bench as sb
+from . import _common as common
+from . import cifar
 
 OPTIMIZERS = ("sgd", "beta", "adam")
 
@@ -50,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe-size", type=int, default=1000,
                         help="probe images (test split, stratified) [default: 1000]")
     parser.add_argument("--batch", type=int, default=128, help="batch size [default: 128]")
-    sb.add_common_arguments(parser)
+    common.add_common_arguments(parser)
     parser.add_argument("--resamples", type=int, default=1000,
                         help="bootstrap resamples of each comparison [default: 1000]")
     parser.add_argument("--checkpoints", default="reference-sgd,reference-adam",
@@ -75,40 +76,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train(arch: str, optimizer: str, seed: int, x, y, epochs: float, batch: int,
           device: str) -> Tuple[Any, Dict[str, Any]]:
-    """One training run: cosine learning rate, random flips, weight decay 5e-4."""
+    """One training run: cosine learning rate, random flips, weight decay 5e-4; ``sgd``
+    (momentum 0.9, lr 0.05), ``beta`` (lr 0.05) or ``adam`` (lr 0.002)."""
     import torch
-    import torch.nn.functional as F
 
     from model_audit.models.registry import build_model
-    from model_audit.core.schedules import MomentumScheduler
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = build_model(arch, 10).to(device)
     steps = max(1, int(epochs * len(x) / batch))
-    if optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=0.002, weight_decay=5e-4)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=5e-4,
-                              momentum=0.9 if optimizer == "sgd" else 0.0)
+    opt, momentum = common.make_optimizer(optimizer, model.parameters(), 0.05, 0.002, 5e-4)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    momentum = MomentumScheduler(opt, "beta") if optimizer == "beta" else None
-    model.train()
     start = time.perf_counter()
-    for step in range(steps):
-        idx = torch.randint(0, len(x), (batch,), generator=gen)
-        xb = x[idx]
-        flip = torch.rand(batch, generator=gen) < 0.5
-        xb = torch.where(flip.view(-1, 1, 1, 1), xb.flip(3), xb).to(device)
-        loss = F.cross_entropy(model(xb), y[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        cosine.step()
-        if momentum is not None:
-            momentum.step()
-    sb._sync(device)
+    last: Dict[str, float] = {}
+    common.train_steps(model, common.flipped_batches(x, y, steps, batch, gen, device), opt,
+                       cosine, momentum, after=lambda step, loss, *_: last.update(loss=float(loss)))
+    common._sync(device)
     return model.cpu().eval(), {"steps": steps, "seconds": time.perf_counter() - start,
-                                "final_loss": float(loss.detach())}
+                                "final_loss": last["loss"]}
 
 
 def checkpoints(args, arch, epochs, per_class, cache, train_dir, classes, device
@@ -125,7 +110,6 @@ def checkpoints(args, arch, epochs, per_class, cache, train_dir, classes, device
             out[(r["method"], r["seed"])] = (r["name"], last.parent / f"{r['name']}.safetensors",
                                             {"seconds": r["train_seconds"], "arch": r["arch"]})
         return out
-    cifar = sb._cifar_module()
     x, y, _ = cifar.load_images(train_dir, normalize="cifar10", classes=classes)
     for optimizer, seed in itertools.product(OPTIMIZERS, range(args.seeds)):
         name = f"{arch}-{optimizer}-s{seed}-e{epochs:g}-n{per_class}"
@@ -154,7 +138,6 @@ def _probes(args: argparse.Namespace, cache: Path) -> List[Tuple[str, Path]]:
             or args.splits < 0 or args.splits * args.split_size > 10000 or args.whole > 10000:
         raise ConfigError("--whole and --split-size must be multiples of 10 within the 10,000 "
                           "test images, and --splits x --split-size at most 10,000")
-    cifar = sb._cifar_module()
     kwargs = {"tarball": args.data} if args.data else {}
     out = []
     if args.whole:
@@ -176,11 +159,11 @@ def run_checkpoints(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.checkpoints.split(",") if n.strip()]
     if len(names) != 2:
         raise ConfigError(f"--checkpoints takes two checkpoints, got {args.checkpoints!r}")
-    resolved = [sb.resolve_checkpoint(n, args.arch) for n in names]
-    device = sb.pick_device(args.device)
+    resolved = [common.resolve_checkpoint(n, args.arch) for n in names]
+    device = common.pick_device(args.device)
     command = "python -m bench compare " + " ".join(sys.argv[2:])
-    commit = sb.git_commit()
-    cache = args.cache_dir or sb.default_cache_dir()
+    commit = common.git_commit()
+    cache = args.cache_dir or common.default_cache_dir()
     rows: List[Dict[str, Any]] = []
     for label, probe in _probes(args, cache):
         audits = []
@@ -203,7 +186,7 @@ def run_checkpoints(args: argparse.Namespace) -> int:
               f"{_num(rows[-1]['jaccard'])}", flush=True)
     section = markdown_checkpoints(rows, names, device, command, commit, args)
     print(section)
-    sb.append_results(args.out, section)
+    common.append_results(args.out, section)
     (Path(cache) / "compare").mkdir(parents=True, exist_ok=True)
     (Path(cache) / "compare" / "last-compare-checkpoints.json").write_text(
         json.dumps({"checkpoints": names, "rows": rows}, indent=2))
@@ -213,7 +196,7 @@ def run_checkpoints(args: argparse.Namespace) -> int:
 def markdown_checkpoints(rows, names, device, command, commit, args) -> str:
     import numpy as np
 
-    lines = sb.section_header(f"compare: {names[0]} vs {names[1]}, whole test split and "
+    lines = common.section_header(f"compare: {names[0]} vs {names[1]}, whole test split and "
                               "disjoint probes", command, commit, device) + [
         f"- probes: stratified CIFAR-10 test images (the whole split and {args.splits} "
         f"disjoint {args.split_size}-image probes cut from it); scan defaults; "
@@ -251,15 +234,14 @@ def markdown_checkpoints(rows, names, device, command, commit, args) -> str:
 def run_training(args: argparse.Namespace) -> int:
     from model_audit import AuditOptions, ScanConfig, scan
     from model_audit.commands.compare import CompareConfig, compare
-    device = sb.pick_device(args.device)
+    device = common.pick_device(args.device)
     gpu = device.startswith("cuda")
-    arch, per_class = sb.scale_defaults(device, args.arch, args.train_per_class)
+    arch, per_class = common.scale_defaults(device, args.arch, args.train_per_class)
     epochs = args.epochs or (30.0 if gpu else 6.0)
     command = "python -m bench compare " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])
-    commit = sb.git_commit()
-    cache = (args.cache_dir or sb.default_cache_dir()) / "compare"
+    commit = common.git_commit()
+    cache = (args.cache_dir or common.default_cache_dir()) / "compare"
     cache.mkdir(parents=True, exist_ok=True)
-    cifar = sb._cifar_module()
     kwargs = {"tarball": args.data} if args.data else {}
     train_dir = cifar.cifar_subset(cache.parent, "train", per_class, **kwargs)
     probe_dir = cifar.cifar_subset(cache.parent, "test", args.probe_size // 10, **kwargs)
@@ -297,7 +279,7 @@ def run_training(args: argparse.Namespace) -> int:
                      "spearman_ci": d["intervals"].get("spearman")})
     section = markdown(rows, runs, arch, device, epochs, per_class, args, command, commit)
     print(section)
-    sb.append_results(args.out, section)
+    common.append_results(args.out, section)
     (cache / "last-compare.json").write_text(json.dumps({"runs": runs, "pairs": rows}, indent=2))
     return 0
 
@@ -318,7 +300,7 @@ def markdown(rows, runs, arch, device, epochs, per_class, args, command, commit)
     if getattr(args, "from_train", False):
         training = ("- checkpoints: the runs of the last `python -m bench train` (its section "
                     "above has the recipe; method names as there)")
-    lines = sb.section_header(f"compare: optimizer vs seed, {arch}, {device}",
+    lines = common.section_header(f"compare: optimizer vs seed, {arch}, {device}",
                               command, commit, device) + [
              training,
              f"- probe: {args.probe_size} CIFAR-10 test images (stratified); scan defaults; "

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from . import scan_bench as sb
+from . import _common as common
 
-SAMPLES = sb.ROOT / "samples"
+SAMPLES = common.ROOT / "samples"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--atol", type=float, default=1e-3,
                         help="largest score difference counted as agreement [default: 1e-3]")
     parser.add_argument("--fix-steps", type=int, default=25)
-    parser.add_argument("--out", type=Path, default=sb.DEFAULT_RESULTS)
+    parser.add_argument("--out", type=Path, default=common.DEFAULT_RESULTS)
 
 
 def _scan(device: str) -> Dict[str, Any]:
@@ -77,10 +77,10 @@ def run(args: argparse.Namespace) -> int:
               "machine (nothing written)", file=sys.stderr)
         return 2
     command = "python -m bench cuda " + " ".join(sys.argv[2:])
-    commit = sb.git_commit()
+    commit = common.git_commit()
     cpu_scan, dev_scan = _scan("cpu"), _scan(args.device)
     cpu_fix, dev_fix = _fix("cpu", args.fix_steps), _fix(args.device, args.fix_steps)
-    lines = sb.section_header(f"cuda: scan, baselines and fix on cpu vs {args.device}",
+    lines = common.section_header(f"cuda: scan, baselines and fix on cpu vs {args.device}",
                               command, commit, args.device) + [
         f"- digits samples (`samples/`), seed 0, all baselines; fix of layer2+fc, "
         f"{args.fix_steps} steps, with the three controls; tolerance {args.atol:g}", "",
@@ -111,5 +111,5 @@ def run(args: argparse.Namespace) -> int:
               ""]
     section = "\n".join(lines)
     print(section)
-    sb.append_results(args.out, section)
+    common.append_results(args.out, section)
     return 0 if agree else 1

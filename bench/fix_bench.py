@@ -31,11 +31,12 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-from . import scan_bench as sb
+from . import _common as common
+from . import cifar
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sb.add_checkpoint_argument(parser)
+    common.add_checkpoint_argument(parser)
     parser.add_argument("--probe-size", type=int, default=10000,
                         help="held-out test images with --repair-data seen/unseen "
                              "[default: 10000]")
@@ -60,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="search the comma-separated --lr/--steps/--wrong-fraction/"
                              "--batchnorm values on a validation split of the repair half")
-    sb.add_common_arguments(parser)
+    common.add_common_arguments(parser)
 
 
 def _values(text: str, kind, name: str) -> list:
@@ -95,7 +96,6 @@ def _grid(args: argparse.Namespace) -> List[Dict[str, Any]]:
 
 def _data(args: argparse.Namespace, cache: Path, sweep: bool) -> Tuple[Path, Path, str]:
     """(repair data, probe, description)."""
-    cifar = sb._cifar_module()
     kwargs = {"tarball": args.data} if args.data else {}
     if args.repair_data == "test-half":
         half = args.half
@@ -115,7 +115,7 @@ def _data(args: argparse.Namespace, cache: Path, sweep: bool) -> Tuple[Path, Pat
                 f"repair: the first {half} CIFAR-10 test images per class (unseen in "
                 f"training); probe: the next {half} per class (disjoint, checked by content "
                 "hash)")
-    _, per_class = sb.scale_defaults(sb.pick_device(args.device), None, None)
+    _, per_class = common.scale_defaults(common.pick_device(args.device), None, None)
     skip = per_class if args.repair_data == "unseen" else 0
     return (cifar.cifar_subset(cache, "train", per_class, skip=skip, **kwargs),
             cifar.cifar_subset(cache, "test", args.probe_size // 10, **kwargs),
@@ -128,11 +128,11 @@ def run(args: argparse.Namespace) -> int:
     from model_audit import AuditOptions
     from model_audit.commands.fix import FixConfig, fix
     grid = _grid(args)
-    device = sb.pick_device(args.device)
+    device = common.pick_device(args.device)
     command = "python -m bench fix " + " ".join(sys.argv[2:])
-    commit = sb.git_commit()
-    cache = args.cache_dir or sb.default_cache_dir()
-    ckpt, arch, normalize = sb.resolve_checkpoint(args.checkpoint)
+    commit = common.git_commit()
+    cache = args.cache_dir or common.default_cache_dir()
+    ckpt, arch, normalize = common.resolve_checkpoint(args.checkpoint)
     train_dir, probe_dir, data_text = _data(args, cache, args.sweep)
     results = []
     for setting in grid:
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         section = markdown(results, ckpt, device, command, commit, data_text)
     print(section)
-    sb.append_results(args.out, section)
+    common.append_results(args.out, section)
     return 0
 
 
@@ -162,7 +162,7 @@ def markdown_sweep(results, ckpt, device, command, commit, data_text: str) -> st
     import statistics
 
     from model_audit.render.text import p_value as format_p
-    lines = sb.section_header(f"fix: repair settings on a validation split, "
+    lines = common.section_header(f"fix: repair settings on a validation split, "
                               f"{results[0]['model']['arch']}, {device}", command, commit,
                               device) + [
         f"- checkpoint: `{Path(ckpt).name}`; {data_text}; the flagged selection only "
@@ -206,7 +206,7 @@ def markdown(results, ckpt, device, command, commit, data_text: str) -> str:
     from model_audit.render.text import p_value as format_p
     d = results[0]
     cfg = d["config"]
-    lines = sb.section_header(f"fix: flagged selection vs controls, {d['model']['arch']}, "
+    lines = common.section_header(f"fix: flagged selection vs controls, {d['model']['arch']}, "
                               f"{device}", command, commit, device) + [
              f"- checkpoint: `{Path(ckpt).name}`; {data_text}; {d['train']['n']} repair "
              f"images ({d['train']['wrong']} wrong before), {d['probe']['n']} probe images; "

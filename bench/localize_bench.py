@@ -47,14 +47,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import scan_bench as sb
+from . import _common as common
+from . import cifar
 
 SHIFTS = ("gaussian_noise", "blur", "contrast", "jpeg", "labels")
 PARTS = ("planted", "shifts")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sb.add_checkpoint_argument(parser)
+    common.add_checkpoint_argument(parser)
     parser.add_argument("--probe", type=Path, default=None,
                         help="probe (ImageFolder or .safetensors) [default: the CIFAR-10 test "
                              "split, cut from --data]")
@@ -92,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "beside it from the same replay) [default: the tool's default]")
     parser.add_argument("--json", type=Path, default=None,
                         help="also write every case as JSON here")
-    sb.add_common_arguments(parser)
+    common.add_common_arguments(parser)
 
 
 # ------------------------------------------------------------------------------------------
@@ -100,12 +101,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolve_inputs(args: argparse.Namespace) -> Tuple[Path, Path, Optional[str], Optional[str]]:
-    path, arch, normalize = sb.resolve_checkpoint(args.checkpoint, args.arch, args.normalize)
+    path, arch, normalize = common.resolve_checkpoint(args.checkpoint, args.arch, args.normalize)
     probe = args.probe
     if probe is None:  # the CIFAR-10 test split (all 10,000 images; --probe-size subsets it)
-        cifar = sb._cifar_module()
         kwargs = {"tarball": args.data} if args.data else {}
-        probe = cifar.cifar_subset(args.cache_dir or sb.default_cache_dir(), "test", 1000,
+        probe = cifar.cifar_subset(args.cache_dir or common.default_cache_dir(), "test", 1000,
                                    **kwargs)
     return path, Path(probe), arch, normalize
 
@@ -114,7 +114,7 @@ def _scan_config(args: argparse.Namespace, arch, normalize, limit, seed=0):
     from model_audit import AuditOptions, ScanConfig
 
     return ScanConfig(options=AuditOptions(arch=arch, normalize=normalize, limit=limit,
-                                           seed=seed, device=sb.pick_device(args.device)),
+                                           seed=seed, device=common.pick_device(args.device)),
                       baselines=tuple(b for b in args.baselines.split(",") if b),
                       baseline_steps=args.baseline_steps,
                       metric=args.metric or ScanConfig.metric)
@@ -373,8 +373,8 @@ def run_shift(args, ckpt_path, probe_path, arch, normalize, shift: str, seed: in
     from model_audit.commands.scan import scan
     from model_audit.commands.sanity import group_output_units, rank_stats, scores_by_method
     from model_audit.core.stats import spearman
-    device = sb.pick_device(args.device)
-    cache = args.cache_dir or sb.default_cache_dir()
+    device = common.pick_device(args.device)
+    cache = args.cache_dir or common.default_cache_dir()
     scan_config = _scan_config(args, arch, normalize, None, seed)
     opts = scan_config.options
     ckpt = load_checkpoint(ckpt_path, arch=opts.arch, num_classes=opts.num_classes)
@@ -453,7 +453,7 @@ def markdown_planted(r: Dict[str, Any], command: str, commit: str, device: str,
     own = "replay_reduction"
     order = sorted(r["methods"], key=lambda m: (-(r["summary"][m].mrr or 0), m))
     reached = [c for c in r["cases"] if c.plant.reached]
-    lines = sb.section_header(f"localize: planted defects, {r['model']}, {device}", command,
+    lines = common.section_header(f"localize: planted defects, {r['model']}, {device}", command,
                               commit, device) + [
         f"- probe: {r['probe']} images, accuracy {100 * (r['accuracy'] or 0):.2f}%; every defect "
         f"calibrated to cost {100 * args.drop:.0f} points (tolerance {100 * args.tolerance:.0f}); "
@@ -508,7 +508,7 @@ def markdown_planted(r: Dict[str, Any], command: str, commit: str, device: str,
 def markdown_shifts(rows: List[Dict[str, Any]], model: str, command: str, commit: str,
                     device: str, args) -> str:
     methods = list(rows[0]["methods"])
-    lines = sb.section_header(f"localize: shifts with an oracle, {model}, {device}", command,
+    lines = common.section_header(f"localize: shifts with an oracle, {model}, {device}", command,
                               commit, device) + [
         f"- {args.shift_train} shifted images to scan and fine-tune on, {args.shift_eval} "
         f"held-out; oracle: each group alone, {args.shift_steps} steps of batch "
@@ -582,15 +582,15 @@ def run(args: argparse.Namespace) -> int:
     resolve_baselines(args.baselines)
     resolve_defects(args.defects)
     ckpt_path, probe_path, arch, normalize = _resolve_inputs(args)
-    device = sb.pick_device(args.device)
+    device = common.pick_device(args.device)
     command = "python -m bench localize " + " ".join(sys.argv[2:])
-    commit = sb.git_commit()
+    commit = common.git_commit()
     dump: Dict[str, Any] = {}
     if "planted" in parts:
         r = run_planted(args, ckpt_path, probe_path, arch, normalize)
         section = markdown_planted(r, command, commit, device, args)
         print(section)
-        sb.append_results(args.out, section)
+        common.append_results(args.out, section)
         dump["planted"] = _jsonable({k: v for k, v in r.items()})
     if "shifts" in parts:
         rows = []
@@ -601,7 +601,7 @@ def run(args: argparse.Namespace) -> int:
                                       seed))
         section = markdown_shifts(rows, Path(ckpt_path).name, command, commit, device, args)
         print(section)
-        sb.append_results(args.out, section)
+        common.append_results(args.out, section)
         dump["shifts"] = _jsonable(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(dump, indent=1, default=str) + "\n")

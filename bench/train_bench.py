@@ -40,13 +40,13 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from . import scan_bench as sb
+from . import _common as common
+from . import cifar
 
 METHODS = ("sgd", "nesterov", "beta", "hybrid", "adam")
 METHOD_TEXT = {"sgd": "momentum 0.9", "nesterov": "Nesterov 0.9",
                "beta": "1 - 2 sqrt(lr) (`MomentumScheduler('beta')`)",
                "hybrid": "beta until 0.9, then 0.9", "adam": "Adam"}
-CONSTANT_MOMENTUM = 0.9
 PAD = 4
 
 
@@ -75,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bfloat16 autocast [default: on for cuda, off for cpu]")
-    sb.add_common_arguments(parser)
+    common.add_common_arguments(parser)
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds: do not start a run that would likely end after this "
                              "(estimated from the runs so far); the finished runs stay cached, "
@@ -170,22 +170,6 @@ class DeviceData:
 # Methods
 
 
-def make_optimizer(method: str, params, lr: float, adam_lr: float, weight_decay: float):
-    """The optimizer of ``method`` and its momentum scheduler (None for constant momentum)."""
-    import torch
-
-    from model_audit.core.schedules import MomentumScheduler
-    if method == "adam":
-        return torch.optim.Adam(params, lr=adam_lr, weight_decay=weight_decay), None
-    if method in ("sgd", "nesterov"):
-        return torch.optim.SGD(params, lr=lr, momentum=CONSTANT_MOMENTUM,
-                               nesterov=method == "nesterov", weight_decay=weight_decay), None
-    if method in ("beta", "hybrid"):
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=weight_decay)
-        return opt, MomentumScheduler(opt, method)
-    raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-
-
 def first_reaching(curve: Sequence[Dict[str, Any]], target: float) -> Optional[Dict[str, Any]]:
     """The first epoch record whose test accuracy is >= ``target``, or None."""
     for record in curve:
@@ -198,7 +182,6 @@ def train_run(arch: str, method: str, seed: int, train: DeviceData, test: Device
               epochs: int, args, amp: bool, log=print) -> Tuple[Any, Dict[str, Any]]:
     """Train one (method, seed) for ``epochs``, evaluating the test split after every epoch."""
     import torch
-    import torch.nn.functional as F
 
     from model_audit.models.registry import build_model
     from model_audit.core.schedules import damping_regime
@@ -208,8 +191,8 @@ def train_run(arch: str, method: str, seed: int, train: DeviceData, test: Device
     model = build_model(arch, 10).to(device)
     if device.startswith("cuda"):
         model = model.to(memory_format=torch.channels_last)
-    opt, momentum = make_optimizer(method, model.parameters(), args.lr, args.adam_lr,
-                                   args.weight_decay)
+    opt, momentum = common.make_optimizer(method, model.parameters(), args.lr, args.adam_lr,
+                                          args.weight_decay)
     steps_per_epoch = len(train) // args.batch
     total = steps_per_epoch * epochs
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
@@ -217,25 +200,22 @@ def train_run(arch: str, method: str, seed: int, train: DeviceData, test: Device
     curve: List[Dict[str, Any]] = []
     train_seconds = 0.0
     diverged = None
+
+    def count_regime(group: Dict[str, Any]) -> None:
+        if method != "adam":
+            regimes[damping_regime(group["momentum"], group["lr"])] += 1
+
     for epoch in range(1, epochs + 1):
-        model.train()
-        sb._sync(device)
+        common._sync(device)
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        for xb, yb in train.epoch(args.batch, gen):
-            group = opt.param_groups[0]
-            if method != "adam":
-                regimes[damping_regime(group["momentum"], group["lr"])] += 1
-            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=amp):
-                loss = F.cross_entropy(model(xb).float(), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            cosine.step()
-            if momentum is not None:
-                momentum.step()
-            loss_sum += loss.detach()
-        sb._sync(device)
+
+        def add_loss(step: int, loss, *_: Any) -> None:
+            loss_sum.add_(loss)
+
+        common.train_steps(model, train.epoch(args.batch, gen), opt, cosine, momentum, amp=amp,
+                           before=count_regime, after=add_loss)
+        common._sync(device)
         train_seconds += time.perf_counter() - start
         mean_loss = float(loss_sum) / max(steps_per_epoch, 1)
         accuracy = test.evaluate(model, amp=amp)
@@ -328,7 +308,7 @@ def markdown(summary: Dict[str, Any], runs: Sequence[Dict[str, Any]], targets: S
              setup: Dict[str, Any], command: str, commit: str, device: str) -> str:
     ran = list(summary["methods"])
     which = "five momentum methods" if len(ran) == len(METHODS) else ", ".join(ran)
-    lines = sb.section_header(f"train: epochs to {', '.join(f'{100 * t:g}%' for t in targets)}"
+    lines = common.section_header(f"train: epochs to {', '.join(f'{100 * t:g}%' for t in targets)}"
                               f", {which}, {setup['arch']}, {device}",
                               command, commit, device)
     lines += [f"- scale: **{setup['scale']}**",
@@ -394,9 +374,9 @@ def markdown(summary: Dict[str, Any], runs: Sequence[Dict[str, Any]], targets: S
 def run(args: argparse.Namespace) -> int:
     from model_audit.models.checkpoint import audit_metadata, save_checkpoint
     from model_audit.io.probe import parse_normalize
-    device = sb.pick_device(args.device)
+    device = common.pick_device(args.device)
     gpu = device.startswith("cuda")
-    arch, per_class = sb.scale_defaults(device, args.arch, args.train_per_class)
+    arch, per_class = common.scale_defaults(device, args.arch, args.train_per_class)
     epochs = args.epochs or (30 if gpu else 15)
     targets = [float(t) for t in (args.targets or ("0.90,0.95" if gpu else "0.60,0.65"))
                .split(",")]
@@ -408,11 +388,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     amp = gpu if args.amp is None else args.amp
     command = "python -m bench train " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])
-    commit = sb.git_commit()
-    root = args.cache_dir or sb.default_cache_dir()
+    commit = common.git_commit()
+    root = args.cache_dir or common.default_cache_dir()
     cache = root / "train"
     cache.mkdir(parents=True, exist_ok=True)
-    cifar = sb._cifar_module()
     kwargs = {"tarball": args.data} if args.data else {}
     classes = list(cifar.CIFAR10_CLASSES)
     norm = parse_normalize("cifar10")
@@ -467,7 +446,7 @@ def run(args: argparse.Namespace) -> int:
                        "methods at this scale, not the paper's 90%/95% claim")}
     section = markdown(summary, runs, targets, setup, command, commit, device)
     print(section)
-    sb.append_results(args.out, section)
+    common.append_results(args.out, section)
     (cache / "last-train.json").write_text(json.dumps({"setup": setup, "summary": summary,
                                                        "runs": runs}, indent=2) + "\n")
     return 0

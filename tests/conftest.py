@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.cifar import CIFAR_TARBALL, missing_data_message
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
 SHARED_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -21,10 +23,6 @@ def _threads():
 @pytest.fixture
 def cifar_archive() -> Path:
     """The CIFAR-10 JPEG archive of ../shared/data; the test is skipped, saying why, without it."""
-    try:
-        from .cifar import CIFAR_TARBALL, missing_data_message
-    except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-        from cifar import CIFAR_TARBALL, missing_data_message
     if not CIFAR_TARBALL.is_file():
         pytest.skip(missing_data_message(CIFAR_TARBALL))
     return CIFAR_TARBALL

@@ -6,14 +6,11 @@ import json
 import pytest
 import torch
 
-from bench import scan_bench as sb
+from bench import _common as common
+from bench.cifar import CIFAR10_CLASSES
 from bench.__main__ import main as bench_main
 from model_audit.models.checkpoint import audit_metadata, save_checkpoint
 from model_audit.models.registry import build_model
-try:
-    from .cifar import CIFAR10_CLASSES
-except ImportError:  # tests/ is not a package
-    from cifar import CIFAR10_CLASSES
 
 
 def _tiny(path, seed):
@@ -26,10 +23,10 @@ def _tiny(path, seed):
 
 
 def test_reference_names_resolve_to_the_shared_models():
-    path, arch, normalize = sb.resolve_checkpoint("reference-adam")
+    path, arch, normalize = common.resolve_checkpoint("reference-adam")
     assert path.name == "resnet18-cifar-adam.safetensors"
     assert (arch, normalize) == ("resnet18-cifar", "cifar10")
-    assert sb.resolve_checkpoint("reference-sgd", "x", "y")[1:] == ("x", "y")
+    assert common.resolve_checkpoint("reference-sgd", "x", "y")[1:] == ("x", "y")
 
 
 def test_a_missing_checkpoint_is_refused_before_any_work(tmp_path, capsys):

@@ -5,6 +5,7 @@ from argparse import Namespace
 import pytest
 import torch
 
+from bench import _common as common
 from bench import train_bench as tb
 from bench.__main__ import main as bench_main
 from model_audit.models.checkpoint import load_checkpoint
@@ -48,7 +49,7 @@ def test_epoch_batches_cover_the_data_once_normalised():
 @pytest.mark.parametrize("method", tb.METHODS)
 def test_methods_use_the_products_momentum(method):
     p = torch.nn.Parameter(torch.zeros(2))
-    opt, sched = tb.make_optimizer(method, [p], lr=0.01, adam_lr=0.001, weight_decay=0.0)
+    opt, sched = common.make_optimizer(method, [p], lr=0.01, adam_lr=0.001, weight_decay=0.0)
     group = opt.param_groups[0]
     if method == "adam":
         assert isinstance(opt, torch.optim.Adam) and sched is None and group["lr"] == 0.001

@@ -24,12 +24,8 @@ from model_audit.models.checkpoint import audit_metadata, save_checkpoint
 from model_audit.cli import cli
 from model_audit.core.replay import ReplayConfig
 from model_audit.core.schedules import REGIMES, MomentumScheduler, beta_momentum
-try:
-    from .cifar import (CIFAR10_CLASSES, CIFAR_TARBALL, cifar_subset, load_images,
-                        missing_data_message)
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from cifar import (CIFAR10_CLASSES, CIFAR_TARBALL, cifar_subset, load_images,
-                       missing_data_message)
+from bench.cifar import (CIFAR10_CLASSES, CIFAR_TARBALL, cifar_subset, load_images,
+                         missing_data_message)
 
 pytestmark = pytest.mark.slow
 
