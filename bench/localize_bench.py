@@ -351,7 +351,7 @@ def _finetune_gain(ckpt, groups, selected, train, held_batches, args, lr: float,
                    base_acc: float, seed: int) -> float:
     from model_audit.commands.fix import FixConfig, RepairDiverged, batch_plan, retrain
     from model_audit.options import AuditOptions
-    from model_audit.core.plant import accuracy
+    from model_audit.core.calibrate import accuracy
     config = FixConfig(options=AuditOptions(device=device, seed=seed), lr=lr,
                        steps=args.shift_steps, batch_size=args.shift_batch)
     plan = batch_plan(list(range(len(train))), [], args.shift_steps, args.shift_batch, seed)
@@ -368,7 +368,7 @@ def run_shift(args, ckpt_path, probe_path, arch, normalize, shift: str, seed: in
     from model_audit.models.checkpoint import load_checkpoint
     from model_audit.core.layers import layer_groups
     from model_audit.options import resolve_inputs
-    from model_audit.core.plant import accuracy
+    from model_audit.core.calibrate import accuracy
     from model_audit.io.probe import BatchCache
     from model_audit.commands.scan import scan
     from model_audit.commands.sanity import group_output_units, rank_stats, scores_by_method

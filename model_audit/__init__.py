@@ -28,7 +28,7 @@ from .commands.fix import FixConfig, FixResult, fix, write_fix  # noqa: E402
 from .commands.gate import GateResult, check_gate, write_gate  # noqa: E402
 from .commands.policy import Policy, load_policy  # noqa: E402
 from .render.html import render_directory  # noqa: E402
-from .core.plant import PlantResult, calibrate  # noqa: E402
+from .core.calibrate import PlantResult, calibrate  # noqa: E402
 from .commands.sanity import SanityConfig, SanityResult, sanity, write_sanity  # noqa: E402
 from .core.schedules import (  # noqa: E402
     MomentumScheduler, beta_momentum, damping_ratio, damping_regime, hybrid_momentum)

@@ -2,6 +2,10 @@
 
 Each command parses its options, makes one library call and prints. Every
 :class:`~model_audit.errors.AuditError` becomes a one-paragraph message on stderr and exit 2.
+
+(Over the ~400 lines a module should have: most of this file is the five commands' click
+option declarations and their help texts, which belong next to the commands; the command
+bodies stay a few lines each, and the text they print comes from :mod:`model_audit.render`.)
 """
 from __future__ import annotations
 

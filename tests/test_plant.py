@@ -11,8 +11,8 @@ import torch
 from model_audit.models.checkpoint import load_checkpoint
 from model_audit.errors import ConfigError
 from model_audit.core.layers import layer_groups
-from model_audit.core.plant import (DEFECTS, accuracy, applicable, calibrate, changed_tensors,
-                               resolve_defects)
+from model_audit.core.calibrate import accuracy, calibrate, changed_tensors
+from model_audit.core.plant import DEFECTS, applicable, resolve_defects
 from model_audit.io.probe import BatchCache, open_probe
 from model_audit.commands.sanity import (MethodSummary, SanityCase, chance_levels, rank_stats,
                                 summarize)
@@ -126,7 +126,7 @@ def test_a_constant_ranking_scores_exactly_chance():
 
 
 def _case(group, seed, scores, names=("a", "b", "c"), flagged=(), reached=True):
-    from model_audit.core.plant import PlantResult
+    from model_audit.core.calibrate import PlantResult
     plant = PlantResult(group, "noise", seed, 1.0, 0.1, 0.9, 0.8 if reached else 0.88,
                         reached, 3, ())
     ranks, top1, rr = {}, {}, {}

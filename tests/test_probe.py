@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import model_audit.io.probe as probe_mod
+import model_audit.io.imagefolder as imagefolder_mod
+import model_audit.io.tensorfile as tensorfile_mod
 from conftest import snapshot, write_tensor_probe, png_declaring
 from model_audit.errors import AuditError, ProbeError
 from model_audit.io.probe import (
@@ -405,7 +406,7 @@ def test_tensor_probe_reads_only_the_requested_images(tmp_path, monkeypatch):
         def get_tensor(self, name):
             return self.fh.get_tensor(name)
 
-    monkeypatch.setattr(probe_mod, "safe_open", HandleSpy)
+    monkeypatch.setattr(tensorfile_mod, "safe_open", HandleSpy)
     positions = [199, 0, 100, 101, 102, 5]
     x = probe.load(positions)
     assert (x.flatten(1)[:, 0] * 255).round().long().tolist() == positions
@@ -653,7 +654,7 @@ def test_undecodable_images(tmp_path, make, words):
 
 
 def test_decompression_bomb_with_small_limit(tmp_path, monkeypatch):
-    monkeypatch.setattr(probe_mod, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(imagefolder_mod, "MAX_IMAGE_PIXELS", 100)
     root = tmp_path / "probe"
     save_image(root / "a" / "small.png", size=(10, 10))
     save_image(root / "a" / "big.png", size=(11, 10))

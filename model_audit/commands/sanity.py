@@ -34,7 +34,8 @@ from ..io.files import atomic_write_files, header, json_bytes, refuse_inputs
 from ..core.attribution import METRIC_NAME
 from ..errors import ConfigError
 from ..core.layers import LayerGroup, layer_groups
-from ..core.plant import DEFECTS, PlantResult, applicable, calibrate, resolve_defects
+from ..core.calibrate import PlantResult, calibrate
+from ..core.plant import DEFECTS, applicable, resolve_defects
 from ..io.probe import BatchCache, ProbeSet
 import sys
 from pathlib import Path

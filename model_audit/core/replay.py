@@ -197,8 +197,6 @@ def replay(model: nn.Module, batches: BatchCache, *, config: ReplayConfig = Repl
     search = _StepSize(config.lr, passed=not config.lr_search)
     initial: List[torch.Tensor] = []
     initial_grad_sq: Dict[str, float] = {}
-    opt: Optional[torch.optim.SGD] = None
-    momentum: Optional[MomentumScheduler] = None
     for t in progress_bar(range(config.steps), total=config.steps, desc="replay", enabled=progress):
         grads, total, _ = summed_gradients(
             lambda x: functional_call(model, theta, (x,), strict=False), theta, batches,
@@ -208,15 +206,15 @@ def replay(model: nn.Module, batches: BatchCache, *, config: ReplayConfig = Repl
             per_param = {k: float(g.div_(n).pow(2).sum()) for k, g in grads.items()}
         sq = sum(per_param.values())
         _check_finite(t, mean_loss, sq, steps, search.peak, config)
-        lr = cosine_lr(t, config.steps, search.peak, search.peak * config.lr_min_ratio)
         if t == 0:
             initial_grad_sq = per_param
             if config.lr_search:
                 search.run(model, theta0, grads, mean_loss, sq, batches, device)
-                lr = cosine_lr(t, config.steps, search.peak, search.peak * config.lr_min_ratio)
+            lr = cosine_lr(0, config.steps, search.peak, search.peak * config.lr_min_ratio)
             opt = torch.optim.SGD(list(theta.values()), lr=lr, momentum=0.0)
             momentum = MomentumScheduler(opt, config.schedule)
         else:
+            lr = cosine_lr(t, config.steps, search.peak, search.peak * config.lr_min_ratio)
             for group in opt.param_groups:
                 group["lr"] = lr
             momentum.step()

@@ -98,6 +98,22 @@ def validate_safetensors_header(path: Path) -> Tuple[Dict[str, Any], Dict[str, s
     """
     size = path.stat().st_size
     where = f"{path}: not a valid safetensors file"
+    header, n = _read_header(path, size, where)
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise CheckpointError(f"{where}: __metadata__ must map strings to strings")
+    if not header:
+        raise EmptyCheckpointError(f"{path}: the file holds no tensors; nothing to audit")
+    spans = sorted(_check_entry(name, entry, size, where) for name, entry in header.items())
+    _check_spans(spans, size - 8 - n, where)
+    return header, metadata
+
+
+def _read_header(path: Path, size: int, where: str) -> Tuple[Dict[str, Any], int]:
+    """The header's JSON object (duplicate names refused) and its length in bytes."""
     if size < 8:
         raise CheckpointError(f"{where}: it has {size} bytes, fewer than the 8-byte header length")
     with open(path, "rb") as fh:
@@ -115,55 +131,51 @@ def validate_safetensors_header(path: Path) -> Tuple[Dict[str, Any], Dict[str, s
         raise CheckpointError(f"{where}: the header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: the header is a JSON {type(header).__name__}, not an object")
-    metadata = header.pop("__metadata__", None)
-    if metadata is None:
-        metadata = {}
-    if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise CheckpointError(f"{where}: __metadata__ must map strings to strings")
-    if not header:
-        raise EmptyCheckpointError(f"{path}: the file holds no tensors; nothing to audit")
-    spans = []
-    for name, entry in header.items():
-        shown = _safe_name(name)
-        if not name or not name.isprintable() or "/" in name or "\\" in name:
-            raise CheckpointError(f"{where}: invalid tensor name {shown}")
-        if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"}:
-            raise CheckpointError(f"{where}: tensor {shown} has a malformed entry")
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:  # a list is unhashable
-            raise CheckpointError(f"{where}: tensor {shown} has unknown dtype {_show(dtype)}")
-        if (not isinstance(shape, list) or
-                not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-            raise CheckpointError(f"{where}: tensor {shown} has an invalid shape {_show(shape)}")
-        if (not isinstance(offsets, list) or len(offsets) != 2 or
-                not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
-                or offsets[0] > offsets[1]):
-            raise CheckpointError(f"{where}: tensor {shown} has invalid data_offsets {_show(offsets)}")
-        # (no big-number product of a hostile shape: a non-empty tensor larger than the
-        # file is wrong whatever its exact size)
-        elements = 0 if 0 in shape else None if _exceeds(shape, size) else math.prod(shape)
-        nbytes = None if elements is None else elements * _ST_DTYPES[dtype]
-        if offsets[1] - offsets[0] != nbytes:
-            need = f"more than the file's {size}" if nbytes is None else str(nbytes)
-            raise CheckpointError(
-                f"{where}: tensor {shown} spans {offsets[1] - offsets[0]} bytes but its shape "
-                f"{_show(shape)} and dtype {dtype} need {need}")
-        spans.append((offsets[0], offsets[1], shown))
-    spans.sort()
+    return header, n
+
+
+def _check_entry(name: str, entry: Any, size: int, where: str) -> Tuple[int, int, str]:
+    """One tensor's entry: name, dtype, shape and offsets consistent; its (start, end, name)."""
+    shown = _safe_name(name)
+    if not name or not name.isprintable() or "/" in name or "\\" in name:
+        raise CheckpointError(f"{where}: invalid tensor name {shown}")
+    if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"}:
+        raise CheckpointError(f"{where}: tensor {shown} has a malformed entry")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPES:  # a list is unhashable
+        raise CheckpointError(f"{where}: tensor {shown} has unknown dtype {_show(dtype)}")
+    if (not isinstance(shape, list) or
+            not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise CheckpointError(f"{where}: tensor {shown} has an invalid shape {_show(shape)}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or
+            not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]):
+        raise CheckpointError(f"{where}: tensor {shown} has invalid data_offsets {_show(offsets)}")
+    # (no big-number product of a hostile shape: a non-empty tensor larger than the
+    # file is wrong whatever its exact size)
+    elements = 0 if 0 in shape else None if _exceeds(shape, size) else math.prod(shape)
+    nbytes = None if elements is None else elements * _ST_DTYPES[dtype]
+    if offsets[1] - offsets[0] != nbytes:
+        need = f"more than the file's {size}" if nbytes is None else str(nbytes)
+        raise CheckpointError(
+            f"{where}: tensor {shown} spans {offsets[1] - offsets[0]} bytes but its shape "
+            f"{_show(shape)} and dtype {dtype} need {need}")
+    return offsets[0], offsets[1], shown
+
+
+def _check_spans(spans: List[Tuple[int, int, str]], data_size: int, where: str) -> None:
+    """The tensors' byte spans (sorted) tile the data section exactly: no gap, no overlap."""
     position = 0
     for start, end, shown in spans:
         if start != position:
             kind = "overlaps the previous tensor" if start < position else "leaves a gap"
             raise CheckpointError(f"{where}: tensor {shown} {kind} (offset {start}, expected {position})")
         position = end
-    data_size = size - 8 - n
     if position != data_size:
         problem = "is cut short" if position > data_size else "has trailing bytes"
         raise CheckpointError(
             f"{where}: the file {problem} (tensors need {position} data bytes, the file has "
             f"{data_size})")
-    return header, metadata
 
 
 def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:

@@ -136,6 +136,46 @@ def _float32(state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor]
     return out, tuple(dtypes)
 
 
+def _arch_from_metadata(path: Path, meta_arch: Optional[str]) -> str:
+    """The architecture the file's metadata names; refused when it names none or a factory."""
+    if meta_arch is None:
+        raise ArchitectureError(
+            f"{path} does not say which architecture it is: give --arch (for example "
+            "resnet18 or resnet18-cifar, or package.module:factory for your own model; "
+            "`model-audit archs` lists the names)")
+    if is_factory_spec(meta_arch):
+        raise ArchitectureError(
+            f"{path} names the factory {meta_arch!r} in its metadata; factories import code, "
+            "so they are only taken from --arch: pass --arch explicitly if you trust it")
+    return meta_arch
+
+
+def _classes_from_head(path: Path, arch: str, state: Mapping[str, torch.Tensor],
+                       shapes: Mapping[str, Sequence[int]]) -> int:
+    """The number of classes read off the classifier head's weight (the model is built on the
+    meta device to find the head: no memory)."""
+    with torch.device("meta"):
+        template = build_model(arch, 1000, shapes)
+    head = head_name(template) + ".weight"
+    if head not in state:
+        raise CheckpointError(
+            f"{path}: cannot find the classifier head {head!r} of {arch!r} in the "
+            f"checkpoint to read the number of classes; give --num-classes (keys start: "
+            f"{', '.join(list(state)[:5])})")
+    return int(state[head].shape[0])
+
+
+def _class_names(metadata: Mapping[str, str]) -> Optional[Tuple[str, ...]]:
+    """The class names in the metadata (a JSON list of strings), else None."""
+    try:
+        parsed = json.loads(metadata.get(META_PREFIX + "classes", "null"))
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(parsed, list) and all(isinstance(c, str) for c in parsed):
+        return tuple(parsed)
+    return None
+
+
 def load_checkpoint(path: os.PathLike, *, arch: Optional[str] = None,
                     num_classes: Optional[int] = None) -> LoadedCheckpoint:
     """Load a checkpoint into a freshly built model, strictly.
@@ -156,17 +196,7 @@ def load_checkpoint(path: os.PathLike, *, arch: Optional[str] = None,
     raw, metadata = read_tensors(path)
     state = strip_wrapper_prefixes(raw)
     meta_arch = metadata.get(META_PREFIX + "arch")
-    if arch is None:
-        if meta_arch is None:
-            raise ArchitectureError(
-                f"{path} does not say which architecture it is: give --arch (for example "
-                "resnet18 or resnet18-cifar, or package.module:factory for your own model; "
-                "`model-audit archs` lists the names)")
-        if is_factory_spec(meta_arch):
-            raise ArchitectureError(
-                f"{path} names the factory {meta_arch!r} in its metadata; factories import code, "
-                "so they are only taken from --arch: pass --arch explicitly if you trust it")
-        arch = meta_arch
+    arch = arch if arch is not None else _arch_from_metadata(path, meta_arch)
     if num_classes is None and META_PREFIX + "num_classes" in metadata and arch == meta_arch:
         try:
             num_classes = int(metadata[META_PREFIX + "num_classes"])
@@ -174,15 +204,7 @@ def load_checkpoint(path: os.PathLike, *, arch: Optional[str] = None,
             raise CheckpointError(f"{path}: metadata model_audit.num_classes is not an integer") from exc
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     if num_classes is None:
-        with torch.device("meta"):
-            template = build_model(arch, 1000, shapes)
-        head = head_name(template) + ".weight"
-        if head not in state:
-            raise CheckpointError(
-                f"{path}: cannot find the classifier head {head!r} of {arch!r} in the "
-                f"checkpoint to read the number of classes; give --num-classes (keys start: "
-                f"{', '.join(list(state)[:5])})")
-        num_classes = int(state[head].shape[0])
+        num_classes = _classes_from_head(path, arch, state, shapes)
     if num_classes < 1:
         raise CheckpointError(f"number of classes must be >= 1, got {num_classes}")
     model = build_model(arch, num_classes, shapes)
@@ -192,14 +214,7 @@ def load_checkpoint(path: os.PathLike, *, arch: Optional[str] = None,
     model.float().eval()
     nonfinite = tuple(k for k, v in state32.items()
                       if v.is_floating_point() and not bool(torch.isfinite(v).all()))
-    classes = None
-    if META_PREFIX + "classes" in metadata:
-        try:
-            parsed = json.loads(metadata[META_PREFIX + "classes"])
-            if isinstance(parsed, list) and all(isinstance(c, str) for c in parsed):
-                classes = tuple(parsed)
-        except (ValueError, RecursionError):
-            classes = None
+    classes = _class_names(metadata)
     return LoadedCheckpoint(
         model=model, arch=arch, num_classes=num_classes, in_channels=input_channels(model),
         path=str(path), sha256=sha256_file(path),

@@ -169,13 +169,9 @@ def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
     t0 = time.perf_counter()
     selected, source = resolve_selection(config, groups, ckpt, probe_set, audit, progress)
     timing["selection_s"] = time.perf_counter() - t0
-    model.to(device).eval()
     t0 = time.perf_counter()
-    with fast_layout(model, device):
-        before = evaluate(model, probe_set, device=device, batch_size=opts.batch_size,
-                          progress=progress)
-        train_eval = evaluate(model, train_set, device=device, batch_size=opts.batch_size,
-                              progress=progress)
+    before, train_eval = _evaluate(model, (probe_set, train_set), device, opts.batch_size,
+                                   progress)
     timing["evaluate_s"] = time.perf_counter() - t0
     warnings += _data_warnings(train_eval, before)
     wrong = train_eval.misclassified
@@ -196,6 +192,15 @@ def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
                      tuple(controls), config, str(output) if output else None, sha, identical,
                      device, {k: round(v, 3) for k, v in timing.items()}, tuple(warnings),
                      source)
+
+
+def _evaluate(model: nn.Module, sets: Sequence[ProbeSet], device: str, batch_size: int,
+              progress: bool) -> List[EvaluationResult]:
+    """The model (moved to ``device``, eval mode) evaluated on each set."""
+    model.to(device).eval()
+    with fast_layout(model, device):
+        return [evaluate(model, data, device=device, batch_size=batch_size, progress=progress)
+                for data in sets]
 
 
 def _overlap_warnings(probe: ProbeSet, train: ProbeSet, allow: bool) -> List[str]:

@@ -67,6 +67,7 @@ class RepairRun:
 class FixResult:
     """The repair, its controls and the written checkpoint."""
 
+    # the model, the held-out probe and the repair data (its size and the errors in it)
     checkpoint: LoadedCheckpoint
     probe: ProbeSet
     train_source: str

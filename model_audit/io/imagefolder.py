@@ -1,0 +1,107 @@
+"""ImageFolder probes: ``<root>/<class>/<image>`` (JPEG or PNG), decoded per batch with Pillow."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from PIL import Image
+
+from ..errors import EmptyProbeError, ProbeError
+from .probe_set import (IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, Normalization, ProbeSet)
+
+
+class ImageFolderProbe(ProbeSet):
+    """``<root>/<class>/<image>`` directory; images decoded per batch with Pillow."""
+
+    kind = "imagefolder"  # type: ignore[assignment]
+
+    def __init__(self, root: Path, *, channels: int, normalization: Normalization,
+                 resize: Optional[Tuple[int, int]]) -> None:
+        root = Path(root)
+        real_root = root.resolve()
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not class_dirs:
+            raise EmptyProbeError(
+                f"probe directory {root} has no class sub-directories; expected "
+                "<root>/<class>/<image>.jpg (an ImageFolder layout)")
+        files: List[Path] = []
+        labels: List[int] = []
+        self.ignored: List[str] = []
+        for label, cdir in enumerate(class_dirs):
+            found = 0
+            for path in sorted(cdir.rglob("*")):
+                if path.name.startswith(".") or path.is_dir():
+                    continue
+                if path.suffix.lower() not in IMAGE_SUFFIXES:
+                    self.ignored.append(str(path))
+                    continue
+                real = path.resolve()
+                if real_root not in real.parents:
+                    raise ProbeError(
+                        f"{path} points outside the probe directory ({real}); links that leave "
+                        f"{root} are not followed")
+                files.append(path)
+                labels.append(label)
+                found += 1
+            if found == 0:
+                raise ProbeError(
+                    f"class folder {cdir} has no images (.jpg, .jpeg, .png); remove it or add "
+                    "images, since an empty class would shift every label after it")
+        self.files = files
+        self._size: Optional[Tuple[int, int]] = None
+        super().__init__(str(root), [d.name for d in class_dirs], torch.tensor(labels),
+                         channels=channels, normalization=normalization, resize=resize)
+
+    def _decode(self, path: Path) -> torch.Tensor:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    w, h = img.size
+                    if w * h > MAX_IMAGE_PIXELS:
+                        raise ProbeError(
+                            f"{path}: {w}x{h} pixels exceeds the {MAX_IMAGE_PIXELS}-pixel limit "
+                            "(possible decompression bomb)")
+                    img.load()
+                    if img.mode == "P":
+                        img = img.convert("RGBA")
+                    if img.mode in ("I;16", "I", "F"):
+                        raise ProbeError(f"{path}: {img.mode}-mode images (16/32-bit) are not supported")
+                    img = img.convert("L" if self.channels == 1 else "RGB")
+                    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+                    x = data.view(h, w, -1).permute(2, 0, 1).float().div_(255.0)
+        except ProbeError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ProbeError(f"{path}: refused as a possible decompression bomb ({exc})") from exc
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ProbeError(f"{path}: cannot decode image ({exc}); remove or replace the file") from exc
+        if self.channels not in (1, 3):
+            raise ProbeError(f"the model takes {self.channels}-channel input; image folders give 1 or 3")
+        return x
+
+    def _load_raw(self, source_indices: Sequence[int]) -> torch.Tensor:
+        images = []
+        for i in source_indices:
+            x = self._decode(self.files[i]).unsqueeze(0)
+            if self.resize is not None:
+                x = self._resize(x)
+            elif self._size is None:
+                self._size = tuple(x.shape[-2:])  # type: ignore[assignment]
+            elif tuple(x.shape[-2:]) != self._size:
+                raise ProbeError(
+                    f"{self.files[i]} is {x.shape[-1]}x{x.shape[-2]} but earlier images are "
+                    f"{self._size[1]}x{self._size[0]}; give --resize to bring them to one size")
+            images.append(x)
+        return torch.cat(images) if images else torch.empty(0, self.channels, 1, 1)
+
+    def describe(self) -> Dict[str, object]:
+        info = super().describe()
+        info["ignored_files"] = len(self.ignored)
+        return info
+
+
+# ------------------------------------------------------------------------------------------
+# Tensor file
