@@ -63,11 +63,31 @@ class RepairRun:
                 "diverged": self.diverged, "disjoint_from_selection": self.disjoint}
 
 
+def verdict(controls: Sequence[Dict[str, Any]], net_p_value: float,
+            alpha: float = SIGNIFICANCE_LEVEL) -> Dict[str, Any]:
+    """Did the flagged selection beat each control (and significantly, at ``alpha``)?
+
+    ``controls`` are :meth:`FixResult.control_summaries`; ``net_p_value`` is the McNemar test
+    of the selection's own fixed vs broken.
+    """
+    judged = [c for c in controls if c["flagged_beat_it"] is not None]
+    return {"beat_all_controls": all(c["flagged_beat_it"] for c in judged) if judged else None,
+            "beat": [c["name"] for c in controls if c["flagged_beat_it"]],
+            "did_not_beat": [c["name"] for c in controls if c["flagged_beat_it"] is False],
+            "diverged": [c["name"] for c in controls if c["diverged"]],
+            "significance_level": alpha,
+            "beat_significantly": [c["name"] for c in controls if c["flagged_beat_it"]
+                                   and c["vs_flagged"]["p_value"] < alpha],
+            "worse_significantly": [c["name"] for c in controls
+                                    if c["flagged_beat_it"] is False
+                                    and c["vs_flagged"]["p_value"] < alpha],
+            "net_significant": net_p_value < alpha}
+
+
 @dataclass(frozen=True)
 class FixResult:
     """The repair, its controls and the written checkpoint."""
 
-    # the model, the held-out probe and the repair data (its size and the errors in it)
     checkpoint: LoadedCheckpoint
     probe: ProbeSet
     train_source: str
@@ -167,24 +187,3 @@ class FixResult:
             "device": self.device, "timing": self.timing, "seed": self.config.options.seed,
             "warnings": list(self.warnings),
         }
-
-
-def verdict(controls: Sequence[Dict[str, Any]], net_p_value: float,
-            alpha: float = SIGNIFICANCE_LEVEL) -> Dict[str, Any]:
-    """Did the flagged selection beat each control (and significantly, at ``alpha``)?
-
-    ``controls`` are :meth:`FixResult.control_summaries`; ``net_p_value`` is the McNemar test
-    of the selection's own fixed vs broken.
-    """
-    judged = [c for c in controls if c["flagged_beat_it"] is not None]
-    return {"beat_all_controls": all(c["flagged_beat_it"] for c in judged) if judged else None,
-            "beat": [c["name"] for c in controls if c["flagged_beat_it"]],
-            "did_not_beat": [c["name"] for c in controls if c["flagged_beat_it"] is False],
-            "diverged": [c["name"] for c in controls if c["diverged"]],
-            "significance_level": alpha,
-            "beat_significantly": [c["name"] for c in controls if c["flagged_beat_it"]
-                                   and c["vs_flagged"]["p_value"] < alpha],
-            "worse_significantly": [c["name"] for c in controls
-                                    if c["flagged_beat_it"] is False
-                                    and c["vs_flagged"]["p_value"] < alpha],
-            "net_significant": net_p_value < alpha}
