@@ -128,3 +128,38 @@ def test_fix_json_unchanged(outputs):
     fixes = sorted(outputs.glob("**/fix.json"))
     assert fixes, sorted(str(p) for p in outputs.rglob("*"))
     check("fix", json.loads(fixes[0].read_text()))
+
+
+def test_the_files_read_back_into_typed_results(outputs):
+    """audit.json -> AuditRecord and compare.json -> CompareResult, field by field."""
+    from model_audit.commands.compare import CompareResult, compare
+    from model_audit.io.records import AuditRecord
+
+    audit = json.loads((outputs / "sgd" / "audit.json").read_text())
+    record = AuditRecord.read(outputs / "sgd" / "audit.json")
+    assert record.flagged == tuple(audit["flagged"])
+    assert [layer.to_dict() for layer in record.layers] == audit["layers"]
+    assert record.sha256 == audit["model"]["sha256"] and record.probe_n == audit["probe"]["n"]
+    assert record.per_image_reduction.shape == (len(audit["per_image"]["index"]),
+                                                len(audit["layers"]))
+    assert record.to_dict() == audit
+    written = json.loads((outputs / "compare" / "compare.json").read_text())
+    back = CompareResult.read(outputs / "compare" / "compare.json")
+    assert json.loads(json.dumps(back.to_dict())) == written
+    # a record compares like the file it came from
+    assert compare(record, record).jaccard == 1.0
+
+
+def test_a_file_of_the_wrong_kind_is_refused_by_name(outputs):
+    from model_audit.commands.compare import CompareResult
+    from model_audit.errors import ConfigError
+    from model_audit.io.records import AuditRecord, SanityRecord
+
+    with pytest.raises(ConfigError, match="is not an audit.json written by model-audit scan"):
+        AuditRecord.read(outputs / "compare" / "compare.json")
+    with pytest.raises(ConfigError, match="is not a compare.json written by model-audit compare"):
+        CompareResult.read(outputs / "sgd" / "audit.json")
+    with pytest.raises(ConfigError, match="is not a sanity.json"):
+        SanityRecord.read(outputs / "sgd" / "audit.json")
+    with pytest.raises(ConfigError, match="does not exist"):
+        AuditRecord.read(outputs / "missing.json")

@@ -4,7 +4,7 @@ The own metric (:mod:`model_audit.core.attribution`) measures how much of the mi
 loss each layer group is responsible for. This package computes, on the same misclassified
 images and the same groups, the scores that established methods give, so a report can show
 how far they agree (:func:`agreement`). It is the only part of the package that imports
-captum, and it imports it lazily (inside the functions), so ``import model_audit`` stays fast.
+captum (its public API only: ``captum.attr``).
 
 Modules: this one holds the registry (:data:`BASELINES`) and the orchestration
 (:func:`compute_baselines`, :func:`prepare_layers`); one module per family computes the
@@ -80,7 +80,6 @@ are the same afterwards, also when an error is raised midway.
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -324,10 +323,6 @@ def compute_baselines(model: nn.Module, batches: Iterable[Tuple[Any, torch.Tenso
     n, batch_size, first = _count_images(batches)
     ibs = int(internal_batch_size or getattr(batches, "batch_size", None) or batch_size)
     layer_names = [name for name in chosen if BASELINES[name].needs_layer]
-    if layer_names:
-        # captum is imported lazily (to keep ``import model_audit`` fast); import it here so
-        # that no method's time includes it
-        importlib.import_module("captum.attr")
     run = _Run(copy.deepcopy(model).to(device).eval(), groups, batches, device, progress, n,
                batch_size, ibs, n_steps)
     # parameter methods first: they read the parameters under their own names, which the layer

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
+import captum.attr as ca
 import torch
 from torch import nn
 
@@ -23,8 +24,6 @@ def grad_x_activation_totals(forward: Callable[..., torch.Tensor], layers: Dict[
                              x: torch.Tensor, y: torch.Tensor, n_steps: int,
                              internal_batch_size: int) -> Dict[int, torch.Tensor]:
     """Per-image |gradient x activation| sums of one batch, for each group with a layer."""
-    import captum.attr as ca  # lazy: keeps ``import model_audit`` fast
-
     idx = list(layers)
     attrs = ca.LayerGradientXActivation(forward, [layers[i] for i in idx]).attribute(x, target=y)
     return {i: _abs_sum(a) for i, a in zip(idx, attrs)}
@@ -34,8 +33,6 @@ def activation_totals(forward: Callable[..., torch.Tensor], layers: Dict[int, nn
                       x: torch.Tensor, y: torch.Tensor, n_steps: int,
                       internal_batch_size: int) -> Dict[int, torch.Tensor]:
     """Per-image |activation| sums of one batch, for each group with a layer (no target)."""
-    import captum.attr as ca  # lazy: keeps ``import model_audit`` fast
-
     idx = list(layers)
     attrs = ca.LayerActivation(forward, [layers[i] for i in idx]).attribute(x)
     return {i: _abs_sum(a) for i, a in zip(idx, attrs)}

@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+import captum.attr as ca
 import torch
 from torch import nn
 
@@ -51,8 +52,6 @@ def integrated_gradients_totals(forward: Callable[..., torch.Tensor],
                                 layers: Dict[int, nn.Module], x: torch.Tensor, y: torch.Tensor,
                                 n_steps: int, internal_batch_size: int) -> Dict[int, torch.Tensor]:
     """Per-image |layer integrated gradients| sums of one batch, one group at a time."""
-    import captum.attr as ca  # lazy: keeps ``import model_audit`` fast
-
     b = int(x.shape[0])
     # Layer IG interpolates *at* the layer, so every group needs passes of its own.
     return {i: _abs_sum(ca.LayerIntegratedGradients(forward, module).attribute(

@@ -159,7 +159,7 @@ def read_result(path: os.PathLike, what: str, required: Sequence[str] = ()) -> D
         raise ConfigError(f"{path} is not {what} (schema_version {SCHEMA_VERSION})")
     for key in required:
         if key not in data:
-            raise ConfigError(f"{path}: lacks {key!r}; give {what}")
+            raise ConfigError(f"{path} is not {what}: it lacks {key!r}")
     return data
 
 
