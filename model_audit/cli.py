@@ -33,7 +33,7 @@ from .core.plant import resolve_defects
 from .core.replay import ReplayConfig
 from .core.schedules import SCHEDULES
 from .errors import AuditError, OutputError
-from .io.files import WRITTEN, atomic_write_bytes, same_file
+from .io.files import WRITTEN, atomic_write_bytes, overwritten_input
 from .io.records import AuditRecord
 from .models.registry import available_architectures
 from .options import DEVICES, AuditOptions
@@ -95,15 +95,16 @@ class AuditGroup(click.Group):
             if target is None:
                 continue
             targets = [target] + ([target / f for f in cls.OUT_FILES] if name == "out" else [])
-            for path in targets:
-                for src_name, src in inputs.items():
-                    if path.exists() and same_file(path, src):
-                        kind = (": not a directory"
-                                if name == "out" and path == target and not path.is_dir() else "")
-                        raise OutputError(
-                            f"refusing to write {path} (--{name.replace('_', '-')}{kind}): it "
-                            f"is the {src_name} "
-                            f"input {src}; choose another output path. Nothing was done.")
+            clash = overwritten_input(targets, inputs.values())
+            if clash is not None:
+                path, src = clash
+                src_name = next(k for k, v in inputs.items() if v == src)
+                kind = (": not a directory"
+                        if name == "out" and path == target and not path.is_dir() else "")
+                raise OutputError(
+                    f"refusing to write {path} (--{name.replace('_', '-')}{kind}): it "
+                    f"is the {src_name} input {src}; choose another output path. "
+                    "Nothing was done.")
 
     def invoke(self, ctx: click.Context) -> Any:
         before = len(WRITTEN)

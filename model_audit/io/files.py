@@ -7,7 +7,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -96,17 +96,27 @@ def atomic_write_bytes(path: os.PathLike, data: bytes) -> None:
 
 
 
+def overwritten_input(targets: Iterable[os.PathLike], inputs: Iterable[os.PathLike]
+                      ) -> Optional[Tuple[Path, Path]]:
+    """The first (target, input) pair where writing the target would replace the input (the
+    same file, also through a symlink or a hard link), or None."""
+    inputs = [Path(src) for src in inputs]
+    for target in map(Path, targets):
+        for src in inputs:
+            if target.exists() and same_file(target, src):
+                return target, src
+    return None
+
+
 def refuse_inputs(targets: Iterable[os.PathLike], inputs: Iterable[os.PathLike],
                   hint: str = "; choose another output path") -> None:
     """OutputError when a target is (also through a symlink or hard link) one of ``inputs``.
 
     Every command calls this before its first write, so that no output ever replaces an input.
     """
-    inputs = [Path(src) for src in inputs]
-    for target in map(Path, targets):
-        for src in inputs:
-            if target.exists() and same_file(target, src):
-                raise OutputError(f"refusing to write {target}: it is an input ({src}){hint}")
+    clash = overwritten_input(targets, inputs)
+    if clash is not None:
+        raise OutputError(f"refusing to write {clash[0]}: it is an input ({clash[1]}){hint}")
 
 
 # ------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from PIL import Image
 from ..errors import AuditError, ConfigError
 from ..io.files import atomic_write_bytes
 from ..io.probe import ProbeSet, open_probe
+from .text import num
 from .text import sanity_verdict as verdict
 
 MAX_THUMBNAILS = 32
@@ -164,15 +165,12 @@ def compare_chart(scores: List[Dict[str, Any]]) -> str:
 
 def render_compare_report(data: Dict[str, Any]) -> str:
     """The HTML report of a comparison (``compare.json`` content)."""
-    def fmt(v: Any) -> str:
-        return "n/a" if v is None else f"{v:.3f}"
-
     def iv(key: str) -> str:
         interval = data["intervals"].get(key)
         return f" (95% interval {interval[0]:.2f} to {interval[1]:.2f})" if interval else ""
 
     return _env().get_template("compare.html").render(
-        cmp=data, chart=compare_chart(data["scores"]), fmt=fmt, iv=iv)
+        cmp=data, chart=compare_chart(data["scores"]), fmt=num, iv=iv)
 
 
 def reopen_probe(audit: Dict[str, Any]) -> Optional[ProbeSet]:
