@@ -108,6 +108,13 @@ def load_inputs(checkpoint: "os.PathLike[str] | str", probe: "os.PathLike[str] |
     if ckpt.nonfinite:
         warnings.append(f"{len(ckpt.nonfinite)} tensor(s) hold NaN/Inf values: "
                         f"{', '.join(ckpt.nonfinite[:10])}")
+    if ckpt.guessed:
+        warnings.append(f"{checkpoint} does not name its architecture; its keys and shapes "
+                        f"match {ckpt.arch} only, which is used (give --arch to choose)")
+    if ckpt.left_out:
+        warnings.append(f"{len(ckpt.left_out)} tensor(s) of {ckpt.arch}'s auxiliary heads "
+                        f"(used only in training, e.g. {ckpt.left_out[0]}) were left out of "
+                        "the audit")
     probe_set, more = open_probe_for(ckpt, probe, options)
     return ckpt, probe_set, warnings + more
 

@@ -256,13 +256,39 @@ def test_committed_sample_loads_from_metadata(sgd_checkpoint):
     assert ckpt.classes == tuple(str(i) for i in range(10))
 
 
-def test_no_arch_and_no_metadata(tmp_path):
+def test_no_arch_and_no_metadata_guesses_the_unique_match(tmp_path):
+    """A file that names no architecture is loaded as the one registered architecture whose
+    keys and shapes it matches exactly (also through a DataParallel prefix), and says so."""
     path = tmp_path / "bare.safetensors"
     save_file(tiny_state(), str(path))
+    ckpt = load_checkpoint(path)
+    assert (ckpt.arch, ckpt.guessed, ckpt.num_classes) == ("tiny-resnet", True, 3)
+    assert load_checkpoint(path, arch="tiny-resnet").guessed is False
+    torch.manual_seed(0)
+    state = {f"module.{k}": v for k, v in build_model("resnet18-cifar", 7).state_dict().items()}
+    ref = tmp_path / "resnet.safetensors"
+    save_file(state, str(ref))
+    ckpt = load_checkpoint(ref)
+    assert (ckpt.arch, ckpt.guessed, ckpt.num_classes) == ("resnet18-cifar", True, 7)
+
+
+def test_no_arch_and_no_match_or_several_matches(tmp_path, monkeypatch):
+    import model_audit.models.registry as registry
+
+    path = tmp_path / "bare.safetensors"
+    save_file({**tiny_state(), "extra.weight": torch.zeros(2)}, str(path))
+    before = path.read_bytes()
     with pytest.raises(ArchitectureError) as err:
         load_checkpoint(path)
     msg = str(err.value)
     assert "--arch" in msg and str(path) in msg and "does not say which architecture" in msg
+    assert "match no registered one" in msg
+    two = tmp_path / "two.safetensors"
+    save_file(tiny_state(), str(two))
+    monkeypatch.setitem(registry.EXTRA_ARCHS, "tiny-resnet-copy", registry.EXTRA_ARCHS["tiny-resnet"])
+    with pytest.raises(ArchitectureError, match="fit several: tiny-resnet, tiny-resnet-copy; give --arch"):
+        load_checkpoint(two)
+    assert path.read_bytes() == before
 
 
 def test_factory_in_metadata_is_refused(tmp_path, monkeypatch):
@@ -753,3 +779,28 @@ def test_same_file(tmp_path):
     # A path that does not exist yet is compared by its resolved name.
     assert not same_file(a, tmp_path / "missing.safetensors")
     assert same_file(tmp_path / "missing", sub / ".." / "missing")
+
+
+def test_an_unexpected_failure_inside_loading_is_a_clear_error(tmp_path, monkeypatch):
+    """Whatever a model's own loading code raises becomes a CheckpointError naming the file
+    and the architecture (the CLI prints it without a traceback and exits 2)."""
+    import model_audit.models.checkpoint as ckpt_mod
+    from model_audit.cli import cli
+    from click.testing import CliRunner
+
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(TinyResNet(10).state_dict(), path, metadata=audit_metadata("tiny-resnet", 10))
+    before = path.read_bytes()
+
+    def broken(state, model):
+        raise ValueError("version should be set to 1 or 2 instead of None")
+
+    monkeypatch.setattr(ckpt_mod, "_with_versions", broken)
+    with pytest.raises(CheckpointError, match=r"could not be loaded as 'tiny-resnet': ValueError: "
+                                              r"version should be set"):
+        load_checkpoint(path)
+    result = CliRunner().invoke(cli, ["scan", str(path), "--probe", str(path),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "could not be loaded as 'tiny-resnet'" in result.output
+    assert path.read_bytes() == before and not (tmp_path / "out").exists()

@@ -263,6 +263,7 @@ def _attribute_errors(ckpt: LoadedCheckpoint, probe: ProbeSet, ev: EvaluationRes
         reductions = group_reductions(model, cache, result_replay.displacement, groups,
                                       device=device, progress=progress,
                                       base_losses=result_replay.initial_losses)
+    _check_reductions(reductions, groups, config.replay)
     warnings.extend(_replay_warnings(result_replay, config.replay))
     timing["attribution_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -299,6 +300,17 @@ def _replay(ckpt: LoadedCheckpoint, cache: BatchCache, config: ScanConfig, devic
                 f"{exc}. The checkpoint holds NaN/Inf values in "
                 f"{', '.join(ckpt.nonfinite[:10])}") from exc
         raise
+
+
+def _check_reductions(reductions: GroupReductions, groups: List[LayerGroup],
+                      config: ReplayConfig) -> None:
+    """ReplayError when a group's replay step alone makes the error loss NaN/Inf."""
+    finite = torch.isfinite(reductions.matrix).all(0)
+    if not bool(finite.all()):
+        bad = [g.name for g, ok in zip(groups, finite.tolist()) if not ok]
+        raise ReplayError(
+            f"the replay's step of {', '.join(bad[:10])} alone makes the error loss NaN/Inf "
+            f"(peak learning rate {config.lr:g}); lower the replay learning rate (--replay-lr)")
 
 
 def _replay_warnings(result: ReplayResult, config: ReplayConfig) -> List[str]:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._progress import progress_bar
+from ..errors import ProbeError
 from ..io.probe import ProbeSet
 def _inputs_channels_last(module: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
     return tuple(a.contiguous(memory_format=torch.channels_last)
@@ -88,6 +89,21 @@ class EvaluationResult:
                 "per_class_accuracy": self.per_class_accuracy()}
 
 
+def _logits(model: nn.Module, x: torch.Tensor, probe: ProbeSet) -> torch.Tensor:
+    """The model's logits for ``x``; a ProbeError when the model cannot take such images (too
+    small for its downsampling, or the wrong number of channels)."""
+    try:
+        out = model(x)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        size = "x".join(str(d) for d in x.shape[1:])
+        raise ProbeError(
+            f"the model cannot run on the probe's images ({size}): {str(exc).splitlines()[0]}; "
+            "give --resize N (e.g. the size it was trained at)") from exc
+    return out.float()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, probe: ProbeSet, *, device: str = "cpu", batch_size: int = 256,
              progress: bool = False) -> EvaluationResult:
@@ -103,7 +119,7 @@ def evaluate(model: nn.Module, probe: ProbeSet, *, device: str = "cpu", batch_si
         batches = probe.batches(batch_size)
         total = (len(probe) + batch_size - 1) // batch_size
         for _, x, y in progress_bar(batches, total=total, desc="evaluate", enabled=progress):
-            logits = model(x.to(device)).float()
+            logits = _logits(model, x.to(device), probe)
             y = y.to(device)
             prob = logits.softmax(1)
             conf, pred = prob.max(1)

@@ -225,6 +225,11 @@ def replay(model: nn.Module, batches: BatchCache, *, config: ReplayConfig = Repl
                                 math.sqrt(sq)))
     theta = {k: v.detach() for k, v in theta.items()}
     final_losses, right = per_sample_losses(model, theta, batches, device)
+    if not bool(torch.isfinite(final_losses).all()):
+        raise ReplayError(
+            f"the replay diverged in its last step (loss {float(final_losses.mean())} after "
+            f"starting at {steps[0].loss:.4g}) with peak learning rate {search.peak:.4g}; lower "
+            "the replay learning rate (--replay-lr)")
     displacement = {k: theta[k] - theta0[k] for k in theta}
     passes = n * config.steps
     return ReplayResult(tuple(steps), displacement, steps[0].loss, float(final_losses.mean()),

@@ -19,18 +19,20 @@ Example:
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ..errors import ArchitectureError, CheckpointError
+from ..errors import ArchitectureError, AuditError, CheckpointError
 from ..io.files import atomic_write_bytes
 from ..io.tensors import META_PREFIX, read_tensors, sha256_file, strip_wrapper_prefixes
-from .registry import build_model, head_name, input_channels, is_factory_spec
+from .registry import (aux_head_keys, build_model, head_name, input_channels, is_factory_spec,
+                       matching_architectures, template)
 from safetensors.torch import save
 
 
@@ -51,6 +53,10 @@ class LoadedCheckpoint:
     normalize: Optional[str] = None
     classes: Optional[Tuple[str, ...]] = None
     nonfinite: Tuple[str, ...] = ()
+    #: tensors of the file left out of the model: training-only auxiliary heads
+    left_out: Tuple[str, ...] = ()
+    #: the file names no architecture: this one is the only registered match of its keys
+    guessed: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
         return {"arch": self.arch, "num_classes": self.num_classes,
@@ -66,8 +72,8 @@ def _fmt_shape(shape: Sequence[int]) -> str:
 def _matches(arch: str, num_classes: int, state: Mapping[str, torch.Tensor]) -> bool:
     """Whether ``arch`` (built on the meta device, no memory) has exactly the state's keys/shapes."""
     try:
-        with torch.device("meta"):
-            expected = build_model(arch, num_classes, {k: tuple(v.shape) for k, v in state.items()}).state_dict()
+        expected = template(arch, num_classes,
+                            {k: tuple(v.shape) for k, v in state.items()}).state_dict()
     except Exception:  # a candidate that cannot be built is simply not suggested
         return False
     return (set(expected) == set(state) and
@@ -136,27 +142,35 @@ def _float32(state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor]
     return out, tuple(dtypes)
 
 
-def _arch_from_metadata(path: Path, meta_arch: Optional[str]) -> str:
-    """The architecture the file's metadata names; refused when it names none or a factory."""
+def _arch_from_metadata(path: Path, meta_arch: Optional[str],
+                        shapes: Mapping[str, Sequence[int]]) -> Tuple[str, bool]:
+    """The architecture the file's metadata names, else the one registered architecture whose
+    keys and shapes the file matches exactly (and True: guessed); refused when it names a
+    factory, or when none or several match."""
     if meta_arch is None:
+        matches = matching_architectures(shapes)
+        if len(matches) == 1:
+            return matches[0], True
+        if matches:
+            raise ArchitectureError(
+                f"{path} does not say which architecture it is, and its keys and shapes fit "
+                f"several: {', '.join(matches)}; give --arch")
         raise ArchitectureError(
-            f"{path} does not say which architecture it is: give --arch (for example "
-            "resnet18 or resnet18-cifar, or package.module:factory for your own model; "
-            "`model-audit archs` lists the names)")
+            f"{path} does not say which architecture it is, and its keys and shapes match no "
+            "registered one: give --arch (for example resnet18 or resnet18-cifar, or "
+            "package.module:factory for your own model; `model-audit archs` lists the names)")
     if is_factory_spec(meta_arch):
         raise ArchitectureError(
             f"{path} names the factory {meta_arch!r} in its metadata; factories import code, "
             "so they are only taken from --arch: pass --arch explicitly if you trust it")
-    return meta_arch
+    return meta_arch, False
 
 
 def _classes_from_head(path: Path, arch: str, state: Mapping[str, torch.Tensor],
                        shapes: Mapping[str, Sequence[int]]) -> int:
     """The number of classes read off the classifier head's weight (the model is built on the
     meta device to find the head: no memory)."""
-    with torch.device("meta"):
-        template = build_model(arch, 1000, shapes)
-    head = head_name(template) + ".weight"
+    head = head_name(template(arch, 1000, shapes)) + ".weight"
     if head not in state:
         raise CheckpointError(
             f"{path}: cannot find the classifier head {head!r} of {arch!r} in the "
@@ -196,7 +210,25 @@ def load_checkpoint(path: os.PathLike, *, arch: Optional[str] = None,
     raw, metadata = read_tensors(path)
     state = strip_wrapper_prefixes(raw)
     meta_arch = metadata.get(META_PREFIX + "arch")
-    arch = arch if arch is not None else _arch_from_metadata(path, meta_arch)
+    guessed = False
+    if arch is None:
+        arch, guessed = _arch_from_metadata(path, meta_arch,
+                                            {k: tuple(v.shape) for k, v in state.items()})
+    try:
+        return replace(_load(path, state, metadata, arch, num_classes, meta_arch),
+                       guessed=guessed)
+    except AuditError:
+        raise
+    except Exception as exc:  # torchvision or a model's own loading code: never a traceback
+        raise CheckpointError(
+            f"{path} could not be loaded as {arch!r}: {type(exc).__name__}: {exc}; check --arch "
+            "and --num-classes (`model-audit archs` lists the names)") from exc
+
+
+def _load(path: Path, state: Dict[str, torch.Tensor], metadata: Dict[str, str], arch: str,
+          num_classes: Optional[int], meta_arch: Optional[str]) -> LoadedCheckpoint:
+    left_out = tuple(aux_head_keys(arch, list(state)))
+    state = {k: v for k, v in state.items() if k not in set(left_out)}
     if num_classes is None and META_PREFIX + "num_classes" in metadata and arch == meta_arch:
         try:
             num_classes = int(metadata[META_PREFIX + "num_classes"])
@@ -210,18 +242,28 @@ def load_checkpoint(path: os.PathLike, *, arch: Optional[str] = None,
     model = build_model(arch, num_classes, shapes)
     _strict_check(path, arch, num_classes, model, state, candidates=[meta_arch or ""])
     state32, dtypes = _float32(state)
-    model.load_state_dict(state32, strict=True)
+    model.load_state_dict(_with_versions(state32, model), strict=True)
     model.float().eval()
     nonfinite = tuple(k for k, v in state32.items()
                       if v.is_floating_point() and not bool(torch.isfinite(v).all()))
-    classes = _class_names(metadata)
     return LoadedCheckpoint(
         model=model, arch=arch, num_classes=num_classes, in_channels=input_channels(model),
         path=str(path), sha256=sha256_file(path),
         parameters=sum(p.numel() for p in model.parameters()), source_dtypes=dtypes,
         metadata=dict(metadata), normalize=metadata.get(META_PREFIX + "normalize"),
-        classes=classes, nonfinite=nonfinite)
+        classes=_class_names(metadata), nonfinite=nonfinite, left_out=left_out)
 
+
+def _with_versions(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``state`` with the module versions torch keeps beside a state dict (``_metadata``).
+
+    A safetensors file (or a plain dict) has none, and a module that checks its version when
+    loading (torchvision's MNASNet) refuses ``None``: the freshly built model's own versions
+    are those of the code that wrote a current checkpoint.
+    """
+    out: Dict[str, torch.Tensor] = OrderedDict(state)
+    out._metadata = getattr(model.state_dict(), "_metadata", OrderedDict())  # type: ignore[attr-defined]
+    return out
 
 
 def save_checkpoint(state: Mapping[str, torch.Tensor], path: os.PathLike, *,

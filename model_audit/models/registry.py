@@ -3,17 +3,25 @@ small model, and ``package.module:factory`` specs from the command line."""
 from __future__ import annotations
 
 import difflib
+from contextlib import contextmanager
 import importlib
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
-from ..errors import ArchitectureError
-from .tiny import TinyResNet
 import sys
+
+import torch
 import torchvision.models as tvm
 
+from ..errors import ArchitectureError
+from .tiny import TinyResNet
+
+#: Training-only auxiliary classifiers of torchvision models (saved by default with the model,
+#: never used in eval mode): their key prefixes, by architecture.
+AUX_HEADS: Dict[str, Tuple[str, ...]] = {"googlenet": ("aux1.", "aux2."),
+                                         "inception_v3": ("AuxLogits.",)}
 
 
 def _torchvision_classifiers() -> List[str]:
@@ -140,3 +148,66 @@ def input_channels(model: nn.Module) -> int:
     return 3
 
 
+def template(arch: str, num_classes: int,
+             shapes: Optional[Mapping[str, Sequence[int]]] = None) -> nn.Module:
+    """``arch`` with its parameters on the meta device (no memory), to read its keys and
+    shapes. A constructor that cannot run on meta tensors (torchvision's RegNets compute with
+    the tensors they make) runs on the CPU, each parameter moving to meta as it is registered."""
+    try:
+        with torch.device("meta"):
+            return build_model(arch, num_classes, shapes)
+    except (NotImplementedError, RuntimeError):
+        with _registered_on_meta():
+            return build_model(arch, num_classes, shapes)
+
+
+@contextmanager
+def _registered_on_meta() -> Iterator[None]:
+    """Parameters and buffers move to the meta device as modules register them (one tensor
+    in memory at a time; the idea of accelerate's ``init_empty_weights``)."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter(self: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        register_parameter(self, name, param)
+        if param is not None:
+            self._parameters[name] = nn.Parameter(param.to("meta"), param.requires_grad)
+
+    def buffer(self: nn.Module, name: str, tensor: Optional[torch.Tensor],
+               persistent: bool = True) -> None:
+        register_buffer(self, name, tensor, persistent)
+        if tensor is not None:
+            self._buffers[name] = tensor.to("meta")
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+
+
+def matching_architectures(shapes: Mapping[str, Sequence[int]]) -> List[str]:
+    """The registered architectures whose state dict has exactly these keys and shapes (the
+    classifier head's number of classes aside)."""
+    out = []
+    for name in available_architectures():
+        try:
+            model = template(name, 1000, shapes)
+        except Exception:  # a registered name that cannot be built here is not a match
+            continue
+        expected = model.state_dict()
+        if set(expected) != set(shapes):
+            continue
+        head = head_name(model)
+        if all(tuple(expected[k].shape) == tuple(shapes[k])
+               or (k in (f"{head}.weight", f"{head}.bias")
+                   and tuple(expected[k].shape)[1:] == tuple(shapes[k])[1:])
+               for k in expected):
+            out.append(name)
+    return out
+
+
+def aux_head_keys(arch: str, keys: Sequence[str]) -> List[str]:
+    """The keys of ``arch``'s training-only auxiliary heads among ``keys``."""
+    base = arch[: -len("-cifar")] if arch.endswith("-cifar") else arch
+    prefixes = AUX_HEADS.get(base, ())
+    return [k for k in keys if k.startswith(prefixes)] if prefixes else []
