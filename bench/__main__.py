@@ -17,6 +17,7 @@ BENCHMARKS = {
     "fix": "repair of the flagged groups vs all/random/Auto-RGN on test halves; --sweep",
     "cuda": "scan, baselines and fix on the CPU and on CUDA: do they agree?",
     "train": "epochs to 90%%/95%% test accuracy: sgd, nesterov, beta, hybrid, adam",
+    "torchvision": "every torchvision classifier saved at its defaults: load, scan, guess the arch",
     "localize": "ground truth: is a planted defect or a shift's best group ranked first?",
 }
 

@@ -72,6 +72,12 @@ def test_family_loads_and_scans(family, tmp_path):
     assert len(audit["layers"]) >= 2
     if name in ("googlenet", "inception_v3"):
         assert "auxiliary heads" in result.output  # left out, and said so
+    if family in ("googlenet", "regnet_x", "mnasnet", "resnet"):  # no --arch: the keys say it
+        guess = CliRunner().invoke(cli, ["scan", str(ckpt), "--probe", str(probe), "--out",
+                                         str(tmp_path / "guess"), "--bootstrap", "0",
+                                         "--replay-steps", "1", "--baselines", "none"])
+        assert guess.exit_code == 0, guess.output
+        assert f"match {name} only" in guess.output
 
 
 def test_images_too_small_for_the_model_are_a_clear_error(tmp_path):

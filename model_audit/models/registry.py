@@ -187,7 +187,7 @@ def _registered_on_meta() -> Iterator[None]:
 
 def matching_architectures(shapes: Mapping[str, Sequence[int]]) -> List[str]:
     """The registered architectures whose state dict has exactly these keys and shapes (the
-    classifier head's number of classes aside)."""
+    classifier head's number of classes, and training-only auxiliary heads, aside)."""
     out = []
     for name in available_architectures():
         try:
@@ -195,7 +195,8 @@ def matching_architectures(shapes: Mapping[str, Sequence[int]]) -> List[str]:
         except Exception:  # a registered name that cannot be built here is not a match
             continue
         expected = model.state_dict()
-        if set(expected) != set(shapes):
+        aux = set(aux_head_keys(name, list(shapes)))  # training-only heads are left out
+        if set(expected) != set(shapes) - aux:
             continue
         head = head_name(model)
         if all(tuple(expected[k].shape) == tuple(shapes[k])
