@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,samples]'
+	$(PY) -m pip install --quiet -e '.[test,samples,timm,hf]'
 	touch $(STAMP)
 
 demo: $(STAMP)

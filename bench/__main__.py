@@ -18,6 +18,7 @@ BENCHMARKS = {
     "cuda": "scan, baselines and fix on the CPU and on CUDA: do they agree?",
     "train": "epochs to 90%%/95%% test accuracy: sgd, nesterov, beta, hybrid, adam",
     "torchvision": "every torchvision classifier saved at its defaults: load, scan, guess the arch",
+    "sources": "timm models and transformers directories saved by their library: scan, guess",
     "localize": "ground truth: is a planted defect or a shift's best group ranked first?",
 }
 

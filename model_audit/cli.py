@@ -35,6 +35,7 @@ from .core.schedules import SCHEDULES
 from .errors import AuditError, OutputError
 from .io.files import WRITTEN, atomic_write_bytes, overwritten_input
 from .io.records import AuditRecord
+from .models import timm_models
 from .models.registry import available_architectures
 from .options import DEVICES, AuditOptions
 from .render import text
@@ -124,18 +125,21 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The options that choose the model and the probe, the same in every command."""
     options = [
         click.option("--probe", type=click.Path(path_type=Path), default=None,
-                     help="Probe set: an ImageFolder directory or a .safetensors file with "
-                          "images and labels."),
+                     help="Probe set: an ImageFolder directory, or a .safetensors file with "
+                          "labels and images (N,C,H,W) or inputs (N,...: any other data)."),
         click.option("--arch", default=None,
                      help="Architecture: a torchvision name (resnet18), a CIFAR-stem ResNet "
-                          "(resnet18-cifar) or package.module:factory. Default: the "
-                          "checkpoint's metadata."),
+                          "(resnet18-cifar), timm:NAME or package.module:factory. Default: "
+                          "the checkpoint's metadata or model directory, else the one "
+                          "architecture its keys and shapes match."),
         click.option("--num-classes", type=int, default=None,
                      help="Outputs of the head. Default: metadata, else the head's weight."),
         click.option("--normalize", default=None,
                      help="cifar10 | imagenet | none | MEAN,STD. Default: the checkpoint's "
-                          "metadata, else none."),
-        click.option("--resize", default=None, help="Resize images to N or HxW (default: keep)."),
+                          "metadata, else its timm or image-processor config, else none."),
+        click.option("--resize", default=None,
+                     help="Resize images to N or HxW (default: the input size of its timm or "
+                          "image-processor config, else keep)."),
         click.option("--limit", type=int, default=None,
                      help="Use a class-stratified random subset of N probe images (seeded)."),
         click.option("--seed", type=int, default=0, show_default=True,
@@ -361,7 +365,8 @@ def _wrong_fraction(text: str) -> Optional[float]:
 @click.option("--train", "train", type=click.Path(path_type=Path), required=True,
               help="Repair data: a training split (ImageFolder directory or tensor file).")
 @click.option("--output", type=click.Path(path_type=Path), required=True,
-              help="Where to write the repaired checkpoint (.safetensors; never an input).")
+              help="Where to write the repaired checkpoint (.safetensors; a new directory when "
+                   "CHECKPOINT is a model directory; never an input).")
 @click.option("--layers", default="auto", show_default=True,
               help="auto (the groups scan flags) or group names separated by commas.")
 @click.option("--audit", type=click.Path(path_type=Path), default=None,
@@ -501,9 +506,14 @@ def report(directory: Path) -> None:
 
 @cli.command()
 def archs() -> None:
-    """List the registered architecture names."""
+    """List the registered architecture names (and how to name a timm model or your own)."""
     for name in available_architectures():
         click.echo(name)
+    timm_note = ("timm:NAME for any of timm's models (python -c \"import timm; "
+                 "print(timm.list_models())\")" if timm_models.installed() else
+                 "timm:NAME once timm is installed (pip install 'model-audit[timm]')")
+    click.echo(f"# also: {timm_note}; a Hugging Face save_pretrained directory as the "
+               "checkpoint; package.module:factory for your own model", err=True)
 
 
 def main() -> None:

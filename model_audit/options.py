@@ -69,8 +69,9 @@ def seed_everything(seed: int) -> None:
 def open_probe_for(ckpt: LoadedCheckpoint, probe: "os.PathLike[str] | str",
                    options: AuditOptions, *, limit: Optional[int] = None,
                    ) -> Tuple[ProbeSet, List[str]]:
-    """Open a probe (or repair) set the way ``ckpt`` needs its inputs: its channels, classes
-    and normalisation (``options.normalize``, else the checkpoint's metadata, else none).
+    """Open a probe (or repair) set the way ``ckpt`` needs its inputs: its channels, classes,
+    normalisation (``options.normalize``, else the checkpoint's metadata or its source's
+    config, else none) and size (``options.resize``, else its source's config, else kept).
 
     Args:
         limit: a class-stratified subset size; default ``options.limit``.
@@ -84,8 +85,16 @@ def open_probe_for(ckpt: LoadedCheckpoint, probe: "os.PathLike[str] | str",
         normalize = "none"
         warnings.append("no normalisation given (--normalize) and none in the checkpoint's "
                         "metadata: images are only scaled to [0, 1]")
+    resize = options.resize
+    if resize is None and ckpt.input_size is not None:
+        resize = "{}x{}".format(*ckpt.input_size)
+    if ckpt.preprocessing_from and not (options.normalize and options.resize):
+        warnings.append(
+            f"preprocessing from {ckpt.preprocessing_from}: normalisation {normalize}, images "
+            f"resized to {resize}; give --normalize and --resize if the model was trained "
+            "otherwise")
     probe_set = open_probe(probe, channels=ckpt.in_channels, normalize=normalize,
-                           resize=options.resize,
+                           resize=resize,
                            limit=options.limit if limit is None else limit, seed=options.seed,
                            model_classes=ckpt.classes, num_classes=ckpt.num_classes)
     ignored = getattr(probe_set, "ignored", [])

@@ -20,6 +20,13 @@ def _threads():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _timm_key_cache(tmp_path_factory, monkeypatch):
+    """The cache of timm's architecture keys (architecture guessing) in one folder for the
+    test session, never in the user's home."""
+    monkeypatch.setenv("MODEL_AUDIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
 @pytest.fixture
 def cifar_archive() -> Path:
     """The CIFAR-10 JPEG archive of ../shared/data; the test is skipped, saying why, without it."""

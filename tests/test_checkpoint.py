@@ -282,7 +282,7 @@ def test_no_arch_and_no_match_or_several_matches(tmp_path, monkeypatch):
         load_checkpoint(path)
     msg = str(err.value)
     assert "--arch" in msg and str(path) in msg and "does not say which architecture" in msg
-    assert "match no registered one" in msg
+    assert "match none of torchvision's" in msg
     two = tmp_path / "two.safetensors"
     save_file(tiny_state(), str(two))
     monkeypatch.setitem(registry.EXTRA_ARCHS, "tiny-resnet-copy", registry.EXTRA_ARCHS["tiny-resnet"])

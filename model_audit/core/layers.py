@@ -12,6 +12,11 @@ Granularities:
   (``layer1.0``, ``layer1.1``, ...).
 * ``module``: every module that owns parameters directly (each conv, norm, linear layer).
 
+A timm model is grouped the way timm groups it (``model.group_matcher``): ``group`` gives its
+stem, one group per stage and its head; ``block`` one group per block. A Hugging Face
+transformers classifier gets its embeddings, one group per layer (or stage), its final norm
+and its head; ``block`` splits each of those one level further.
+
 Parameters owned directly by a module that is split (e.g. a ViT's ``class_token``) form a group
 of their own, named after the parameter, so every parameter belongs to exactly one group.
 
@@ -23,7 +28,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -82,6 +87,22 @@ def _split_group(model: nn.Module, unit: Tuple[str, List[str], List[str]]
     return inner if len(inner) > 1 else [unit]
 
 
+def _source_units(model: nn.Module, granularity: str
+                  ) -> Optional[List[Tuple[str, List[str], List[str]]]]:
+    """The grouping a model's own library defines, where it has one: timm's stem, stages and
+    head (``group``) or blocks (``block``); None for every other model."""
+    from ..models import pretrained_dir, timm_models
+
+    if timm_models.is_timm_model(model):
+        return timm_models.timm_units(model, coarse=granularity == "group")
+    if pretrained_dir.is_hf_model(model):
+        units = pretrained_dir.hf_units(model)
+        if granularity == "block":
+            units = [u for unit in units for u in _split_group(model, unit)]
+        return units
+    return None
+
+
 def layer_groups(model: nn.Module, granularity: str = "group") -> List[LayerGroup]:
     """The layer groups of ``model`` at ``granularity``, in forward (registration) order.
 
@@ -98,6 +119,8 @@ def layer_groups(model: nn.Module, granularity: str = "group") -> List[LayerGrou
                 join = (lambda n, m=mname: f"{m}.{n}" if m else n)
                 units.append((mname or own[0], [join(n) for n in own],
                               [join(n) for n, _ in module.named_buffers(recurse=False)]))
+    elif _source_units(model, granularity) is not None:
+        units = _source_units(model, granularity)
     else:
         units = _units(model, "")
         if len([u for u in units if "." not in u[0]]) < MIN_TOP_LEVEL_GROUPS:

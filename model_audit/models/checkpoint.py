@@ -31,6 +31,7 @@ from torch import nn
 from ..errors import ArchitectureError, AuditError, CheckpointError
 from ..io.files import atomic_write_bytes
 from ..io.tensors import META_PREFIX, read_tensors, sha256_file, strip_wrapper_prefixes
+from . import timm_models
 from .registry import (aux_head_keys, build_model, head_name, input_channels, is_factory_spec,
                        matching_architectures, template)
 from safetensors.torch import save
@@ -57,6 +58,12 @@ class LoadedCheckpoint:
     left_out: Tuple[str, ...] = ()
     #: the file names no architecture: this one is the only registered match of its keys
     guessed: bool = False
+    #: the input size (H, W) the model expects, when its source says (timm, Hugging Face)
+    input_size: Optional[Tuple[int, int]] = None
+    #: where ``normalize``/``input_size`` came from when not from the file's metadata
+    preprocessing_from: Optional[str] = None
+    #: the weights file, when ``path`` is a model directory (``save_pretrained``)
+    weights_file: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return {"arch": self.arch, "num_classes": self.num_classes,
@@ -155,10 +162,13 @@ def _arch_from_metadata(path: Path, meta_arch: Optional[str],
             raise ArchitectureError(
                 f"{path} does not say which architecture it is, and its keys and shapes fit "
                 f"several: {', '.join(matches)}; give --arch")
+        compared = ("torchvision's and timm's" if timm_models.installed() else
+                    "torchvision's (timm is not installed, so its architectures were not "
+                    "compared: pip install 'model-audit[timm]')")
         raise ArchitectureError(
-            f"{path} does not say which architecture it is, and its keys and shapes match no "
-            "registered one: give --arch (for example resnet18 or resnet18-cifar, or "
-            "package.module:factory for your own model; `model-audit archs` lists the names)")
+            f"{path} does not say which architecture it is, and its keys and shapes match none "
+            f"of {compared}: give --arch (for example resnet18 or resnet18-cifar, timm:NAME, "
+            "or package.module:factory for your own model; `model-audit archs` lists the names)")
     if is_factory_spec(meta_arch):
         raise ArchitectureError(
             f"{path} names the factory {meta_arch!r} in its metadata; factories import code, "
@@ -195,7 +205,8 @@ def load_checkpoint(path: os.PathLike, *, arch: Optional[str] = None,
     """Load a checkpoint into a freshly built model, strictly.
 
     Args:
-        path: ``.safetensors`` or ``.pt``/``.pth`` state dict.
+        path: ``.safetensors`` or ``.pt``/``.pth`` state dict, or a model directory
+            (``save_pretrained``: :mod:`.pretrained_dir`).
         arch: architecture name or ``package.module:factory``; default: the file's metadata.
         num_classes: outputs of the head; default: the metadata, else the head's weight shape.
 
@@ -207,6 +218,9 @@ def load_checkpoint(path: os.PathLike, *, arch: Optional[str] = None,
         ArchitectureError: no or unknown architecture.
     """
     path = Path(path)
+    if path.is_dir():
+        from .pretrained_dir import load_model_dir
+        return load_model_dir(path, arch=arch, num_classes=num_classes)
     raw, metadata = read_tensors(path)
     state = strip_wrapper_prefixes(raw)
     meta_arch = metadata.get(META_PREFIX + "arch")
@@ -246,12 +260,20 @@ def _load(path: Path, state: Dict[str, torch.Tensor], metadata: Dict[str, str], 
     model.float().eval()
     nonfinite = tuple(k for k, v in state32.items()
                       if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    normalize = metadata.get(META_PREFIX + "normalize")
+    input_size, source = None, None
+    if timm_models.is_timm_model(model):
+        timm_normalize, input_size = timm_models.preprocessing(model)
+        source = f"timm's pretrained config of {arch[len(timm_models.PREFIX):]}"
+        if normalize is None and timm_normalize is not None:
+            normalize = timm_normalize
     return LoadedCheckpoint(
         model=model, arch=arch, num_classes=num_classes, in_channels=input_channels(model),
         path=str(path), sha256=sha256_file(path),
         parameters=sum(p.numel() for p in model.parameters()), source_dtypes=dtypes,
-        metadata=dict(metadata), normalize=metadata.get(META_PREFIX + "normalize"),
-        classes=_class_names(metadata), nonfinite=nonfinite, left_out=left_out)
+        metadata=dict(metadata), normalize=normalize,
+        classes=_class_names(metadata), nonfinite=nonfinite, left_out=left_out,
+        input_size=input_size, preprocessing_from=source)
 
 
 def _with_versions(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
 """The architecture registry: torchvision classifiers, their ``-cifar`` stems, the bundled
-small model, and ``package.module:factory`` specs from the command line."""
+small model, ``timm:<name>`` (when timm is installed: :mod:`.timm_models`), and
+``package.module:factory`` specs from the command line."""
 from __future__ import annotations
 
 import difflib
@@ -16,6 +17,7 @@ import torch
 import torchvision.models as tvm
 
 from ..errors import ArchitectureError
+from . import timm_models
 from .tiny import TinyResNet
 
 #: Training-only auxiliary classifiers of torchvision models (saved by default with the model,
@@ -72,12 +74,14 @@ def _unknown_arch(name: str) -> ArchitectureError:
     close = difflib.get_close_matches(name, names, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     return ArchitectureError(
-        f"unknown architecture {name!r}.{hint} Valid names: {', '.join(names)}; or give "
+        f"unknown architecture {name!r}.{hint} Valid names: {', '.join(names)}; "
+        "'timm:<name>' for a timm model (pip install 'model-audit[timm]'); or "
         "'package.module:factory' for your own model (the factory gets num_classes).")
 
 
 def is_factory_spec(arch: str) -> bool:
-    return ":" in arch
+    """``package.module:factory`` (imports the user's code); ``timm:<name>`` is not one."""
+    return ":" in arch and not timm_models.is_timm_arch(arch)
 
 
 def build_model(arch: str, num_classes: int,
@@ -85,8 +89,8 @@ def build_model(arch: str, num_classes: int,
     """Build an untrained model of ``arch`` with ``num_classes`` outputs.
 
     Args:
-        arch: a torchvision classifier name, ``<resnet>-cifar``, ``tiny-resnet`` or
-            ``package.module:factory``.
+        arch: a torchvision classifier name, ``<resnet>-cifar``, ``tiny-resnet``,
+            ``timm:<name>`` or ``package.module:factory``.
         num_classes: outputs of the classifier head.
         shapes: tensor shapes of the checkpoint (used by ``tiny-resnet`` for its width).
 
@@ -94,6 +98,8 @@ def build_model(arch: str, num_classes: int,
         ArchitectureError: unknown name, or a factory that cannot be imported or fails.
     """
     shapes = shapes or {}
+    if timm_models.is_timm_arch(arch):
+        return timm_models.build(arch, num_classes)
     if is_factory_spec(arch):
         module_name, _, attr = arch.partition(":")
         added = os.getcwd() not in sys.path
@@ -128,7 +134,12 @@ def build_model(arch: str, num_classes: int,
 
 
 def head_name(model: nn.Module) -> str:
-    """Name of the classifier head: the last ``Linear`` (else the last ``Conv2d``) module."""
+    """Name of the classifier head: the one a timm model's config names, else the last
+    ``Linear`` (else the last ``Conv2d``) module."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    named = cfg.get("classifier") if isinstance(cfg, dict) else None
+    if isinstance(named, str) and named in dict(model.named_modules()):
+        return named
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if linear:
         return linear[-1]
@@ -187,7 +198,20 @@ def _registered_on_meta() -> Iterator[None]:
 
 def matching_architectures(shapes: Mapping[str, Sequence[int]]) -> List[str]:
     """The registered architectures whose state dict has exactly these keys and shapes (the
-    classifier head's number of classes, and training-only auxiliary heads, aside)."""
+    classifier head's number of classes, and training-only auxiliary heads, aside).
+
+    torchvision and its ``-cifar`` stems are compared first; timm's architectures (when timm
+    is installed) only when none of those matches. timm re-implements several torchvision
+    networks with the same keys and shapes (``timm:resnet50`` and ``resnet50``): a torchvision
+    checkpoint would otherwise always match two names.
+    """
+    out = _registered_matches(shapes)
+    if not out and timm_models.installed():
+        out = timm_models.timm_matches(shapes)
+    return out
+
+
+def _registered_matches(shapes: Mapping[str, Sequence[int]]) -> List[str]:
     out = []
     for name in available_architectures():
         try:

@@ -1,6 +1,7 @@
 """The repaired checkpoint: written, then verified (step 6 of :mod:`model_audit.commands.fix`).
 
-A new safetensors file, written atomically (temp file in the same directory, fsync, rename),
+A new safetensors file (for a model directory, a new directory: the weights as
+``model.safetensors`` beside copies of its other files, config.json included), written atomically (temp file in the same directory, fsync, rename),
 re-opened and verified: every tensor outside the retrained groups is byte-identical to the
 input (same key, dtype and bytes), retrained tensors are cast back to their input dtype, and
 the provenance metadata reads back as written. The input is never modified.
@@ -19,16 +20,21 @@ from torch import nn
 from ... import __version__
 from ...core.layers import LayerGroup
 from ...errors import OutputError
-from ...io.files import atomic_write_bytes, refuse_inputs
+from ...io.files import atomic_write_bytes, atomic_write_files, refuse_inputs
 from ...io.tensors import META_PREFIX, read_tensors, sha256_file, strip_wrapper_prefixes
 from ...models.checkpoint import LoadedCheckpoint, audit_metadata
+from ...models.registry import is_factory_spec
 
 if TYPE_CHECKING:  # annotations only: the package imports this module
     from . import FixConfig
 
 
 def check_output_path(output: Path, inputs: Sequence[Path]) -> None:
-    """Refuse an output that is not a new ``.safetensors`` file in an existing directory."""
+    """Refuse an output that is not a new ``.safetensors`` file in an existing directory (for
+    a model directory, ``inputs[0]``: not a new directory in an existing one)."""
+    if inputs and Path(inputs[0]).is_dir():
+        _check_output_dir(output, Path(inputs[0]))
+        return
     if output.suffix.lower() != ".safetensors":
         raise OutputError(f"--output {output} must end in .safetensors (the repaired "
                           "checkpoint is always written as safetensors)")
@@ -42,6 +48,18 @@ def check_output_path(output: Path, inputs: Sequence[Path]) -> None:
         raise OutputError(f"--output directory {output.parent} does not exist")
 
 
+def _check_output_dir(output: Path, source: Path) -> None:
+    if output.exists():
+        raise OutputError(f"--output {output} exists; the checkpoint is a model directory, so "
+                          "the repaired model is written as a new directory: give a new name")
+    if not output.parent.exists():
+        raise OutputError(f"--output directory {output.parent} does not exist")
+    if (source / "model.safetensors.index.json").is_file():
+        raise OutputError(f"{source} holds a sharded model (model.safetensors.index.json); "
+                          "fix writes single-file models only: re-save it with a larger "
+                          "max_shard_size")
+
+
 def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes (any dtype, any shape, 0-d included) as a flat uint8 tensor."""
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
@@ -52,9 +70,10 @@ def repair_metadata(ckpt: LoadedCheckpoint, config: FixConfig, selected: Sequenc
                      ) -> Dict[str, str]:
     """The input's metadata, the audit metadata of a registry model, and the provenance."""
     meta = dict(ckpt.metadata)
-    meta.update(audit_metadata(ckpt.arch, ckpt.num_classes, normalize=normalize,
-                               classes=ckpt.classes or classes)
-                if not ckpt.arch.count(":") else {})
+    if not is_factory_spec(ckpt.arch) and ckpt.weights_file is None:
+        # a model directory's config.json names the model (and is copied beside the weights)
+        meta.update(audit_metadata(ckpt.arch, ckpt.num_classes, normalize=normalize,
+                                   classes=ckpt.classes or classes))
     meta.update({
         META_PREFIX + "version": __version__,
         META_PREFIX + "fix.source_sha256": ckpt.sha256,
@@ -75,7 +94,7 @@ def write_repaired(ckpt: LoadedCheckpoint, model: nn.Module, groups: Sequence[La
     Tensors outside the retrained groups are the input file's own tensors (key, dtype and
     bytes unchanged); retrained ones are cast back to their input dtype.
     """
-    raw, _ = read_tensors(ckpt.path)
+    raw, _ = read_tensors(ckpt.weights_file or ckpt.path)
     key_of = {}
     for key in raw:
         stripped = strip_wrapper_prefixes({key: raw[key]})
@@ -91,7 +110,17 @@ def write_repaired(ckpt: LoadedCheckpoint, model: nn.Module, groups: Sequence[La
     for name in retrained:
         key = key_of[name]
         out[key] = new_state[name].detach().cpu().to(raw[key].dtype).contiguous()
-    atomic_write_bytes(output, save(out, metadata=metadata))
+    data = save(out, metadata=metadata)
+    if ckpt.weights_file is not None:  # a model directory: weights and its other files
+        source = Path(ckpt.path)
+        weights = Path(ckpt.weights_file).name
+        copies = [(output / f.name, f.read_bytes()) for f in sorted(source.iterdir())
+                  if f.is_file() and not f.name.startswith(".") and f.name != weights
+                  and f.name != "model.safetensors"]
+        atomic_write_files([(output / "model.safetensors", data)] + copies)
+        output = output / "model.safetensors"
+    else:
+        atomic_write_bytes(output, data)
     identical = _verify_written(output, raw, out, {key_of[n] for n in retrained}, metadata)
     return sha256_file(output), identical
 
