@@ -62,12 +62,20 @@ def _scan(args: List[str], out: Path) -> Dict[str, Any]:
                            "traceback": result.exception is not None
                            and result.exit_code not in (0, 2)}
     if result.exit_code:
-        row["error"] = (result.output.strip().splitlines() or [""])[-1][:200]
+        row["error"] = (result.output.strip().splitlines() or [""])[-1]
     else:
         audit = json.loads((out / "audit.json").read_text())
         row.update(arch=audit["model"]["arch"], groups=[g["name"] for g in audit["layers"]],
                    resize=audit["probe"]["resize"])
     return row
+
+
+def _listed(guess: Dict[str, Any]) -> str:
+    """The architectures a refused guess listed, else its message."""
+    error = guess.get("error", "")
+    if "fit several: " in error:
+        return "several: " + error.split("fit several: ", 1)[1].split("; give --arch")[0]
+    return f"exit {guess['exit']}: {error[:200]}"
 
 
 def _timm_names(args: argparse.Namespace) -> List[str]:
@@ -155,7 +163,7 @@ def _hf_configs() -> Dict[str, Callable[[], Any]]:
             image_size=32, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32,
                                                                           64])),
         "EfficientNetForImageClassification": lambda: labelled(t.EfficientNetConfig(
-            image_size=32, width_coefficient=0.25, depth_coefficient=0.25)),
+            image_size=32, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320)),
     }
 
 
@@ -224,14 +232,14 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         scan = r["arch"]
         status = (f"resize {scan['resize']}" if scan["exit"] == 0
-                  else f"exit {scan['exit']}: {scan.get('error', '')}")
+                  else f"exit {scan['exit']}: {scan.get('error', '')[:200]}")
         groups = scan.get("groups") or []
         shown = ", ".join(groups if len(groups) <= 6 else groups[:3] + ["..."] + groups[-2:])
         guess = r.get("guess")
         if guess is None:
             guessed, guess_s = "(config.json names it)", ""
         else:
-            guessed = guess.get("arch") or f"exit {guess['exit']}: {guess.get('error', '')}"
+            guessed = guess.get("arch") or _listed(guess)
             guess_s = guess["seconds"]
         lines.append(f"| {r['source']} | {r['name']} | {r.get('parameters', 0):,} | {status} | "
                      f"{len(groups)}: {shown} | {guessed} | {scan.get('seconds', '')} | "
