@@ -77,26 +77,34 @@ def open_probe_for(ckpt: LoadedCheckpoint, probe: "os.PathLike[str] | str",
         limit: a class-stratified subset size; default ``options.limit``.
 
     Returns:
-        The set and warnings for the user (no normalisation known, ignored files).
+        The set and warnings for the user (no normalisation known, ignored files, image
+        options given for a probe of non-image ``inputs``, which ignores them).
     """
     warnings: List[str] = []
     normalize = options.normalize or ckpt.normalize
-    if normalize is None:
-        normalize = "none"
-        warnings.append("no normalisation given (--normalize) and none in the checkpoint's "
-                        "metadata: images are only scaled to [0, 1]")
     resize = options.resize
     if resize is None and ckpt.input_size is not None:
         resize = "{}x{}".format(*ckpt.input_size)
-    if ckpt.preprocessing_from and not (options.normalize and options.resize):
-        warnings.append(
-            f"preprocessing from {ckpt.preprocessing_from}: normalisation {normalize}, images "
-            f"resized to {resize}; give --normalize and --resize if the model was trained "
-            "otherwise")
-    probe_set = open_probe(probe, channels=ckpt.in_channels, normalize=normalize,
+    probe_set = open_probe(probe, channels=ckpt.in_channels, normalize=normalize or "none",
                            resize=resize,
                            limit=options.limit if limit is None else limit, seed=options.seed,
                            model_classes=ckpt.classes, num_classes=ckpt.num_classes)
+    if not probe_set.is_image:  # inputs reach the model as stored: nothing to warn about
+        given = [flag for flag, value in (("--normalize", options.normalize),
+                                          ("--resize", options.resize)) if value]
+        if given:
+            warnings.append(f"{' and '.join(given)} apply to images only and were ignored: "
+                            f"{probe} holds inputs, given to the model as stored")
+    else:
+        if normalize is None:
+            normalize = "none"
+            warnings.append("no normalisation given (--normalize) and none in the checkpoint's "
+                            "metadata: images are only scaled to [0, 1]")
+        if ckpt.preprocessing_from and not (options.normalize and options.resize):
+            warnings.append(
+                f"preprocessing from {ckpt.preprocessing_from}: normalisation {normalize}, "
+                f"images resized to {resize}; give --normalize and --resize if the model was "
+                "trained otherwise")
     ignored = getattr(probe_set, "ignored", [])
     if ignored:
         warnings.append(f"{len(ignored)} non-image file(s) in the probe were ignored, "

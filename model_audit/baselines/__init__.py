@@ -132,6 +132,9 @@ class BaselineSpec:
     captum_class: Optional[str]  # None: computed without captum
     description: str
     compute: Callable[..., Any] = field(repr=False, compare=False)
+    #: evaluates the network at scaled inputs ``a * x`` (a path from zeros in input space):
+    #: impossible for integer inputs such as token ids
+    scales_input: bool = False
 
     @property
     def needs_layer(self) -> bool:
@@ -155,7 +158,7 @@ BASELINES: Dict[str, BaselineSpec] = {
     "conductance": BaselineSpec(
         "conductance", "Layer Conductance", False, True, "LayerConductance",
         "conductance of the group's output for the true-class logit (Dhamdhere et al. 2018)",
-        conductance_totals),
+        conductance_totals, scales_input=True),
     "integrated_gradients": BaselineSpec(
         "integrated_gradients", "Layer Integrated Gradients", False, True,
         "LayerIntegratedGradients",
@@ -164,7 +167,7 @@ BASELINES: Dict[str, BaselineSpec] = {
     "internal_influence": BaselineSpec(
         "internal_influence", "Internal Influence", False, True, "InternalInfluence",
         "gradient of the true-class logit w.r.t. the group's output, integrated along the input "
-        "path (Leino et al. 2018)", internal_influence_totals),
+        "path (Leino et al. 2018)", internal_influence_totals, scales_input=True),
     "auto_rgn": BaselineSpec(
         "auto_rgn", "Auto-RGN", True, False, None,
         "relative gradient norm ||g||/||w|| of the misclassified images' loss per group "

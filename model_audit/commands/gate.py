@@ -216,7 +216,8 @@ def _result_checks(checks: List[Check], policy: Policy, audit: AuditRecord) -> N
         ok = acc >= policy.min_accuracy
         checks.append(Check("min_accuracy", ok, acc, policy.min_accuracy,
                             f"accuracy {100 * acc:.2f}% {'>=' if ok else '<'} "
-                            f"{100 * policy.min_accuracy:.2f}% on {audit.probe_n} images"))
+                            f"{100 * policy.min_accuracy:.2f}% on {audit.probe_n} "
+                            f"{audit.probe_unit}"))
     if policy.min_class_accuracy is not None:
         per = {k: v for k, v in audit.per_class_accuracy.items() if v is not None}
         low = {k: v for k, v in per.items() if v < policy.min_class_accuracy}

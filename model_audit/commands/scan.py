@@ -23,7 +23,8 @@ from torch import nn
 
 from ..core.attribution import (METRIC_NAME, NET_METRIC_NAME, Attribution, GroupReductions, attribute,
                           group_net_reductions, group_reductions, net_positions)
-from ..baselines import DEFAULT_BASELINES, Agreement, BaselineResult, resolve_baselines
+from ..baselines import (BASELINES, DEFAULT_BASELINES, Agreement, BaselineResult,
+                         resolve_baselines)
 from ..models.checkpoint import LoadedCheckpoint
 from ..io.records import AuditRecord, LayerScore
 from ..io.files import atomic_write_files, header, json_bytes, refuse_inputs
@@ -273,6 +274,17 @@ def _attribute_errors(ckpt: LoadedCheckpoint, probe: ProbeSet, ev: EvaluationRes
     baseline_results: Dict[str, BaselineResult] = {}
     agreements: Dict[str, Agreement] = {}
     names = resolve_baselines(list(config.baselines))
+    if probe.integer_inputs:
+        # a path from zeros to x in input space has no points between integers (token ids);
+        # layer integrated gradients interpolates at each group's output and still applies
+        scaling = [n for n in names if BASELINES[n].scales_input]
+        if scaling:
+            names = [n for n in names if n not in scaling]
+            warnings.append(
+                f"{', '.join(scaling)} left out: they evaluate the model at scaled inputs "
+                "(a path from zeros), which integer inputs such as token ids do not have"
+                + ("; integrated_gradients interpolates at each layer instead and runs"
+                   if "integrated_gradients" in names else ""))
     if names:
         t0 = time.perf_counter()
         baseline_results = compute_baselines(

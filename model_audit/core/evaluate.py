@@ -91,13 +91,24 @@ class EvaluationResult:
 
 def _logits(model: nn.Module, x: torch.Tensor, probe: ProbeSet) -> torch.Tensor:
     """The model's logits for ``x``; a ProbeError when the model cannot take such images (too
-    small for its downsampling, or the wrong number of channels)."""
+    small for its downsampling, or the wrong number of channels), or such non-image inputs
+    (another shape or dtype, token ids beyond its vocabulary)."""
     try:
         out = model(x)
     except torch.OutOfMemoryError:
         raise
-    except RuntimeError as exc:
+    except (RuntimeError, IndexError, TypeError, ValueError) as exc:
         size = "x".join(str(d) for d in x.shape[1:])
+        if not probe.is_image:
+            dtype = str(x.dtype).replace("torch.", "")
+            why = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise ProbeError(
+                f"the model cannot run on the probe's inputs (shape {size or 'scalar'}, "
+                f"{dtype}): {why}; give inputs of the shape and type the model takes (float "
+                "rows for one that starts with a Linear layer, token ids below its vocabulary "
+                "size for an Embedding)") from exc
+        if not isinstance(exc, RuntimeError):
+            raise
         raise ProbeError(
             f"the model cannot run on the probe's images ({size}): {str(exc).splitlines()[0]}; "
             "give --resize N (e.g. the size it was trained at)") from exc

@@ -7,7 +7,10 @@ Two formats:
   (``L``) for one channel, ``RGB`` for three; an alpha channel is dropped (PIL's
   ``RGBA -> RGB``) and palette images are expanded to RGBA first.
 * a tensor file, ``.safetensors`` with ``images`` (N,C,H,W; uint8 in 0..255 or float in 0..1)
-  and ``labels`` (N; integer), and optional metadata ``classes`` (a JSON list of names).
+  and ``labels`` (N; integer), and optional metadata ``classes`` (a JSON list of names). A
+  model that does not take images gets ``inputs`` (N, any shape: tabular rows, token ids,
+  audio features) instead of ``images``: given to it as stored (float32, or int64 for integer
+  data), without the image steps below (``ProbeSet.is_image`` is False).
 
 Pixel values are scaled to [0, 1], then normalised with ``(x - mean) / std``
 (:func:`parse_normalize`). Images are resized only when ``resize`` is given. Nothing is held
@@ -48,7 +51,7 @@ def open_probe(path: os.PathLike, *, channels: int = 3, normalize: Optional[str]
         channels: the model's input channels (images are converted to it).
         normalize: see :func:`parse_normalize`.
         resize: ``None`` (keep sizes) or ``N``/``HxW``.
-        limit: keep a class-stratified random subset of this many images (seeded).
+        limit: keep a class-stratified random subset of this many images or inputs (seeded).
         seed: seed of the subset.
         model_classes: the checkpoint's class names, when it has them: an ImageFolder's
             classes are then mapped onto the model's indices by name.
@@ -62,7 +65,7 @@ def open_probe(path: os.PathLike, *, channels: int = 3, normalize: Optional[str]
     size = parse_resize(resize)
     if not path.exists():
         raise ProbeError(f"probe {path} does not exist; give an ImageFolder directory or a "
-                         ".safetensors file with images and labels")
+                         ".safetensors file with images (or non-image inputs) and labels")
     if path.is_dir():
         probe: ProbeSet = ImageFolderProbe(path, channels=channels, normalization=normalization,
                                            resize=size)
@@ -81,7 +84,7 @@ def open_probe(path: os.PathLike, *, channels: int = 3, normalize: Optional[str]
     else:
         raise ProbeError(f"probe {path} is neither a directory nor a .safetensors tensor file")
     if len(probe) == 0:
-        raise EmptyProbeError(f"probe {path} holds no images")
+        raise EmptyProbeError(f"probe {path} holds no {probe.unit}")
     if num_classes is not None:
         top = int(probe.labels.max())
         if top >= num_classes:

@@ -118,7 +118,18 @@ def _convert_channels(x: torch.Tensor, channels: int, where: str) -> torch.Tenso
 
 
 class ProbeSet:
-    """A labelled image set read in batches. Subclasses implement :meth:`_load_raw`."""
+    """A labelled image set read in batches. Subclasses implement :meth:`_load_raw`.
+
+    ``is_image`` is False for a tensor probe of ``inputs`` (rows of any shape: tabular
+    features, token ids, audio features): those are given to the model as stored, with no
+    channel conversion, resizing or normalisation.
+    """
+
+    is_image = True
+    #: inputs of integer type (token ids): a model takes them as they are, never scaled
+    integer_inputs = False
+    #: the stored shape of one row of a tensor probe; () for an ImageFolder (sizes vary)
+    input_shape: Tuple[int, ...] = ()
 
     def __init__(self, source: str, classes: Sequence[str], labels: torch.Tensor,
                  *, channels: int, normalization: Normalization,
@@ -139,6 +150,11 @@ class ProbeSet:
     def kind(self) -> str:
         raise NotImplementedError
 
+    @property
+    def unit(self) -> str:
+        """What the probe holds, for messages: ``images``, or ``inputs`` for other data."""
+        return "images" if self.is_image else "inputs"
+
     def _load_raw(self, source_indices: Sequence[int]) -> torch.Tensor:
         """Images at source indices as float (B,C,H,W) in [0, 1] with the model's channels."""
         raise NotImplementedError
@@ -150,10 +166,11 @@ class ProbeSet:
                              antialias=True).clamp_(0.0, 1.0)
 
     def load(self, positions: Sequence[int], *, normalized: bool = True) -> torch.Tensor:
-        """Images at ``positions`` (0..len-1) as a float batch; normalised unless asked not."""
+        """Images at ``positions`` (0..len-1) as a float batch; normalised unless asked not.
+        Non-image inputs come as the model takes them (float32 or int64), never normalised."""
         src = [int(self.indices[p]) for p in positions]
         x = self._load_raw(src)
-        if normalized:
+        if normalized and self.is_image:
             x = self.normalization.apply(x)
         return x
 

@@ -73,6 +73,12 @@ class AuditRecord:
     per_image_reduction: np.ndarray  # r[i, g]: image i's loss reduction from group g
     total_seconds: Optional[float]
     data: Mapping[str, Any] = field(repr=False, default_factory=dict)
+    probe_kind: Optional[str] = None  # imagefolder, tensors (images) or inputs (other data)
+
+    @property
+    def probe_unit(self) -> str:
+        """What the probe held, for messages: ``images``, or ``inputs`` for other data."""
+        return "inputs" if self.probe_kind == "inputs" else "images"
 
     @property
     def names(self) -> Tuple[str, ...]:
@@ -117,7 +123,7 @@ class AuditRecord:
             limit=options.get("limit"), seed=options.get("seed"),
             per_image_index=np.asarray(per.get("index", []), dtype=np.int64),
             per_image_reduction=np.asarray(per.get("reduction", []), dtype=np.float64),
-            total_seconds=timing.get("total_s"), data=d)
+            total_seconds=timing.get("total_s"), data=d, probe_kind=probe.get("kind"))
 
     @classmethod
     def read(cls, path: "os.PathLike[str] | str") -> "AuditRecord":

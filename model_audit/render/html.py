@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import jinja2
 import matplotlib
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -119,6 +120,38 @@ def thumbnail(probe: ProbeSet, position: int, size: int = 64) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+#: Values of a non-image input shown in a report gallery, in place of a thumbnail.
+MAX_SHOWN_VALUES = 16
+
+
+def input_values(x: torch.Tensor, shown: int = MAX_SHOWN_VALUES) -> str:
+    """The first ``shown`` values of a non-image input (a tabular row, token ids), flattened;
+    a longer input ends with its number of values.
+
+    >>> input_values(torch.tensor([0.5, 1 / 3, 12.0])), input_values(torch.arange(20), 4)
+    ('0.5 0.333 12', '0 1 2 3 … (20 values)')
+    """
+    flat = x.reshape(-1)
+    spec = ".3g" if x.is_floating_point() else "d"
+    text = " ".join(num(v, spec) for v in flat[:shown].tolist())
+    return text + (f" … ({flat.numel()} values)" if flat.numel() > shown else "")
+
+
+def preview(probe: ProbeSet, position: int) -> Dict[str, str]:
+    """What a gallery shows of a probe item: ``src``, a thumbnail, for an image; for any other
+    input ``values`` (its first values) and ``shape`` (e.g. ``shape 12, int64``), as text."""
+    if probe.is_image:
+        return {"src": thumbnail(probe, position), "values": "", "shape": ""}
+    x = probe.load([position], normalized=False)[0]
+    shape = "x".join(map(str, x.shape)) or "scalar"
+    return {"src": "", "values": input_values(x),
+            "shape": f"shape {shape}, {str(x.dtype).replace('torch.', '')}"}
+
+
+#: What a gallery shows when the probe cannot be read again (captions only).
+NO_PREVIEW = {"src": "", "values": "", "shape": ""}
+
+
 def _scan_context(data: Dict[str, Any], probe: Optional[ProbeSet]) -> Dict[str, Any]:
     classes = data["probe"]["classes"]
 
@@ -128,7 +161,7 @@ def _scan_context(data: Dict[str, Any], probe: Optional[ProbeSet]) -> Dict[str, 
     gallery = []
     if probe is not None:
         for item in data["misclassified"][:MAX_THUMBNAILS]:
-            gallery.append({**item, "src": thumbnail(probe, item["index"]),
+            gallery.append({**item, **preview(probe, item["index"]),
                             "label_name": name(item["label"]),
                             "prediction_name": name(item["prediction"])})
     return {"audit": data, "layer_svg": layer_chart(data["layers"]),
@@ -258,21 +291,19 @@ def controls_chart(data: Dict[str, Any]) -> str:
 def render_fix_report(data: Dict[str, Any], probe: Optional[ProbeSet] = None) -> str:
     """The HTML report of a repair: summary, controls, galleries, per-class accuracy."""
     classes = data["probe"]["classes"]
-    thumbs: Dict[int, str] = {}
-    if probe is not None:
-        for key in ("fixed", "broken", "still_wrong"):
-            for item in data["images"][key][:MAX_THUMBNAILS]:
-                thumbs.setdefault(item["index"], thumbnail(probe, item["index"]))
+    shown: Dict[int, Dict[str, str]] = {}
+    for key in ("fixed", "broken", "still_wrong"):
+        for item in data["images"][key][:MAX_THUMBNAILS]:
+            if item["index"] not in shown:
+                # no probe to make thumbnails from: galleries show captions only
+                shown[item["index"]] = (NO_PREVIEW if probe is None
+                                        else preview(probe, item["index"]))
 
     def cname(i: int) -> str:
         return classes[i] if 0 <= i < len(classes) else str(i)
 
-    if probe is None:  # no probe to make thumbnails from: galleries show captions only
-        for key in ("fixed", "broken", "still_wrong"):
-            for item in data["images"][key]:
-                thumbs.setdefault(item["index"], "")
     return _env().get_template("fix.html").render(
-        fix=data, thumbs=thumbs, cname=cname, max_thumbs=MAX_THUMBNAILS,
+        fix=data, shown=shown, cname=cname, max_thumbs=MAX_THUMBNAILS,
         controls_svg=controls_chart(data))
 
 

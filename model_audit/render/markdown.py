@@ -18,8 +18,8 @@ def markdown_summary(result: "GateResult") -> str:
              f"Checkpoint: `{_md_escape(result.checkpoint)}`", ""]
     if result.audit:
         a = result.audit
-        lines += [f"Probe: {a.probe_n} images, accuracy {100 * a.accuracy:.2f}%; flagged groups: "
-                  f"{_md_escape(', '.join(a.flagged) or 'none')}", ""]
+        lines += [f"Probe: {a.probe_n} {a.probe_unit}, accuracy {100 * a.accuracy:.2f}%; "
+                  f"flagged groups: {_md_escape(', '.join(a.flagged) or 'none')}", ""]
     lines += ["| check | result | value | limit | message |", "|---|---|---|---|---|"]
     for c in result.checks:
         lines.append(f"| {c.name} | {icon[c.passed]} | {_md_escape(c.value)} | "

@@ -71,7 +71,7 @@ def scan_summary(result: "ScanResult") -> str:
     """The line before the table: model, probe size, accuracy and errors."""
     ev = result.evaluation
     return (f"{result.checkpoint.arch}: {result.checkpoint.parameters:,} parameters; probe "
-            f"{ev.n} images, accuracy {100 * ev.accuracy:.2f}% "
+            f"{ev.n} {result.probe.unit}, accuracy {100 * ev.accuracy:.2f}% "
             f"({len(ev.misclassified)} misclassified)")
 
 

@@ -210,10 +210,10 @@ def _overlap_warnings(probe: ProbeSet, train: ProbeSet, allow: bool) -> List[str
     if overlap and not allow:
         p, t = overlap[0]
         raise OverlapError(
-            f"{len(overlap)} probe image(s) also appear in the repair data (by content hash; "
-            f"e.g. probe #{p} = train #{t}); the probe must be held out to count fixes "
-            "honestly. Use a separate split, or pass --allow-overlap")
-    return [f"{len(overlap)} probe images also appear in the repair data "
+            f"{len(overlap)} probe {probe.unit[:-1]}(s) also appear in the repair data (by "
+            f"content hash; e.g. probe #{p} = train #{t}); the probe must be held out to count "
+            "fixes honestly. Use a separate split, or pass --allow-overlap")
+    return [f"{len(overlap)} probe {probe.unit} also appear in the repair data "
             "(--allow-overlap): fixes on them are not held-out evidence"] if overlap else []
 
 

@@ -33,11 +33,19 @@ RANDOM_SHARE_ACCEPT = 0.1
 
 
 def content_hashes(probe: ProbeSet, batch_size: int = 256) -> List[str]:
-    """SHA-1 of every image's decoded 8-bit pixels (shape included), in probe order."""
+    """SHA-1 of every image's decoded 8-bit pixels (shape included), in probe order; of a
+    non-image input's values as the model gets them (float32 or int64, shape and dtype
+    included): 8-bit quantisation would make distinct token ids or feature rows equal."""
     out: List[str] = []
     for start in range(0, len(probe), batch_size):
         positions = list(range(start, min(start + batch_size, len(probe))))
         x = probe.load(positions, normalized=False)
+        if not probe.is_image:
+            for row in x:
+                digest = hashlib.sha1(f"{tuple(row.shape)} {row.dtype}".encode())
+                digest.update(row.contiguous().numpy().tobytes())
+                out.append(digest.hexdigest())
+            continue
         pixels = (x.clamp(0, 1) * 255).round().to(torch.uint8)
         for img in pixels:
             digest = hashlib.sha1(str(tuple(img.shape)).encode())
