@@ -19,6 +19,7 @@ BENCHMARKS = {
     "train": "epochs to 90%%/95%% test accuracy: sgd, nesterov, beta, hybrid, adam",
     "torchvision": "every torchvision classifier saved at its defaults: load, scan, guess the arch",
     "sources": "timm models and transformers directories saved by their library: scan, guess",
+    "tabular": "a non-image model (MLP on digits rows): scan, compare, sanity, fix, 5 seeds",
     "localize": "ground truth: is a planted defect or a shift's best group ranked first?",
 }
 

@@ -189,6 +189,27 @@ def _hf_one(name: str, make: Callable[[], Any], tmp: Path) -> Dict[str, Any]:
     return row
 
 
+def _isolated(kind: str, name: str, tmp: Path) -> Dict[str, Any]:
+    """One model's row, computed in a child process: a crash of the interpreter (torch has
+    segfaulted in a backward pass of one timm model here) becomes a row of its own instead of
+    ending the benchmark."""
+    import signal
+    import subprocess
+
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "bench.sources_bench", kind, name, str(tmp)],
+                          capture_output=True, text=True, env=os.environ.copy())
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    code = proc.returncode
+    why = (f"signal {-code} ({signal.Signals(-code).name})" if code < 0
+           else f"exit {code}: {(proc.stderr.strip().splitlines() or [''])[-1][:160]}")
+    failed = {"exit": None, "crash": why, "error": f"process crashed: {why}",
+              "seconds": round(time.perf_counter() - start, 1), "traceback": True}
+    return {"source": kind, "name": name, "arch": failed}
+
+
 def run(args: argparse.Namespace) -> int:
     command = shlex.join(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     commit = common.git_commit()
@@ -197,36 +218,40 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MODEL_AUDIT_CACHE"] = str(Path(tmp) / "cache")  # start from no cache
         for name in _timm_names(args):
-            rows.append(_timm_one(name, Path(tmp)))
+            rows.append(_isolated("timm", name, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
         configs = _hf_configs()
         wanted = args.only_hf.split(",") if args.only_hf is not None else list(configs)
         for name in [n for n in wanted if n]:
             if name not in configs:
                 raise SystemExit(f"--only-hf: {name} is not one of {', '.join(configs)}")
-            make = configs[name]
-            rows.append(_hf_one(name, make, Path(tmp)))
+            rows.append(_isolated("transformers", name, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
     total = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2
     timm_rows = [r for r in rows if r["source"] == "timm"]
     hf_rows = [r for r in rows if r["source"] == "transformers"]
     scanned = sum(r["arch"]["exit"] == 0 for r in rows)
     tracebacks = sum(bool(r["arch"].get("traceback") or r.get("guess", {}).get("traceback"))
-                     for r in rows)
-    right = sum(r["guess"].get("arch") == f"timm:{r['name']}" for r in timm_rows)
+                     for r in rows if not r["arch"].get("crash"))
+    guessed = [r for r in timm_rows if "guess" in r]
+    right = sum(r["guess"].get("arch") == f"timm:{r['name']}" for r in guessed)
     listed = sum(r["guess"]["exit"] == 2 and f"timm:{r['name']}" in r["guess"].get("error", "")
-                 for r in timm_rows)
+                 for r in guessed)
     lines = common.section_header("timm and Hugging Face checkpoints: load and scan", command,
                                   commit, "cpu")
+    crashed = [f"{r['name']} ({r['arch']['crash']})" for r in rows if r["arch"].get("crash")]
     lines += [
         f"- {scanned} of {len(rows)} scanned ({len(timm_rows)} timm with `--arch timm:NAME`, "
         f"{len(hf_rows)} transformers `save_pretrained` directories); tracebacks: {tracebacks}",
         f"- without `--arch`, timm: the guess was the model itself for {right} of "
-        f"{len(timm_rows)}; for {listed} more it was among several listed (exit 2: "
+        f"{len(guessed)}; for {listed} more it was among several listed (exit 2: "
         "architectures with identical keys and shapes); wrong: "
-        f"{len(timm_rows) - right - listed}",
-        f"- {total:.0f} s in all, guesses from an empty key cache; peak memory {peak:.1f} GiB",
+        f"{len(guessed) - right - listed}",
+        f"- interpreter crashes (each model runs in a child process): "
+        f"{', '.join(crashed) or 'none'}",
+        f"- {total:.0f} s in all, guesses from an empty key cache; peak memory of a model's "
+        f"process {peak:.1f} GiB",
         "", "| source | model | parameters | scan | groups | guessed without --arch "
         "| scan s | guess s |", "|---|---|---:|---|---|---|---:|---:|"]
     for r in rows:
@@ -236,7 +261,9 @@ def run(args: argparse.Namespace) -> int:
         groups = scan.get("groups") or []
         shown = ", ".join(groups if len(groups) <= 6 else groups[:3] + ["..."] + groups[-2:])
         guess = r.get("guess")
-        if guess is None:
+        if scan.get("crash"):
+            guessed, guess_s = "-", ""
+        elif guess is None:
             guessed, guess_s = "(config.json names it)", ""
         else:
             guessed = guess.get("arch") or _listed(guess)
@@ -249,4 +276,11 @@ def run(args: argparse.Namespace) -> int:
         print(problem, file=sys.stderr)
         return 2
     print(f"appended to {args.out}")
-    return 0 if scanned == len(rows) and not tracebacks else 1
+    return 0 if scanned == len(rows) and not tracebacks and not crashed else 1
+
+
+if __name__ == "__main__":  # one model in a child process of run(): its row as JSON
+    _kind, _name, _tmp = sys.argv[1:4]
+    _row = (_timm_one(_name, Path(_tmp)) if _kind == "timm"
+            else _hf_one(_name, _hf_configs()[_name], Path(_tmp)))
+    print(json.dumps(_row), flush=True)
