@@ -93,8 +93,9 @@ def open_probe_for(ckpt: LoadedCheckpoint, probe: "os.PathLike[str] | str",
         given = [flag for flag, value in (("--normalize", options.normalize),
                                           ("--resize", options.resize)) if value]
         if given:
-            warnings.append(f"{' and '.join(given)} apply to images only and were ignored: "
-                            f"{probe} holds inputs, given to the model as stored")
+            verbs = ("apply", "were") if len(given) > 1 else ("applies", "was")
+            warnings.append(f"{' and '.join(given)} {verbs[0]} to images only and {verbs[1]} "
+                            f"ignored: {probe} holds inputs, given to the model as stored")
     else:
         if normalize is None:
             normalize = "none"

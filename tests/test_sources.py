@@ -251,3 +251,15 @@ def test_missing_extras_say_what_to_install(vit_dir, timm_file, monkeypatch):
         load_checkpoint(timm_file, arch="timm:test_resnet")
     with pytest.raises(ArchitectureError, match=r"timm is not installed, so its architectures"):
         load_checkpoint(timm_file)  # without timm nothing matches: asked for --arch
+
+
+def test_hf_encoder_with_a_block_list_and_more_is_split_by_block():
+    from transformers import EfficientNetConfig, EfficientNetForImageClassification
+
+    model = EfficientNetForImageClassification(EfficientNetConfig(
+        image_size=32, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320,
+        num_labels=3))
+    names = [g.name for g in layer_groups(model)]
+    assert names[0] == "efficientnet.embeddings" and names[-1] == "classifier"
+    assert "efficientnet.encoder.blocks.0" in names and "efficientnet.encoder.top_conv" in names
+    assert "efficientnet.encoder" not in names

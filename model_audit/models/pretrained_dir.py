@@ -342,13 +342,19 @@ def hf_units(model: nn.Module) -> List[Tuple[str, List[str], List[str]]]:
 
 
 def _expanded(name: str, module: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """The items of ``module`` when it is a list of layers (or holds one and nothing else
-    with parameters, like an encoder); else ``module`` itself."""
+    """The items of ``module`` when it is a list of layers; when it holds one list of layers
+    (an encoder), the list's items and each of its other children with parameters (an
+    EfficientNet encoder's top convolution and norm); else ``module`` itself."""
     if isinstance(module, nn.ModuleList):
         return [(f"{name}.{i}", m) for i, m in module.named_children()]
     owning = [(n, c) for n, c in module.named_children() if any(True for _ in c.parameters())]
-    if (len(owning) == 1 and isinstance(owning[0][1], nn.ModuleList)
-            and not any(True for _ in module.parameters(recurse=False))):
-        lname, items = owning[0]
-        return [(f"{name}.{lname}.{i}", m) for i, m in items.named_children()]
+    lists = [n for n, c in owning if isinstance(c, nn.ModuleList)]
+    if len(lists) == 1 and not any(True for _ in module.parameters(recurse=False)):
+        out: List[Tuple[str, nn.Module]] = []
+        for cname, child in owning:
+            if cname == lists[0]:
+                out.extend((f"{name}.{cname}.{i}", m) for i, m in child.named_children())
+            else:
+                out.append((f"{name}.{cname}", child))
+        return out
     return [(name, module)]
