@@ -297,3 +297,18 @@ def test_step_size_check_halves_a_too_large_rate(sgd_checkpoint, digits_probe):
     # per-image losses at theta_0 come from the first pass
     assert torch.allclose(small.initial_losses, F.cross_entropy(ckpt.model(x), y, reduction="none"),
                           atol=1e-5)
+
+
+def test_channels_last_can_be_turned_off(monkeypatch):
+    import torch
+    from model_audit.core.evaluate import fast_layout
+    from model_audit.models.registry import build_model
+
+    model = build_model("tiny-resnet", 10)
+    conv = model.conv1.weight
+    with fast_layout(model, "cpu"):
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert conv.is_contiguous()
+    monkeypatch.setenv("MODEL_AUDIT_CHANNELS_LAST", "0")
+    with fast_layout(model, "cpu"):
+        assert conv.is_contiguous()

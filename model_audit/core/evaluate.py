@@ -6,6 +6,7 @@ Example:
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -22,6 +23,10 @@ def _inputs_channels_last(module: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any
                  if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args)
 
 
+#: Set to 0 to run convolutions in the default (contiguous) layout on the CPU.
+CHANNELS_LAST_ENV = "MODEL_AUDIT_CHANNELS_LAST"
+
+
 @contextmanager
 def fast_layout(model: nn.Module, device: str) -> Iterator[None]:
     """Run ``model`` in the channels-last memory format inside the block, on the CPU.
@@ -31,9 +36,15 @@ def fast_layout(model: nn.Module, device: str) -> Iterator[None]:
     ``bench/RESULTS.md``); the values are the same. On exit the parameters are contiguous again
     (with their current values: a block that trains them keeps what it learned). Nothing
     changes on CUDA or for models without 4-d parameters.
+
+    ``MODEL_AUDIT_CHANNELS_LAST=0`` turns it off: with torch 2.14.1 on the CPU, the backward
+    pass of timm's ``repvgg_a2`` in this layout corrupted the heap with 2 threads (the process
+    died with SIGSEGV or "corrupted double-linked list"); contiguous, or with one thread, it
+    ran (``bench/RESULTS.md``, "timm and Hugging Face checkpoints").
     """
+    enabled = os.environ.get(CHANNELS_LAST_ENV, "1").strip() not in ("0", "false", "no", "off")
     params = [p for p in model.parameters()
-              if p.dim() == 4 and p.is_contiguous()] if device == "cpu" else []
+              if p.dim() == 4 and p.is_contiguous()] if device == "cpu" and enabled else []
     if not params:
         yield
         return
