@@ -219,6 +219,8 @@ def test_compare_fix_and_gate_on_the_mlp(tabular, tmp_path):
     assert report["broken"] == int(((before == y) & (after != y)).sum())
     html = (tmp_path / "fix" / "report.html").read_text()
     assert "<img" not in html and f"({len(y)} inputs)" in html
+    assert "<th>inputs</th>" in html and "probe images" not in html
+    assert "on the same probe inputs" in result.output
     if report["images"]["fixed"]:
         first = report["images"]["fixed"][0]["index"]
         row = " ".join(format(v, ".3g") for v in tabular["x"][first][:16].tolist())

@@ -281,7 +281,8 @@ def controls_chart(data: Dict[str, Any]) -> str:
     ax.bar(x + 0.27, [r["net"] for r in runs], 0.27, color="#2e86c1", label="net")
     ax.axhline(0, color="#333", lw=0.8)
     ax.set_xticks(x, labels, fontsize=8)
-    ax.set_ylabel("probe images")
+    ax.set_ylabel("probe inputs" if data.get("probe", {}).get("kind") == "inputs"
+                  else "probe images")
     ax.set_xlabel("retrained selection")
     ax.legend(fontsize=7, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)

@@ -210,7 +210,8 @@ def _fix_verdict_lines(data: Dict[str, Any]) -> List[str]:
     paired = [f"{c['name']} p {p_value(c['vs_flagged']['p_value'])}" for c in data["controls"]
               if c.get("vs_flagged")]
     if paired:
-        lines.append("paired McNemar test against each control on the same probe images: " +
+        unit = "inputs" if data.get("probe", {}).get("kind") == "inputs" else "images"
+        lines.append(f"paired McNemar test against each control on the same probe {unit}: " +
                      ", ".join(paired) + "; significantly better than: " +
                      (", ".join(verdict["beat_significantly"]) or "none") +
                      "; significantly worse than: " +
