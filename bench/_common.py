@@ -11,10 +11,11 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -215,6 +216,17 @@ def _sync(device: str) -> None:
 
     if device.startswith("cuda"):
         torch.cuda.synchronize(torch.device(device))
+
+
+def write_section(path: Path, lines: Sequence[str]) -> bool:
+    """Append the section ``lines`` to ``path`` and say so; False (and why, on stderr) when
+    it cannot be written."""
+    problem = append_results(path, "\n".join(lines) + "\n")
+    if problem:
+        print(problem, file=sys.stderr)
+        return False
+    print(f"appended to {path}")
+    return True
 
 
 def append_results(path: Path, section: str) -> Optional[str]:

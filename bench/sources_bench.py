@@ -134,16 +134,13 @@ def _hf_configs() -> Dict[str, Callable[[], Any]]:
     def labelled(config: Any) -> Any:
         config.num_labels = 10
         return config
+    # the tiny transformer encoder shared by the ViT-like families
+    vit = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               image_size=32, patch_size=8)
     return {
-        "ViTForImageClassification": lambda: labelled(t.ViTConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            image_size=32, patch_size=8)),
-        "DeiTForImageClassification": lambda: labelled(t.DeiTConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            image_size=32, patch_size=8)),
-        "BeitForImageClassification": lambda: labelled(t.BeitConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            image_size=32, patch_size=8)),
+        "ViTForImageClassification": lambda: labelled(t.ViTConfig(**vit)),
+        "DeiTForImageClassification": lambda: labelled(t.DeiTConfig(**vit)),
+        "BeitForImageClassification": lambda: labelled(t.BeitConfig(**vit)),
         "Dinov2ForImageClassification": lambda: labelled(t.Dinov2Config(
             hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
             image_size=32, patch_size=8)),
@@ -271,11 +268,8 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"| {r['source']} | {r['name']} | {r.get('parameters', 0):,} | {status} | "
                      f"{len(groups)}: {shown} | {guessed} | {scan.get('seconds', '')} | "
                      f"{guess_s} |")
-    problem = common.append_results(args.out, "\n".join(lines) + "\n")
-    if problem:
-        print(problem, file=sys.stderr)
+    if not common.write_section(args.out, lines):
         return 2
-    print(f"appended to {args.out}")
     return 0 if scanned == len(rows) and not tracebacks and not crashed else 1
 
 

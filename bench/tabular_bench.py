@@ -185,9 +185,6 @@ def run(args: argparse.Namespace) -> int:
             groups = s["groups"] if isinstance(s["groups"], list) else [s["groups"]]
             lines.append(f"| {r['seed']} | {s['name']} | {', '.join(map(str, groups))} | "
                          f"{s['fixed']} | {s['broken']} | {s['net']:+d} |")
-    problem = common.append_results(args.out, "\n".join(lines) + "\n")
-    if problem:
-        print(problem, file=sys.stderr)
+    if not common.write_section(args.out, lines):
         return 2
-    print(f"appended to {args.out}")
     return 0

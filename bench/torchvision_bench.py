@@ -104,9 +104,6 @@ def run(args: argparse.Namespace) -> int:
         arch = "scanned" if r["arch"] == 0 else f"exit {r['arch']}: {r.get('arch_error', '')}"
         lines.append(f"| {r['name']} | {r['parameters']:,} | {r['size']} | {arch} | {guess} | "
                      f"{r['seconds']} |")
-    problem = common.append_results(args.out, "\n".join(lines) + "\n")
-    if problem:
-        print(problem, file=sys.stderr)
+    if not common.write_section(args.out, lines):
         return 2
-    print(f"appended to {args.out}")
     return 0 if ok == len(rows) and right == len(rows) else 1

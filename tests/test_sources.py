@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from conftest import snapshot
 from model_audit.cli import cli
 from model_audit.core.layers import layer_groups
-from model_audit.errors import ArchitectureError, CheckpointError
+from model_audit.errors import ArchitectureError
 from model_audit.models.checkpoint import load_checkpoint
 
 timm = pytest.importorskip("timm")

@@ -119,8 +119,8 @@ def layer_groups(model: nn.Module, granularity: str = "group") -> List[LayerGrou
                 join = (lambda n, m=mname: f"{m}.{n}" if m else n)
                 units.append((mname or own[0], [join(n) for n in own],
                               [join(n) for n, _ in module.named_buffers(recurse=False)]))
-    elif _source_units(model, granularity) is not None:
-        units = _source_units(model, granularity)
+    elif (own := _source_units(model, granularity)) is not None:
+        units = own
     else:
         units = _units(model, "")
         if len([u for u in units if "." not in u[0]]) < MIN_TOP_LEVEL_GROUPS:

@@ -34,15 +34,11 @@ import torch
 from torch import nn
 
 from ..errors import ArchitectureError, CheckpointError
-from ..io.tensors import sha256_file, validate_safetensors_header
+from ..io.tensors import META_PREFIX, sha256_file, validate_safetensors_header
 
 HF_PREFIX = "hf:"
 CONFIG = "config.json"
 PREPROCESSOR = "preprocessor_config.json"
-
-
-def is_model_dir(path: os.PathLike) -> bool:
-    return Path(path).is_dir()
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
@@ -111,7 +107,7 @@ def _load_timm_dir(path: Path, config: Dict[str, Any], arch: Optional[str],
     classes = tuple(labels) if isinstance(labels, list) and all(
         isinstance(c, str) for c in labels) and len(labels) == loaded.num_classes else None
     return replace(loaded, path=str(path), weights_file=str(weights),
-                   normalize=loaded.metadata.get("model_audit.normalize") or normalize
+                   normalize=loaded.metadata.get(META_PREFIX + "normalize") or normalize
                    or loaded.normalize,
                    input_size=input_size or loaded.input_size, classes=classes,
                    preprocessing_from=f"{path}/{CONFIG} (timm's pretrained_cfg)")

@@ -223,12 +223,18 @@ def _registered_matches(shapes: Mapping[str, Sequence[int]]) -> List[str]:
         if set(expected) != set(shapes) - aux:
             continue
         head = head_name(model)
-        if all(tuple(expected[k].shape) == tuple(shapes[k])
-               or (k in (f"{head}.weight", f"{head}.bias")
-                   and tuple(expected[k].shape)[1:] == tuple(shapes[k])[1:])
-               for k in expected):
+        if shapes_match(expected, shapes, (f"{head}.weight", f"{head}.bias")):
             out.append(name)
     return out
+
+
+def shapes_match(expected: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]],
+                 head_keys: Sequence[str]) -> bool:
+    """Every tensor of ``expected`` has its shape in ``shapes``, the head's (``head_keys``)
+    aside from its first dimension, the number of classes."""
+    return all(tuple(expected[k].shape) == tuple(shapes[k])
+               or (k in head_keys and tuple(expected[k].shape)[1:] == tuple(shapes[k])[1:])
+               for k in expected)
 
 
 def aux_head_keys(arch: str, keys: Sequence[str]) -> List[str]:

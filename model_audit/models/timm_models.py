@@ -216,10 +216,12 @@ def candidates(keys: Sequence[str]) -> List[str]:
     return out
 
 
-def timm_matches(shapes: Mapping[str, Sequence[int]], *, quiet: bool = False) -> List[str]:
+def timm_matches(shapes: Mapping[str, Sequence[int]]) -> List[str]:
     """``timm:<name>`` for every timm architecture with exactly these keys and shapes (the
     head's number of classes aside)."""
     import torch
+
+    from .registry import shapes_match  # the registry imports this module
 
     timm = _timm()
     names = candidates(list(shapes))
@@ -230,7 +232,7 @@ def timm_matches(shapes: Mapping[str, Sequence[int]], *, quiet: bool = False) ->
         cache = {}
     digest = _keys_digest(list(shapes))
     todo = [n for n in names if n not in cache]
-    if len(todo) > 20 and not quiet:
+    if len(todo) > 20:
         print(f"model-audit: comparing the checkpoint with {len(todo)} timm architectures "
               f"(about {len(todo) // 8 + 1} s, once: kept in {cache_path})", file=sys.stderr)
     out = []
@@ -247,9 +249,7 @@ def timm_matches(shapes: Mapping[str, Sequence[int]], *, quiet: bool = False) ->
         if cache[name] != digest:
             continue
         head = [k for k in expected if tuple(expected[k].shape)[:1] == (1000,)]
-        if all(tuple(expected[k].shape) == tuple(shapes[k])
-               or (k in head and tuple(expected[k].shape)[1:] == tuple(shapes[k])[1:])
-               for k in expected):
+        if shapes_match(expected, shapes, head):
             out.append(PREFIX + name)
     if changed:
         _save_cache(cache_path, cache)

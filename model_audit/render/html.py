@@ -23,16 +23,18 @@ from PIL import Image
 from ..errors import AuditError, ConfigError
 from ..io.files import atomic_write_bytes
 from ..io.probe import ProbeSet, open_probe
-from .text import num
+from .text import num, probe_unit
 from .text import sanity_verdict as verdict
 
 MAX_THUMBNAILS = 32
 
 
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.PackageLoader("model_audit.render", "templates"),
         autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.globals["probe_unit"] = probe_unit
+    return env
 
 
 def _figure(width: float, height: float) -> Tuple[Figure, Any]:
@@ -281,8 +283,7 @@ def controls_chart(data: Dict[str, Any]) -> str:
     ax.bar(x + 0.27, [r["net"] for r in runs], 0.27, color="#2e86c1", label="net")
     ax.axhline(0, color="#333", lw=0.8)
     ax.set_xticks(x, labels, fontsize=8)
-    ax.set_ylabel("probe inputs" if data.get("probe", {}).get("kind") == "inputs"
-                  else "probe images")
+    ax.set_ylabel(f"probe {probe_unit(data.get('probe', {}))}")
     ax.set_xlabel("retrained selection")
     ax.legend(fontsize=7, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)

@@ -5,7 +5,7 @@ here prints or exits.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
 from tabulate import tabulate
 
@@ -15,6 +15,16 @@ from ..core.scoring import RANDOM
 if TYPE_CHECKING:  # the commands import this module to render: types only, no cycle at run time
     from ..commands.compare import CompareResult
     from ..commands.scan import ScanResult
+
+
+def probe_unit(probe: Mapping[str, Any]) -> str:
+    """What a probe section of a result file held, for text: ``images``, or ``inputs`` for
+    a tensor probe of non-image data.
+
+    >>> probe_unit({"kind": "inputs"}), probe_unit({"kind": "imagefolder"}), probe_unit({})
+    ('inputs', 'images', 'images')
+    """
+    return "inputs" if probe.get("kind") == "inputs" else "images"
 
 
 def num(value: Optional[float], spec: str = ".3f", missing: str = "n/a") -> str:
@@ -210,8 +220,8 @@ def _fix_verdict_lines(data: Dict[str, Any]) -> List[str]:
     paired = [f"{c['name']} p {p_value(c['vs_flagged']['p_value'])}" for c in data["controls"]
               if c.get("vs_flagged")]
     if paired:
-        unit = "inputs" if data.get("probe", {}).get("kind") == "inputs" else "images"
-        lines.append(f"paired McNemar test against each control on the same probe {unit}: " +
+        lines.append("paired McNemar test against each control on the same probe "
+                     f"{probe_unit(data.get('probe', {}))}: " +
                      ", ".join(paired) + "; significantly better than: " +
                      (", ".join(verdict["beat_significantly"]) or "none") +
                      "; significantly worse than: " +

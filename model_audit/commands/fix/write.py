@@ -1,10 +1,11 @@
 """The repaired checkpoint: written, then verified (step 6 of :mod:`model_audit.commands.fix`).
 
 A new safetensors file (for a model directory, a new directory: the weights as
-``model.safetensors`` beside copies of its other files, config.json included), written atomically (temp file in the same directory, fsync, rename),
-re-opened and verified: every tensor outside the retrained groups is byte-identical to the
-input (same key, dtype and bytes), retrained tensors are cast back to their input dtype, and
-the provenance metadata reads back as written. The input is never modified.
+``model.safetensors`` beside copies of its other files, config.json included), written
+atomically (temp file in the same directory, fsync, rename), re-opened and verified: every
+tensor outside the retrained groups is byte-identical to the input (same key, dtype and
+bytes), retrained tensors are cast back to their input dtype, and the provenance metadata
+reads back as written. The input is never modified.
 """
 from __future__ import annotations
 
