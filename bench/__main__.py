@@ -20,6 +20,7 @@ BENCHMARKS = {
     "torchvision": "every torchvision classifier saved at its defaults: load, scan, guess the arch",
     "sources": "timm models and transformers directories saved by their library: scan, guess",
     "tabular": "a non-image model (MLP on digits rows): scan, compare, sanity, fix, 5 seeds",
+    "distributed": "1 process vs torchrun ranks: time, parallel efficiency, same answer, memory",
     "localize": "ground truth: is a planted defect or a shift's best group ranked first?",
 }
 

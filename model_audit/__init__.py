@@ -16,8 +16,8 @@ from .models.checkpoint import LoadedCheckpoint, load_checkpoint
 
 from .models.registry import available_architectures, build_model
 from .errors import (  # noqa: E402
-    ArchitectureError, AuditError, CheckpointError, ConfigError, OutputError, ProbeError,
-    ReplayError)
+    ArchitectureError, AuditError, CheckpointError, ConfigError, DistributedError, OutputError,
+    ProbeError, ReplayError)
 from .core.layers import LayerGroup, layer_groups  # noqa: E402
 from .options import AuditOptions  # noqa: E402
 from .io.probe import ProbeSet, open_probe  # noqa: E402
@@ -39,7 +39,8 @@ __all__ = [
     "check_gate", "compare", "fix", "load_policy", "render_directory", "write_compare",
     "write_fix", "write_gate", "PlantResult", "calibrate", "SanityConfig", "SanityResult",
     "sanity", "write_sanity",
-    "ConfigError", "LayerGroup", "LayerScore", "LoadedCheckpoint", "MomentumScheduler",
+    "ConfigError", "DistributedError", "LayerGroup", "LayerScore", "LoadedCheckpoint",
+    "MomentumScheduler",
     "OutputError", "ProbeError", "ProbeSet", "ReplayConfig", "ReplayError", "ScanConfig",
     "ScanResult", "available_architectures", "beta_momentum", "build_model", "damping_ratio",
     "damping_regime", "hybrid_momentum", "layer_groups", "load_checkpoint", "open_probe", "scan",

@@ -9,13 +9,15 @@ bodies stay a few lines each, and the text they print comes from :mod:`model_aud
 """
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional, Tuple
 
 import click
 
-from . import __version__
+from . import __version__, distributed
 from .baselines import resolve_baselines
 from .commands.compare import CompareConfig, write_compare
 from .commands.compare import compare as run_compare
@@ -75,7 +77,10 @@ class AuditGroup(click.Group):
 
         def invoke(self, ctx: click.Context) -> Any:
             AuditGroup.refuse_outputs_over_inputs(ctx)
-            return super().invoke(ctx)
+            # under torchrun: join the process group; rank 0 prints, the others are quiet
+            with distributed.session(ctx.params.get("device") or "auto") as dctx:
+                _quiet_unless_main(dctx)
+                return super().invoke(ctx)
 
     command_class = Command
 
@@ -121,6 +126,22 @@ class AuditGroup(click.Group):
             ctx.exit(130)
 
 
+def _quiet_unless_main(dctx: distributed.Context) -> None:
+    """A rank other than 0 prints nothing from here on: its stdout and stderr go to os.devnull
+    for the rest of the process (the error message of a failed command, printed after this
+    block, included: rank 0 prints the same); the traceback of an unexpected error still
+    reaches its real stderr."""
+    if not dctx.is_main:
+        rank = dctx.rank
+
+        def hook(kind: Any, value: Any, tb: Any) -> None:
+            sys.__stderr__.write(f"[model-audit rank {rank}] ")
+            traceback.print_exception(kind, value, tb, file=sys.__stderr__)
+
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process
+        sys.excepthook = hook
+
+
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The options that choose the model and the probe, the same in every command."""
     options = [
@@ -150,6 +171,9 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      show_default=True, help="Layer groups: top-level groups, blocks or modules."),
         click.option("--batch-size", type=int, default=128, show_default=True,
                      help="Images per forward/backward pass (bounds memory)."),
+        click.option("--workers", type=int, default=None,
+                     help="DataLoader processes decoding probe images ahead of the model "
+                          "(default: up to 4 for an image folder, 0 for a tensor file)."),
         click.option("--quiet", "-q", is_flag=True, default=False,
                      help="No progress bars and no warnings; only the result."),
     ]
@@ -162,7 +186,7 @@ def _audit_options(kw: dict) -> AuditOptions:
     return AuditOptions(arch=kw["arch"], num_classes=kw["num_classes"],
                         normalize=kw["normalize"], resize=kw["resize"], limit=kw["limit"],
                         seed=kw["seed"], device=kw["device"], granularity=kw["granularity"],
-                        batch_size=kw["batch_size"])
+                        batch_size=kw["batch_size"], workers=kw["workers"])
 
 
 def _need_probe(probe: Optional[Path]) -> Path:
@@ -239,7 +263,7 @@ def scan(checkpoint: Path, out: Optional[Path], bootstrap: int, replay_steps: in
     config.validate()
     out = out if out is not None else Path("reports") / checkpoint.stem
     result = run_scan(checkpoint, probe, config, progress=_progress(kw["quiet"]))
-    paths = write_scan(result, out)
+    paths = distributed.on_main(write_scan, result, out)
     if not kw["quiet"]:
         for warning in result.warnings:
             click.echo(f"warning: {warning}", err=True)
@@ -286,7 +310,7 @@ def compare(a: Path, b: Path, out: Optional[Path], allow_partial: bool, resample
     progress = _progress(kw["quiet"])
     scans = [_scan_or_load(a, kw, progress), _scan_or_load(b, kw, progress)]
     result = run_compare(scans[0], scans[1], config)
-    paths = write_compare(result, out, inputs=(a, b))
+    paths = distributed.on_main(write_compare, result, out, inputs=(a, b))
     click.echo(text.compare_text(result))
     if not kw["quiet"]:
         click.echo(f"wrote {paths['compare']} and {paths['report']}")
@@ -322,9 +346,7 @@ def gate(checkpoint: Optional[Path], policy: Optional[Path], baseline: Optional[
     """
     if init:
         target = policy or Path("model-audit-policy.toml")
-        if target.exists():
-            raise _fail(f"{target} exists; not overwriting it (give another --policy path)")
-        atomic_write_bytes(target, EXAMPLE_POLICY.encode("utf-8"))
+        distributed.on_main(_write_policy, target)
         click.echo(f"wrote {target}")
         return
     if checkpoint is None:
@@ -338,15 +360,21 @@ def gate(checkpoint: Optional[Path], policy: Optional[Path], baseline: Optional[
         result = check_gate(checkpoint, probe, rules, baseline=baseline,
                             scan_config=ScanConfig(options=_audit_options(kw)),
                             progress=_progress(kw["quiet"]), sanity=sanity_file)
-        write_gate(result, out, junit=junit, summary=summary,
-                   inputs=tuple(p for p in (checkpoint, probe, policy, baseline, sanity_file)
-                                if p))
+        distributed.on_main(write_gate, result, out, junit=junit, summary=summary,
+                            inputs=tuple(p for p in (checkpoint, probe, policy, baseline,
+                                                     sanity_file) if p))
     except AuditError:
         raise
     except Exception as exc:  # an internal error must not look like a pass or a failed check
         raise _fail(f"internal error: {type(exc).__name__}: {exc}") from exc
     click.echo(markdown_summary(result).rstrip())
     click.get_current_context().exit(result.exit_code)
+
+
+def _write_policy(target: Path) -> None:
+    if target.exists():
+        raise OutputError(f"{target} exists; not overwriting it (give another --policy path)")
+    atomic_write_bytes(target, EXAMPLE_POLICY.encode("utf-8"))
 
 
 def _wrong_fraction(text: str) -> Optional[float]:
@@ -424,7 +452,7 @@ def fix(checkpoint: Path, train: Path, output: Path, layers: str, audit: Optiona
     out = out if out is not None else Path("reports") / f"fix-{checkpoint.stem}"
     result = run_fix(checkpoint, train, probe, output, config, audit=audit,
                      progress=_progress(kw["quiet"]))
-    paths = write_fix(result, out)
+    paths = distributed.on_main(write_fix, result, out)
     if not kw["quiet"]:
         for warning in result.warnings:
             click.echo(f"warning: {warning}", err=True)
@@ -490,7 +518,7 @@ def sanity(checkpoint: Path, defects: str, drop: float, tolerance: float, groups
     result = run_sanity_cli(checkpoint, probe, config, keep_damaged=keep_damaged,
                             progress=_progress(kw["quiet"]),
                             say=None if kw["quiet"] else (lambda m: click.echo(m, err=True)))
-    paths = write_sanity(result, out, inputs=(checkpoint, probe))
+    paths = distributed.on_main(write_sanity, result, out, inputs=(checkpoint, probe))
     data = result.to_dict()
     click.echo(format_sanity(data))
     if not kw["quiet"]:
@@ -501,7 +529,7 @@ def sanity(checkpoint: Path, defects: str, drop: float, tolerance: float, groups
 @click.argument("directory", type=click.Path(path_type=Path))
 def report(directory: Path) -> None:
     """Re-render DIRECTORY/report.html from the JSON files a command wrote there."""
-    click.echo(f"wrote {render_directory(directory)}")
+    click.echo(f"wrote {distributed.on_main(render_directory, directory)}")
 
 
 @cli.command()

@@ -46,3 +46,7 @@ class EmptyProbeError(ProbeError, EmptyInputError):
 
 class EmptyCheckpointError(CheckpointError, EmptyInputError):
     """The checkpoint holds no tensors."""
+
+
+class DistributedError(AuditError):
+    """A distributed run (torchrun) cannot start, or another rank failed."""

@@ -158,6 +158,7 @@ def test_batches_stream(tmp_path, monkeypatch):
     make_folder(tmp_path, {c: [(f"{i}.png", "RGB", (i * 20, 0, 0)) for i in range(n)]
                            for c, n in (("a", 3), ("b", 2), ("c", 2))})
     probe = open_probe(tmp_path, normalize="none")
+    probe.workers = 0  # decoded in this process, where the count below sees it
     decoded = []
     original = ImageFolderProbe._decode
 

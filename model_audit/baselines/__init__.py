@@ -89,6 +89,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed
 from .._progress import progress_bar
 from ..core.layers import LayerGroup
 from ..errors import ConfigError
@@ -323,7 +324,7 @@ def compute_baselines(model: nn.Module, batches: Iterable[Tuple[Any, torch.Tenso
     if not chosen:
         return {}
     _check_settings(n_steps, internal_batch_size)
-    n, batch_size, first = _count_images(batches)
+    n, batch_size, first = _count_images(batches, sharded=getattr(batches, "sharded", False))
     ibs = int(internal_batch_size or getattr(batches, "batch_size", None) or batch_size)
     layer_names = [name for name in chosen if BASELINES[name].needs_layer]
     run = _Run(copy.deepcopy(model).to(device).eval(), groups, batches, device, progress, n,
@@ -360,18 +361,31 @@ def _run_layer_method(name: str, run: _Run, layers: Dict[int, nn.Module]) -> Bas
     t0 = time.perf_counter()
     if layers:
         compute = BASELINES[name].compute
-        with torch.enable_grad():
+        sharded = getattr(run.batches, "sharded", False)
+        with torch.enable_grad(), distributed.agree(sharded):
             for _, x, y in progress_bar(run.batches, total=_len(run.batches),
                                         desc=f"baseline {name}", enabled=run.progress):
                 x, y = x.to(run.device), y.to(run.device).long()
                 for j, s in compute(forward, layers, x, y, run.n_steps, run.ibs).items():
                     totals[j] += float(s.sum())
+        if sharded:  # every rank's shard: the sums over all the images
+            summed = torch.from_numpy(totals)
+            distributed.all_reduce_sum([summed])
+            totals = summed.numpy()
+        _sum_counts(counter, run.batches)
     raw = np.full(len(run.groups), np.nan)
     for j in layers:
         raw[j] = totals[j] / run.n
     settings = _layer_settings(name, run, layers)
     return BaselineResult(name, _shares(raw), counter.forward, counter.backward,
                           time.perf_counter() - t0, settings, raw)
+
+
+def _sum_counts(counter: _Counter, batches: Any) -> None:
+    """The passes of every rank (a sharded cache): the cost of the whole computation."""
+    if getattr(batches, "sharded", False):
+        forward, backward = distributed.sum_values(counter.forward, counter.backward)
+        counter.forward, counter.backward = int(forward), int(backward)
 
 
 def _layer_settings(name: str, run: _Run, layers: Dict[int, nn.Module]) -> Dict[str, Any]:

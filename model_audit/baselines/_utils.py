@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed
 from ..core.layers import LayerGroup
 from ..errors import ConfigError, ReplayError
 
@@ -198,17 +199,28 @@ def _check_settings(n_steps: int, internal_batch_size: Optional[int]) -> None:
         raise ConfigError(f"internal batch size must be >= 1, got {internal_batch_size}")
 
 
-def _count_images(batches: Iterable[Tuple[Any, torch.Tensor, torch.Tensor]]
-                  ) -> Tuple[int, int, torch.Tensor]:
-    """The number of images, the largest batch size and the first non-empty batch's images."""
+def _count_images(batches: Iterable[Tuple[Any, torch.Tensor, torch.Tensor]], *,
+                  sharded: bool = False) -> Tuple[int, int, torch.Tensor]:
+    """The number of images, the largest batch size and the first non-empty batch's images.
+
+    ``sharded``: ``batches`` is this rank's shard of a
+    :class:`~model_audit.io.probe.BatchCache`; the counts are then those of every rank, and
+    the first images are the cache's first position (a rank's shard may be empty).
+    """
     n = 0
     first: Optional[torch.Tensor] = None
     batch_size = 0
-    for _, x, _ in batches:
-        n += int(x.shape[0])
-        batch_size = max(batch_size, int(x.shape[0]))
-        if first is None and len(x):
-            first = x
+    with distributed.agree(sharded):
+        for _, x, _ in batches:
+            n += int(x.shape[0])
+            batch_size = max(batch_size, int(x.shape[0]))
+            if first is None and len(x):
+                first = x
+    if sharded:
+        n = int(distributed.sum_values(n)[0])
+        batch_size = distributed.max_value(batch_size)
+        positions = batches.positions  # type: ignore[attr-defined]
+        first = batches.probe.load(positions[:1]) if positions else None  # type: ignore
     if n == 0 or first is None:
         raise BaselineError("no misclassified images: there is nothing for the baselines to "
                             "attribute")

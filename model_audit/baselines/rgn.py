@@ -50,10 +50,11 @@ def _auto_rgn(net: nn.Module, groups: Sequence[LayerGroup], batches: Iterable, d
         return _relative_norms(groups, params, grad_sq)
     for p in params.values():
         p.requires_grad_(True)
-    with torch.enable_grad():
+    with torch.enable_grad():  # a sharded cache's sums are added over the ranks
         grads, _, images = summed_gradients(
             net, params, progress_bar(batches, total=_len(batches), desc="baseline auto_rgn",
-                                      enabled=progress), device, dtype=torch.float64)
+                                      enabled=progress), device, dtype=torch.float64,
+            all_reduce=getattr(batches, "sharded", False))
     counter.forward += images
     counter.backward += images
     return _relative_norms(groups, params,

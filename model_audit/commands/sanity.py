@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from torch import nn
 
+from .. import distributed
 from ..core.scoring import (RANDOM, MethodSummary, chance_levels, group_output_units, rank_stats,
                             scores_by_method, summarize)
 from ..render.text import sanity_text, sanity_verdict
@@ -347,7 +348,8 @@ def run_sanity_cli(checkpoint: Any, probe: Any, config: SanityConfig, *,
         raise OutputError(f"--keep-damaged {keep} exists and is not a directory")
     scan_config: ScanConfig = config.scan or ScanConfig()
     scan_config.validate()
-    ckpt, probe_set, warnings = load_inputs(checkpoint, probe, scan_config.options)
+    with distributed.agree():
+        ckpt, probe_set, warnings = load_inputs(checkpoint, probe, scan_config.options)
     if say:
         for warning in warnings:
             say(f"warning: {warning}")
@@ -372,11 +374,10 @@ def run_sanity_cli(checkpoint: Any, probe: Any, config: SanityConfig, *,
     def on_damaged(plant: PlantResult, model: nn.Module) -> None:
         if keep is None:
             return
-        keep.mkdir(parents=True, exist_ok=True)
         target = keep / f"{plant.group}-{plant.defect}-s{plant.seed}.safetensors"
         planted = {"model_audit.planted": f"{plant.defect} in {plant.group}, severity "
                                           f"{plant.severity:.4g}, seed {plant.seed}"}
-        save_checkpoint(model.state_dict(), target, metadata={**meta, **planted})
+        distributed.on_main(_keep, model, target, {**meta, **planted})
 
     try:
         return sanity(ckpt, probe_set, config, on_case=on_case, on_plan=on_plan,
@@ -384,6 +385,12 @@ def run_sanity_cli(checkpoint: Any, probe: Any, config: SanityConfig, *,
     finally:
         if bar:
             bar[0].close()
+
+
+def _keep(model: nn.Module, target: Path, metadata: Dict[str, str]) -> None:
+    """Save a damaged copy (``--keep-damaged``), creating its directory."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model.state_dict(), target, metadata=metadata)
 
 
 def method_names(scan_config: Any) -> Tuple[str, ...]:

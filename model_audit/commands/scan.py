@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed
 from ..core.attribution import (METRIC_NAME, NET_METRIC_NAME, Attribution, GroupReductions, attribute,
                           group_net_reductions, group_reductions, net_positions)
 from ..baselines import (BASELINES, DEFAULT_BASELINES, Agreement, BaselineResult,
@@ -180,7 +181,8 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
     opts = config.options
     device = resolve_device(opts.device)
     seed_everything(opts.seed)
-    ckpt, probe, warnings = resolve_inputs(checkpoint, probe, opts)
+    with distributed.agree():  # a file one node cannot read stops every rank
+        ckpt, probe, warnings = resolve_inputs(checkpoint, probe, opts)
     groups: List[LayerGroup] = layer_groups(ckpt.model, opts.granularity)
     timing: Dict[str, float] = {"load_s": time.perf_counter() - start}
     with _on_device(ckpt.model, device):
@@ -247,7 +249,7 @@ def _attribute_errors(ckpt: LoadedCheckpoint, probe: ProbeSet, ev: EvaluationRes
                       progress: bool, timing: Dict[str, float], warnings: List[str]) -> _Found:
     """Replay over the errors, the per-group reductions, scores and flags, the baselines."""
     opts, model, errors = config.options, ckpt.model, ev.misclassified
-    cache = BatchCache(probe, errors, opts.batch_size)
+    cache = BatchCache(probe, errors, opts.batch_size, shard=True)
     t0 = time.perf_counter()
     result_replay = _replay(ckpt, cache, config, device, progress)
     timing["replay_s"] = time.perf_counter() - t0
@@ -257,7 +259,7 @@ def _attribute_errors(ckpt: LoadedCheckpoint, probe: ProbeSet, ev: EvaluationRes
     if config.metric == NET_METRIC_NAME:
         rows = net_positions(ev.n, errors, opts.seed)
         reductions, _ = group_net_reductions(
-            model, BatchCache(probe, rows, opts.batch_size), result_replay.displacement,
+            model, BatchCache(probe, rows, opts.batch_size, shard=True), result_replay.displacement,
             groups, device=device, progress=progress)
         positions = tuple(rows)
     else:

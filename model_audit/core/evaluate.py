@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from .._progress import progress_bar
 from ..errors import ProbeError
 from ..io.probe import ProbeSet
@@ -131,24 +132,34 @@ def evaluate(model: nn.Module, probe: ProbeSet, *, device: str = "cpu", batch_si
              progress: bool = False) -> EvaluationResult:
     """Run ``model`` (in eval mode, restored afterwards) over every probe image.
 
+    In a distributed run (:mod:`model_audit.distributed`) each rank evaluates its contiguous
+    block of the probe and the results are gathered: every rank returns the whole result.
+
     Returns:
         Predictions, softmax confidence of the prediction and cross-entropy per image.
     """
     was_training = model.training
     model.eval()
-    preds, confs, losses = [], [], []
+    mine = distributed.block(len(probe))
+    preds = [torch.empty(0, dtype=torch.long)]
+    confs, losses = [torch.empty(0)], [torch.empty(0)]
     try:
-        batches = probe.batches(batch_size)
-        total = (len(probe) + batch_size - 1) // batch_size
-        for _, x, y in progress_bar(batches, total=total, desc="evaluate", enabled=progress):
-            logits = _logits(model, x.to(device), probe)
-            y = y.to(device)
-            prob = logits.softmax(1)
-            conf, pred = prob.max(1)
-            preds.append(pred.cpu())
-            confs.append(conf.cpu())
-            losses.append(F.cross_entropy(logits, y, reduction="none").cpu())
+        with distributed.agree():
+            batches = probe.batches(batch_size, mine)
+            total = (len(mine) + batch_size - 1) // batch_size
+            for _, x, y in progress_bar(batches, total=total, desc="evaluate",
+                                        enabled=progress):
+                logits = _logits(model, x.to(device), probe)
+                y = y.to(device)
+                prob = logits.softmax(1)
+                conf, pred = prob.max(1)
+                preds.append(pred.cpu())
+                confs.append(conf.cpu())
+                losses.append(F.cross_entropy(logits, y, reduction="none").cpu())
     finally:
         model.train(was_training)
-    return EvaluationResult(probe.labels.clone(), torch.cat(preds), torch.cat(confs),
-                            torch.cat(losses), probe.classes)
+    n = len(probe)
+    return EvaluationResult(probe.labels.clone(),
+                            distributed.gather_rows(torch.cat(preds), n),
+                            distributed.gather_rows(torch.cat(confs), n),
+                            distributed.gather_rows(torch.cat(losses), n), probe.classes)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .. import distributed
 from .._progress import progress_bar
 from ..errors import ConfigError, ReplayError
 from ..io.probe import BatchCache
@@ -108,15 +109,16 @@ def detached_params(model: nn.Module, device: str) -> Dict[str, torch.Tensor]:
 
 def per_sample_losses(model: nn.Module, params: Dict[str, torch.Tensor], batches: BatchCache,
                       device: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample cross-entropy and correctness at ``params`` (no gradient)."""
-    losses, right = [], []
-    with torch.no_grad():
+    """Per-sample cross-entropy and correctness at ``params`` (no gradient), in the order of
+    ``batches.positions`` (gathered from every rank when the cache is sharded)."""
+    losses, right = [torch.empty(0)], [torch.empty(0, dtype=torch.bool)]
+    with torch.no_grad(), distributed.agree(batches.sharded):
         for _, x, y in batches:
             x, y = x.to(device), y.to(device)
             logits = functional_call(model, params, (x,), strict=False).float()
             losses.append(F.cross_entropy(logits, y, reduction="none").cpu())
             right.append((logits.argmax(1) == y).cpu())
-    return torch.cat(losses), torch.cat(right)
+    return batches.gathered(torch.cat(losses)), batches.gathered(torch.cat(right))
 
 
 #: Largest number of halvings of the peak learning rate in the step-size check.
@@ -135,7 +137,8 @@ def _mean_loss(model: nn.Module, params: Dict[str, torch.Tensor], batches: Batch
 def summed_gradients(forward: Callable[[torch.Tensor], torch.Tensor],
                      params: Dict[str, torch.Tensor], batches: Iterable, device: str, *,
                      dtype: Optional[torch.dtype] = None,
-                     per_image: Optional[List[torch.Tensor]] = None
+                     per_image: Optional[List[torch.Tensor]] = None,
+                     all_reduce: bool = False
                      ) -> Tuple[Dict[str, torch.Tensor], float, int]:
     """The gradient of the summed cross-entropy over all ``batches``, accumulated batch by
     batch (memory bounded by one batch), with respect to ``params``.
@@ -146,6 +149,10 @@ def summed_gradients(forward: Callable[[torch.Tensor], torch.Tensor],
         batches: ``(positions, images, labels)`` triples.
         dtype: accumulate in this dtype (default: each parameter's own).
         per_image: when given, each batch's per-image losses are appended (detached, CPU).
+        all_reduce: ``batches`` are this rank's shard (a sharded
+            :class:`~model_audit.io.probe.BatchCache`): the sums are then added over the
+            ranks, so every rank returns the gradient of the whole set (``per_image`` stays
+            this rank's).
 
     Returns:
         (the summed gradient per name, the summed loss, the number of images).
@@ -153,18 +160,23 @@ def summed_gradients(forward: Callable[[torch.Tensor], torch.Tensor],
     names = list(params)
     grads = {k: torch.zeros_like(v, dtype=dtype or v.dtype) for k, v in params.items()}
     total, images = 0.0, 0
-    for _, x, y in batches:
-        x, y = x.to(device), y.to(device)
-        losses = F.cross_entropy(forward(x).float(), y, reduction="none")
-        loss = losses.sum()
-        chunk = torch.autograd.grad(loss, [params[k] for k in names], allow_unused=True)
-        for k, g in zip(names, chunk):
-            if g is not None:
-                grads[k] += g if dtype is None else g.to(dtype)
-        if per_image is not None:
-            per_image.append(losses.detach().cpu())
-        total += float(loss.detach())
-        images += len(y)
+    with distributed.agree(all_reduce):
+        for _, x, y in batches:
+            x, y = x.to(device), y.to(device)
+            losses = F.cross_entropy(forward(x).float(), y, reduction="none")
+            loss = losses.sum()
+            chunk = torch.autograd.grad(loss, [params[k] for k in names], allow_unused=True)
+            for k, g in zip(names, chunk):
+                if g is not None:
+                    grads[k] += g if dtype is None else g.to(dtype)
+            if per_image is not None:
+                per_image.append(losses.detach().cpu())
+            total += float(loss.detach())
+            images += len(y)
+    if all_reduce:
+        distributed.all_reduce_sum(list(grads.values()))
+        total, count = distributed.sum_values(total, images)
+        images = int(count)
     return grads, total, images
 
 
@@ -200,7 +212,7 @@ def replay(model: nn.Module, batches: BatchCache, *, config: ReplayConfig = Repl
     for t in progress_bar(range(config.steps), total=config.steps, desc="replay", enabled=progress):
         grads, total, _ = summed_gradients(
             lambda x: functional_call(model, theta, (x,), strict=False), theta, batches,
-            device, per_image=initial if t == 0 else None)
+            device, per_image=initial if t == 0 else None, all_reduce=batches.sharded)
         mean_loss = total / n
         with torch.no_grad():
             per_param = {k: float(g.div_(n).pow(2).sum()) for k, g in grads.items()}
@@ -234,7 +246,8 @@ def replay(model: nn.Module, batches: BatchCache, *, config: ReplayConfig = Repl
     passes = n * config.steps
     return ReplayResult(tuple(steps), displacement, steps[0].loss, float(final_losses.mean()),
                         int(right.sum()), n, passes + n * search.trials + n, passes,
-                        search.peak, search.trials, torch.cat(initial), search.passed,
+                        search.peak, search.trials,
+                        batches.gathered(torch.cat([torch.empty(0)] + initial)), search.passed,
                         initial_grad_sq)
 
 

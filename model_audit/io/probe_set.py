@@ -3,13 +3,16 @@ stratified subsets and a bounded batch cache (see :mod:`model_audit.io.probe`)."
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
-from ..errors import ProbeError
+from .. import distributed
+from ..errors import AuditError, ProbeError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -117,6 +120,35 @@ def _convert_channels(x: torch.Tensor, channels: int, where: str) -> torch.Tenso
                      "give 1 (grayscale) or 3 (RGB) channel images")
 
 
+class _Failed:
+    """An error a DataLoader worker met, carried to the main process as a value (raised
+    there, it keeps its class and message instead of DataLoader's re-wrapped traceback)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class _Chunks(Dataset):
+    """Batches of positions as a map-style dataset: item ``i`` is (chunk, decoded images)."""
+
+    def __init__(self, probe: "ProbeSet", chunks: List[List[int]]) -> None:
+        self.probe = probe
+        self.chunks = chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> object:
+        try:
+            return self.chunks[i], self.probe.load(self.chunks[i])
+        except AuditError as exc:
+            return _Failed(exc)
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)  # decoding is per process; the model's threads stay free
+
+
 class ProbeSet:
     """A labelled image set read in batches. Subclasses implement :meth:`_load_raw`.
 
@@ -130,6 +162,8 @@ class ProbeSet:
     integer_inputs = False
     #: the stored shape of one row of a tensor probe; () for an ImageFolder (sizes vary)
     input_shape: Tuple[int, ...] = ()
+    #: DataLoader workers that decode batches (None: :meth:`decode_workers` decides)
+    workers: Optional[int] = None
 
     def __init__(self, source: str, classes: Sequence[str], labels: torch.Tensor,
                  *, channels: int, normalization: Normalization,
@@ -174,15 +208,45 @@ class ProbeSet:
             x = self.normalization.apply(x)
         return x
 
+    def decode_workers(self, n_batches: int) -> int:
+        """DataLoader worker processes that decode this probe's batches: ``workers`` when it
+        was given; by default (``None``) up to 4 for an ImageFolder of more than one batch (one
+        core per rank is left to the model), 0 otherwise (tensor files are read, not decoded)."""
+        if self.workers is not None:
+            return max(0, int(self.workers))
+        if self.kind != "imagefolder" or n_batches < 2:
+            return 0
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        return max(0, min(4, (os.cpu_count() or 1) // max(ranks, 1) - 1, n_batches - 1))
+
     def batches(self, batch_size: int, positions: Optional[Sequence[int]] = None
                 ) -> Iterator[Tuple[List[int], torch.Tensor, torch.Tensor]]:
-        """Yield ``(positions, images, labels)`` batches, one decoded at a time."""
+        """Yield ``(positions, images, labels)`` batches, one decoded at a time (in
+        :meth:`decode_workers` DataLoader workers, a few batches ahead, when there are any)."""
         if batch_size < 1:
             raise ProbeError(f"batch size must be >= 1, got {batch_size}")
         order = list(range(len(self))) if positions is None else [int(p) for p in positions]
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            yield chunk, self.load(chunk), self.labels[chunk]
+        chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        workers = self.decode_workers(len(chunks))
+        if workers == 0:
+            for chunk in chunks:
+                yield chunk, self.load(chunk), self.labels[chunk]
+            return
+        loader = DataLoader(_Chunks(self, chunks), batch_size=None, shuffle=False,
+                            num_workers=workers, worker_init_fn=_one_thread)
+        size: Optional[Tuple[int, ...]] = None
+        for item in loader:
+            if isinstance(item, _Failed):
+                raise item.error
+            chunk, x = item
+            if self.is_image and self.resize is None:  # each worker checks only its own
+                if size is None:
+                    size = tuple(x.shape[-2:])
+                elif tuple(x.shape[-2:]) != size:
+                    raise ProbeError(
+                        f"images of {self.source} differ in size ({x.shape[-1]}x{x.shape[-2]} "
+                        f"and {size[1]}x{size[0]}); give --resize to bring them to one size")
+            yield chunk, x, self.labels[chunk]
 
     def subset(self, positions: Sequence[int]) -> "ProbeSet":
         """A probe set of the given positions (same source, no copying of images)."""
@@ -230,12 +294,20 @@ class BatchCache:
     The replay and the attribution pass over the same misclassified images many times;
     decoding them once is enough when they fit in ``budget_bytes`` (default 512 MiB), and
     they are streamed from the probe again otherwise, so memory stays bounded.
+
+    With ``shard=True`` in a distributed run (:mod:`model_audit.distributed`), iterating yields
+    only this rank's contiguous block of ``positions`` (``sharded`` is then True); the
+    functions that take a BatchCache gather or all-reduce what they compute on it.
+    ``positions`` stays the whole list.
     """
 
     def __init__(self, probe: ProbeSet, positions: Sequence[int], batch_size: int,
-                 budget_bytes: int = 512 << 20) -> None:
+                 budget_bytes: int = 512 << 20, *, shard: bool = False) -> None:
         self.probe = probe
         self.positions = [int(p) for p in positions]
+        self.sharded = shard and distributed.current().active
+        self.local_positions = (distributed.local_part(self.positions) if self.sharded
+                                else self.positions)
         self.batch_size = batch_size
         self.budget = budget_bytes
         self._cache: Optional[List[Tuple[List[int], torch.Tensor, torch.Tensor]]] = None
@@ -243,7 +315,7 @@ class BatchCache:
         self._overflow = False
 
     def __len__(self) -> int:
-        return (len(self.positions) + self.batch_size - 1) // self.batch_size
+        return (len(self.local_positions) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[Tuple[List[int], torch.Tensor, torch.Tensor]]:
         if self._cache is not None:
@@ -251,7 +323,7 @@ class BatchCache:
             return
         kept: List[Tuple[List[int], torch.Tensor, torch.Tensor]] = []
         self._used = 0  # a pass abandoned halfway must not count twice
-        for batch in self.probe.batches(self.batch_size, self.positions):
+        for batch in self.probe.batches(self.batch_size, self.local_positions):
             if not self._overflow:
                 self._used += batch[1].element_size() * batch[1].nelement()
                 if self._used <= self.budget:
@@ -262,3 +334,8 @@ class BatchCache:
             yield batch
         if not self._overflow:
             self._cache = kept
+
+    def gathered(self, local: torch.Tensor) -> torch.Tensor:
+        """Rows computed on this rank's batches -> rows of every position (in the order of
+        ``positions``) on every rank; ``local`` itself when the cache is not sharded."""
+        return distributed.gather_rows(local, len(self.positions)) if self.sharded else local

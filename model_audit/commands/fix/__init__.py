@@ -51,6 +51,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
+from ... import distributed
 from ...core.evaluate import EvaluationResult, evaluate, fast_layout
 from ...core.layers import LayerGroup, layer_groups
 from ...core.schedules import SCHEDULES
@@ -151,6 +152,10 @@ def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
         AuditError: bad inputs, an output that is an input, overlapping data, nothing flagged.
     """
     config.validate()
+    ranks = distributed.current().world_size
+    if config.batch_size < ranks:
+        raise ConfigError(f"batch size {config.batch_size} is smaller than the {ranks} ranks "
+                          "it is split over; give --fix-batch-size of at least the number of ranks")
     start = time.perf_counter()
     opts = config.options
     inputs = [Path(checkpoint), Path(train), Path(probe)] + ([Path(audit)] if audit else [])
@@ -158,8 +163,9 @@ def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
         check_output_path(Path(output), inputs)  # before any work
     device = resolve_device(opts.device)
     seed_everything(opts.seed)
-    ckpt, probe_set, warnings = load_inputs(checkpoint, probe, opts)
-    train_set, _ = open_probe_for(ckpt, train, opts, limit=config.train_limit)
+    with distributed.agree():  # a file one node cannot read stops every rank
+        ckpt, probe_set, warnings = load_inputs(checkpoint, probe, opts)
+        train_set, _ = open_probe_for(ckpt, train, opts, limit=config.train_limit)
     timing: Dict[str, float] = {}
     t0 = time.perf_counter()
     warnings += _overlap_warnings(probe_set, train_set, config.allow_overlap)
@@ -184,8 +190,8 @@ def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
         meta = repair_metadata(ckpt, config, selected,
                                opts.normalize or ckpt.normalize or "none", probe_set.classes,
                                len(repair.plan))
-        sha, identical = write_repaired(ckpt, repaired.cpu(), groups, selected, Path(output),
-                                        meta)
+        sha, identical = distributed.on_main(write_repaired, ckpt, repaired.cpu(), groups,
+                                             selected, Path(output), meta)
     model.cpu()
     timing["total_s"] = time.perf_counter() - start
     return FixResult(ckpt, probe_set, str(train), len(train_set), len(wrong), selection,

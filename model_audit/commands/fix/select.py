@@ -180,7 +180,8 @@ def rgn_control(model: nn.Module, groups: Sequence[LayerGroup], selected: Sequen
     none), in forward order; a NaN score ranks last, ties go to the earlier group.
     """
     errors = wrong[:512] if wrong else list(range(min(256, n)))
-    rgn = compute_baselines(model, BatchCache(train, errors, batch_size), groups, ["auto_rgn"],
+    rgn = compute_baselines(model, BatchCache(train, errors, batch_size, shard=True), groups,
+                            ["auto_rgn"],
                             device=device)["auto_rgn"].scores
     order = sorted(range(len(groups)), key=lambda i: (-np.nan_to_num(rgn[i], nan=-1), i))
     top = {groups[i].name for i in order[:len(selected)]}

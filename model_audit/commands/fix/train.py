@@ -6,6 +6,7 @@ the selected groups' parameters free.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ... import distributed
 from ..._progress import progress_bar
 from ...core.evaluate import fast_layout
 from ...core.layers import LayerGroup
@@ -100,6 +102,14 @@ def _free_selection(model: nn.Module, groups: Sequence[LayerGroup], selected: Se
     return trainable
 
 
+def _data_parallel(model: nn.Module, device: str) -> nn.Module:
+    """``model`` in DistributedDataParallel: the ranks' gradients of the trainable (selected)
+    parameters are averaged after every backward pass."""
+    from torch.nn.parallel import DistributedDataParallel
+    ids = [torch.device(device).index] if device.startswith("cuda") else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
 def retrain(base: nn.Module, groups: Sequence[LayerGroup], selected: Sequence[str],
             train: ProbeSet, plan: List[List[int]], config: FixConfig, device: str,
             progress: bool, desc: str) -> Tuple[nn.Module, float]:
@@ -128,6 +138,7 @@ def retrain(base: nn.Module, groups: Sequence[LayerGroup], selected: Sequence[st
     Raises:
         RepairDiverged: the loss became NaN/Inf.
     """
+    ctx = distributed.current()
     model = copy.deepcopy(base).to(device).eval()
     trainable = _free_selection(model, groups, selected, config.batchnorm)
     opt = torch.optim.SGD(trainable, lr=config.lr, momentum=0.0)
@@ -135,16 +146,27 @@ def retrain(base: nn.Module, groups: Sequence[LayerGroup], selected: Sequence[st
     momentum = MomentumScheduler(opt, config.schedule)
     start = time.perf_counter()
     torch.manual_seed(config.options.seed)
-    with fast_layout(model, device):
+    # channels-last kernels would not match DistributedDataParallel's contiguous gradient
+    # buckets: the fast layout is for a single process
+    layout = fast_layout(model, device) if not ctx.active else contextlib.nullcontext()
+    with layout, distributed.synced_batchnorm(model):
+        forward = _data_parallel(model, device) if ctx.active and trainable else model
         for step, idx in enumerate(progress_bar(plan, total=len(plan), desc=desc,
                                                 enabled=progress)):
-            x = train.load(idx).to(device)
-            y = train.labels[idx].to(device)
-            loss = F.cross_entropy(model(x).float(), y)
-            if not math.isfinite(float(loss.detach())):
+            # each rank takes its contiguous part of the step's batch (all of it in one process)
+            mine = distributed.local_part(idx)
+            with distributed.agree():
+                x = train.load(mine).to(device)
+            y = train.labels[mine].to(device)
+            summed = F.cross_entropy(forward(x).float(), y, reduction="sum")
+            mean = distributed.sum_values(float(summed.detach()))[0] / len(idx)
+            if not math.isfinite(mean):
                 raise RepairDiverged(
                     f"the repair of {', '.join(selected)} diverged at step {step} (loss "
-                    f"{float(loss.detach())}) with lr {config.lr}; lower --lr")
+                    f"{mean}) with lr {config.lr}; lower --lr")
+            # DistributedDataParallel averages the ranks' gradients: scaled by the world size,
+            # each rank's share of the sum gives the gradient of the mean over the whole batch
+            loss = summed / (len(idx) / ctx.world_size)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

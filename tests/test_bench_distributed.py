@@ -1,0 +1,23 @@
+"""bench distributed: 1 process against 2 torchrun ranks, on the digits samples."""
+import re
+
+from bench.__main__ import main as bench_main
+from conftest import SAMPLES
+
+
+def test_bench_distributed_times_and_checks_the_answer(tmp_path):
+    out = tmp_path / "results.md"
+    assert bench_main(["distributed", "--checkpoint", str(SAMPLES / "digits-sgd.safetensors"),
+                       "--probe", str(SAMPLES / "digits-probe.safetensors"),
+                       "--train", str(SAMPLES / "digits-train.safetensors"),
+                       "--repeats", "1", "--fix-steps", "5", "--layers", "layer2",
+                       "--no-memory", "--device", "cpu", "--extra", "--baselines none",
+                       "--out", str(out)]) == 0
+    text = out.read_text()
+    for name in ("1 process, 1 thread", "1 process, 2 threads", "torchrun, 2 ranks x 1 thread"):
+        row = re.search(rf"\| {re.escape(name)} \| [\d.]+ \([\d.]+\) \| [\d.]+ \| "
+                        r"([\d.]+)x \| ([\d.]+) \| layer1, layer2 \| ([\deE.+-]+) \|", text)
+        assert row, (name, text)
+        assert float(row.group(3)) < 1e-4  # the same scores as one process
+    assert "Probe: 540 images" in text
+    assert "fixed/broken/net identical in every setting" in text
