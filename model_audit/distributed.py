@@ -155,8 +155,19 @@ def session(device: str = "auto", environ: Optional[Mapping[str, str]] = None
                 "--device cpu")
         torch.cuda.set_device(env.local_rank)
     backend = "nccl" if cuda else "gloo"
-    seconds = float(os.environ.get(TIMEOUT_ENV, "1800") or 1800)
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
+    try:
+        seconds = float(os.environ.get(TIMEOUT_ENV, "1800") or 1800)
+    except ValueError:
+        raise ConfigError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r} is not a number of "
+                          "seconds") from None
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
+    except (ValueError, RuntimeError) as exc:
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DistributedError(
+            f"cannot join the process group of WORLD_SIZE={env.world_size} ({backend}): {why}; "
+            "launch with torchrun, which sets MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK and "
+            "LOCAL_RANK, or unset WORLD_SIZE to run in one process") from exc
     _current = replace(env, backend=backend)
     try:
         yield _current

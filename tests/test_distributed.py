@@ -211,9 +211,11 @@ def test_an_error_writing_on_rank_0_stops_every_rank(tmp_path):
     ({"WORLD_SIZE": "2"}, "RANK and LOCAL_RANK not set"),
     ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
     ({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"}, "RANK=2 is outside 0..1"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "", "MASTER_PORT": ""},
+     "cannot join the process group of WORLD_SIZE=2 (gloo)"),
 ])
 def test_a_broken_environment_is_refused(tmp_path, env, message):
-    result = CliRunner().invoke(cli, ["scan", str(SGD), "--probe", str(PROBE),
+    result = CliRunner().invoke(cli, ["scan", str(SGD), "--probe", str(PROBE), "--device", "cpu",
                                       "--out", str(tmp_path / "o")], env=env)
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
