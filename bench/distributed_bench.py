@@ -117,7 +117,8 @@ def _scan_row(run: Dict[str, Any], out: Path) -> Dict[str, Any]:
         raise SystemExit(f"error: a scan failed (exit {run['rc']}):\n{run['output'][-3000:]}")
     audit = json.loads((out / "audit.json").read_text())
     return {**{k: run[k] for k in ("wall_s", "peak_mib")},
-            "scan_s": audit["timing"]["total_s"], "flagged": audit["flagged"],
+            "scan_s": audit["timing"]["total_s"], "timing": audit["timing"],
+            "flagged": audit["flagged"],
             "scores": [layer["score"] for layer in audit["layers"]],
             "n": audit["probe"]["n"], "errors": audit["probe"]["misclassified"]}
 
@@ -174,6 +175,10 @@ def memory_runs(ckpt: Path, probes: Sequence[Path], args: argparse.Namespace,
     return rows
 
 
+#: The stages of a scan's ``timing`` (audit.json), in pipeline order.
+STAGES = ("load", "evaluate", "replay", "attribution", "bootstrap", "baselines", "total")
+
+
 def _spread(values: Sequence[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.1f}"
@@ -208,6 +213,16 @@ def report(args: argparse.Namespace, scans: List[Dict[str, Any]], fixes: List[Di
     lines += ["", f"Probe: {ref['n']} images, {ref['errors']} misclassified. Efficiency = "
               "speedup / (processes x threads). Wall time includes each process's start-up "
               "(import torch, load the checkpoint, join the process group)."]
+    lines += ["", "Inside the scan (rank 0's `timing` in audit.json; median seconds per stage):",
+              "", "| setting | " + " | ".join(STAGES) + " |",
+              "|---|" + "---|" * len(STAGES)]
+    for name in names:
+        rows = [r for r in scans if r["name"] == name]
+        cells = []
+        for stage in STAGES:
+            values = sorted(r["timing"].get(f"{stage}_s", 0.0) for r in rows)
+            cells.append(f"{values[len(values) // 2]:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if fixes:
         lines += ["", f"`fix --layers {args.layers} --steps {args.fix_steps} --controls none`:",
                   "", "| setting | wall s | training s | fixed | broken | net |",

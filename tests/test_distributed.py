@@ -190,8 +190,12 @@ def test_a_failure_on_one_rank_stops_both_with_one_message(tmp_path):
     text = output(run)
     assert run.returncode != 0
     assert text.count("cannot decode image") == 1, text
-    assert "Error: " in text and "model_audit/" not in text  # no traceback of ours
-    assert text.count("exitcode  : 2") == 2  # torchrun's report: both ranks exited 2
+    # rank 1 failed and is quiet: the message comes from rank 0, which learnt it from rank 1
+    assert text.startswith("Error: ") or "\nError: " in text
+    assert "model_audit/" not in text  # no traceback of ours
+    # torchrun's report: a rank exited 2 (it stops the other as soon as one has exited, so
+    # whether the second is listed with 2 or as terminated is a race)
+    assert "exitcode  : 2" in text
     assert not out.exists()
 
 
@@ -203,7 +207,7 @@ def test_an_error_writing_on_rank_0_stops_every_rank(tmp_path):
     text = output(run)
     assert run.returncode != 0
     assert text.count("exists and is not a directory") == 1, text
-    assert text.count("exitcode  : 2") == 2 and "model_audit/" not in text
+    assert "exitcode  : 2" in text and "model_audit/" not in text
     assert out.read_text() == "not a directory"
 
 
