@@ -233,12 +233,14 @@ def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
-    """Sum ``tensors`` over the ranks, in place, as one flat all-reduce."""
+    """Sum ``tensors`` over the ranks, in place, as one flat all-reduce (in their dtype when
+    they share one: the replay's float32 gradients travel as float32, half the bytes)."""
     ctx = current()
     if not ctx.active or not tensors:
         return
-    flat = torch.cat([t.detach().reshape(-1).to(_comm_device(ctx), torch.float64)
-                      for t in tensors])
+    dtypes = {t.dtype for t in tensors}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float64
+    flat = torch.cat([t.detach().reshape(-1).to(_comm_device(ctx), dtype) for t in tensors])
     _dist().all_reduce(flat)
     offset = 0
     for t in tensors:
