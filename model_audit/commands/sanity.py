@@ -231,7 +231,8 @@ def run_cases(ckpt: Any, probe: ProbeSet, groups: Sequence[LayerGroup],
     opts = scan_config.options
     names = [g.name for g in groups]
     model = ckpt.model
-    batches = BatchCache(probe, list(range(len(probe))), opts.batch_size)
+    # calibration evaluates the probe many times: each rank its block (a single process: all)
+    batches = BatchCache(probe, list(range(len(probe))), opts.batch_size, shard=True)
     result = scan(ckpt, probe, scan_config)
     scores = scores_by_method(result, units=units, random_seed=opts.seed)
     if extra:

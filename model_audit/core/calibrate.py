@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from .. import distributed
 from ..errors import ConfigError
 from ..io.probe import BatchCache, ProbeSet
 from .layers import LayerGroup
@@ -20,12 +21,17 @@ from .plant import Planter, SwapData, resolve_defects, swap_pair
 
 @torch.inference_mode()
 def accuracy(model: nn.Module, batches: BatchCache, device: str = "cpu") -> float:
-    """Top-1 accuracy of ``model`` (eval mode) over ``batches``."""
+    """Top-1 accuracy of ``model`` (eval mode) over ``batches`` (over every rank's shard when
+    the cache is sharded)."""
     model.eval()
     right = total = 0
-    for _, x, y in batches:
-        right += int((model(x.to(device)).argmax(1).cpu() == y).sum())
-        total += len(y)
+    sharded = getattr(batches, "sharded", False)
+    with distributed.agree(sharded):
+        for _, x, y in batches:
+            right += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+            total += len(y)
+    if sharded:
+        right, total = (int(v) for v in distributed.sum_values(right, total))
     return right / total if total else 0.0
 
 
@@ -147,8 +153,10 @@ def calibrate(model: nn.Module, probe: ProbeSet, group: LayerGroup, defect: str,
     resolve_defects(defect)
     cache = batches or BatchCache(probe, list(range(len(probe))), batch_size)
     if defect == "labelswap" and swap is None:
-        x = torch.cat([b[1] for b in cache])
-        y = torch.cat([b[2] for b in cache])
+        # the fine-tune that plants the defect sees the whole probe on every rank
+        whole = BatchCache(probe, cache.positions, batch_size) if cache.sharded else cache
+        x = torch.cat([b[1] for b in whole])
+        y = torch.cat([b[2] for b in whole])
         swap = SwapData(x, y, swap_pair(y, seed))
     planter = Planter(model, group, defect, seed=seed, swap=swap, device=device,
                       **planter_options)
