@@ -289,3 +289,14 @@ def test_negative_workers_are_refused(tmp_path):
                                       "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "workers must be >= 0" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_workers_keep_one_image_size(tmp_path):
+    """Each worker checks the sizes it decodes; the main process checks across workers."""
+    folder = digits_folder(tmp_path / "probe")
+    odd = sorted(folder.rglob("*.png"))[-1]  # the last batch's
+    Image.open(odd).resize((9, 9)).save(odd)
+    probe = open_probe(folder, channels=1, normalize="none")
+    probe.workers = 2
+    with pytest.raises(ProbeError, match=r"is 9x9 but earlier images are 8x8; give --resize"):
+        list(probe.batches(64))

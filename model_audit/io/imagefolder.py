@@ -50,7 +50,6 @@ class ImageFolderProbe(ProbeSet):
                     f"class folder {cdir} has no images (.jpg, .jpeg, .png); remove it or add "
                     "images, since an empty class would shift every label after it")
         self.files = files
-        self._size: Optional[Tuple[int, int]] = None
         super().__init__(str(root), [d.name for d in class_dirs], torch.tensor(labels),
                          channels=channels, normalization=normalization, resize=resize)
 
@@ -88,12 +87,8 @@ class ImageFolderProbe(ProbeSet):
             x = self._decode(self.files[i]).unsqueeze(0)
             if self.resize is not None:
                 x = self._resize(x)
-            elif self._size is None:
-                self._size = tuple(x.shape[-2:])  # type: ignore[assignment]
-            elif tuple(x.shape[-2:]) != self._size:
-                raise ProbeError(
-                    f"{self.files[i]} is {x.shape[-1]}x{x.shape[-2]} but earlier images are "
-                    f"{self._size[1]}x{self._size[0]}; give --resize to bring them to one size")
+            else:
+                self._check_size(x, str(self.files[i]))
             images.append(x)
         return torch.cat(images) if images else torch.empty(0, self.channels, 1, 1)
 

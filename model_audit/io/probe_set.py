@@ -164,6 +164,8 @@ class ProbeSet:
     input_shape: Tuple[int, ...] = ()
     #: DataLoader workers that decode batches (None: :meth:`decode_workers` decides)
     workers: Optional[int] = None
+    #: the size of the first image seen, when not resized (:meth:`_check_size`)
+    _size: Optional[Tuple[int, int]] = None
 
     def __init__(self, source: str, classes: Sequence[str], labels: torch.Tensor,
                  *, channels: int, normalization: Normalization,
@@ -198,6 +200,16 @@ class ProbeSet:
             return x
         return F.interpolate(x, size=self.resize, mode="bilinear", align_corners=False,
                              antialias=True).clamp_(0.0, 1.0)
+
+    def _check_size(self, x: torch.Tensor, what: str) -> None:
+        """Without ``resize``, every image of a probe has the size of the first one seen."""
+        size = tuple(x.shape[-2:])
+        if self._size is None:
+            self._size = size  # type: ignore[assignment]
+        elif size != self._size:
+            raise ProbeError(
+                f"{what} is {size[1]}x{size[0]} but earlier images are "
+                f"{self._size[1]}x{self._size[0]}; give --resize to bring them to one size")
 
     def load(self, positions: Sequence[int], *, normalized: bool = True) -> torch.Tensor:
         """Images at ``positions`` (0..len-1) as a float batch; normalised unless asked not.
@@ -234,18 +246,12 @@ class ProbeSet:
             return
         loader = DataLoader(_Chunks(self, chunks), batch_size=None, shuffle=False,
                             num_workers=workers, worker_init_fn=_one_thread)
-        size: Optional[Tuple[int, ...]] = None
         for item in loader:
             if isinstance(item, _Failed):
                 raise item.error
             chunk, x = item
-            if self.is_image and self.resize is None:  # each worker checks only its own
-                if size is None:
-                    size = tuple(x.shape[-2:])
-                elif tuple(x.shape[-2:]) != size:
-                    raise ProbeError(
-                        f"images of {self.source} differ in size ({x.shape[-1]}x{x.shape[-2]} "
-                        f"and {size[1]}x{size[0]}); give --resize to bring them to one size")
+            if self.is_image and self.resize is None:  # each worker checked only its own
+                self._check_size(x, f"the batch of {self.unit} {chunk[0]}-{chunk[-1]}")
             yield chunk, x, self.labels[chunk]
 
     def subset(self, positions: Sequence[int]) -> "ProbeSet":
