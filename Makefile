@@ -3,13 +3,18 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+EXTRAS := test,samples,timm,hf
+# The exact versions the suite was run with (see tools/constraints.py); `make lock` refreshes it.
+CONSTRAINTS := constraints.txt
+# pytest-xdist: one worker per core, each with its share of the cores' threads (tests/conftest.py)
+PYTEST_PARALLEL ?= -n auto --dist loadfile
 
-.PHONY: demo test samples bench clean chromium
+.PHONY: demo test test-cpus lock samples bench clean chromium
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,samples,timm,hf]'
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) --upgrade pip
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,7 +29,26 @@ demo: $(STAMP)
 	@echo "open reports/demo/report.html"
 
 test: $(STAMP) chromium
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_PARALLEL)
+
+# The golden tests as another machine runs them: the kernels of a CPU without AVX-512
+# (ATEN_CPU_CAPABILITY), one thread, the tests in a shuffled order. CI runs it after `make test`.
+test-cpus: $(STAMP)
+	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider \
+	  --random-order-seed=1 tests/test_golden.py
+	ATEN_CPU_CAPABILITY=avx2 OMP_NUM_THREADS=2 $(PY) -m pytest -q -p no:cacheprovider \
+	  --random-order-seed=2 tests/test_golden.py
+
+# Refresh constraints.txt: a throw-away venv from setup.cfg's open ranges, then its versions.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip
+	.venv-lock/bin/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	.venv-lock/bin/python tools/constraints.py > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf .venv-lock
+	@echo "wrote $(CONSTRAINTS); run make test, then commit it"
 
 # The report test renders the demo report in headless Chromium (Debian's package). Installing
 # it needs root and the Debian mirror; when that fails the test skips and says why.

@@ -23,6 +23,9 @@ from model_audit.io.probe import open_probe
 
 from conftest import SAMPLES
 
+#: the module fixtures launch torchrun; on one pytest-xdist worker they run once
+pytestmark = pytest.mark.xdist_group("distributed")
+
 SGD = SAMPLES / "digits-sgd.safetensors"
 ADAM = SAMPLES / "digits-adam.safetensors"
 PROBE = SAMPLES / "digits-probe.safetensors"
@@ -89,6 +92,16 @@ def test_scan_two_ranks_equals_one_process(scans):
         {n: c["forward_images"] for n, c in two["cost"].items()}
 
 
+def test_the_audit_says_it_ran_on_two_ranks(scans):
+    one, two, _ = scans
+    assert two["environment"]["distributed"] == {"world_size": 2, "rank": 0, "backend": "gloo"}
+    assert one["environment"]["distributed"] == {"world_size": 1, "rank": 0, "backend": None}
+    assert two["environment"]["threads"] == 1  # OMP_NUM_THREADS=1 on each rank
+    for env in (one["environment"], two["environment"]):
+        assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        assert env["libraries"]["torch"] == torch.__version__
+
+
 def test_rank_0_prints_the_others_are_quiet(scans):
     _, _, run = scans
     text = output(run)
@@ -111,6 +124,7 @@ def test_fix_two_ranks_equals_one_process(fixes):
     tmp, _ = fixes
     one = json.loads((tmp / "one/fix.json").read_text())
     two = json.loads((tmp / "two/fix.json").read_text())
+    assert two["environment"]["distributed"]["world_size"] == 2
     assert one["selection"]["groups"] == two["selection"]["groups"]
     for key in ("fixed", "broken", "net"):
         assert one[key] == two[key]
@@ -148,10 +162,8 @@ def test_sanity_under_torchrun(tmp_path):
             "noise,labelswap", "--quiet"]
     run = torchrun(args + ["--out", tmp_path / "two", "--keep-damaged", tmp_path / "kept"])
     assert run.returncode == 0, output(run)
-    # one thread, as each rank has: labelswap's planting fine-tune (Adam, 30 steps) is
-    # sensitive to the summation order of 1 against 2 threads (severity 0.253 against 0.236
-    # in one process alone), which is not what this test is about
-    torch.set_num_threads(1)
+    # the session's thread count (2 on a 2-core machine) against 1 thread per rank: the
+    # labelswap fine-tune runs in float64, so its severity no longer depends on the threads
     one_process(args + ["--out", tmp_path / "one"])
     one = json.loads((tmp_path / "one/sanity.json").read_text())
     two = json.loads((tmp_path / "two/sanity.json").read_text())

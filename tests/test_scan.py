@@ -299,16 +299,26 @@ def test_step_size_check_halves_a_too_large_rate(sgd_checkpoint, digits_probe):
                           atol=1e-5)
 
 
-def test_channels_last_can_be_turned_off(monkeypatch):
+def test_channels_last_is_opt_in_and_kept_off_the_onednn_6035_path(monkeypatch):
     import torch
-    from model_audit.core.evaluate import fast_layout
+    from model_audit.core.evaluate import fast_layout, onednn_6035_convolutions
     from model_audit.models.registry import build_model
 
     model = build_model("tiny-resnet", 10)
     conv = model.conv1.weight
+    monkeypatch.delenv("MODEL_AUDIT_CHANNELS_LAST", raising=False)
+    with fast_layout(model, "cpu"):  # off by default
+        assert conv.is_contiguous()
+    monkeypatch.setenv("MODEL_AUDIT_CHANNELS_LAST", "1")
     with fast_layout(model, "cpu"):
         assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     assert conv.is_contiguous()
+    assert onednn_6035_convolutions(model) == []  # its 1x1 stride-2 convs see >= 16 channels
+    # the convolution that crashed timm's repvgg_a2: 1x1, stride 2, 3 input channels
+    risky = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 1, 1), torch.nn.Conv2d(3, 8, 1, 2))
+    assert onednn_6035_convolutions(risky) == ["1"]
+    with fast_layout(risky, "cpu"):
+        assert all(p.is_contiguous() for p in risky.parameters())
     monkeypatch.setenv("MODEL_AUDIT_CHANNELS_LAST", "0")
     with fast_layout(model, "cpu"):
         assert conv.is_contiguous()

@@ -31,7 +31,7 @@ from typing import Any, Dict, Mapping, List, Optional, Sequence, Set, Tuple, Uni
 import numpy as np
 
 from ..io.records import AuditRecord
-from ..io.files import SCHEMA_VERSION, read_result, atomic_write_files, json_bytes, refuse_inputs
+from ..io.files import SCHEMA_VERSION, header, read_result, atomic_write_files, json_bytes, refuse_inputs
 from ..core.attribution import bootstrap_counts, flag_rule, resampled_scores
 from ..errors import AuditError, ConfigError
 from ..core.stats import (hypergeom_sf, jaccard, kendall_tau_b, overlap_coefficient,
@@ -83,7 +83,7 @@ class CompareResult:
 
     def to_dict(self) -> Dict[str, Any]:
         return {
-            "schema_version": SCHEMA_VERSION,
+            **header(),
             "a": self.a, "b": self.b,
             "groups": list(self.groups), "left_out": self.left_out,
             "flagged": {"a": list(self.flagged_a), "b": list(self.flagged_b),

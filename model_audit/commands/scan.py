@@ -10,7 +10,6 @@ Example:
 from __future__ import annotations
 
 import os
-import platform
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -151,7 +150,6 @@ class ScanResult:
             "passes": self.passes,
             "seed": self.config.options.seed,
             "device": self.device,
-            "environment": {"torch": torch.__version__, "python": platform.python_version()},
             "options": self.config.options.to_dict(),
             "warnings": list(self.warnings),
         }

@@ -6,7 +6,6 @@ Example:
 """
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -17,35 +16,52 @@ from torch import nn
 
 from .. import distributed
 from .._progress import progress_bar
+from ..environment import channels_last_requested
 from ..errors import ProbeError
 from ..io.probe import ProbeSet
+
+
 def _inputs_channels_last(module: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
     return tuple(a.contiguous(memory_format=torch.channels_last)
                  if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args)
 
 
-#: Set to 0 to run convolutions in the default (contiguous) layout on the CPU.
-CHANNELS_LAST_ENV = "MODEL_AUDIT_CHANNELS_LAST"
+def onednn_6035_convolutions(model: nn.Module) -> List[str]:
+    """The model's convolutions on the path of oneDNN issue #6035, which channels-last must
+    not take: a 1x1 convolution with a stride above 1 and fewer than 16 input channels (16 is
+    oneDNN's AVX-512 input-channel block; AVX2's is 8). In the NHWC layout oneDNN's backward
+    pass for its weights writes past a workspace: with torch 2.14.1 it crashed the process
+    (``torch.nn.Conv2d(3, 64, 1, 2)`` on 6 images of 224x224, one thread, every time) and,
+    as reported in that issue, can return wrong gradients without crashing."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) \
+                and max(m.stride) > 1 and m.in_channels // m.groups < 16:
+            out.append(name)
+    return out
 
 
 @contextmanager
 def fast_layout(model: nn.Module, device: str) -> Iterator[None]:
-    """Run ``model`` in the channels-last memory format inside the block, on the CPU.
+    """Opt-in (``MODEL_AUDIT_CHANNELS_LAST=1``): run ``model`` in the channels-last memory
+    format inside the block, on the CPU.
 
     The 4-d parameters (convolution kernels) and 4-d inputs are laid out channels-last, which
-    oneDNN's convolutions run faster (measured on the reference ResNet-18 in
-    ``bench/RESULTS.md``); the values are the same. On exit the parameters are contiguous again
-    (with their current values: a block that trains them keeps what it learned). Nothing
-    changes on CUDA or for models without 4-d parameters.
+    oneDNN's convolutions run faster (about 10% on a forward pass of the reference ResNet-18,
+    ``bench/RESULTS.md``); the values agree with the contiguous layout within float32
+    rounding, not bit for bit. On exit the parameters are contiguous again (with their
+    current values: a block that trains them keeps what it learned). Nothing changes on
+    CUDA, for models without 4-d parameters, or for a model with a convolution on the path
+    of oneDNN issue #6035 (:func:`onednn_6035_convolutions`).
 
-    ``MODEL_AUDIT_CHANNELS_LAST=0`` turns it off: with torch 2.14.1 on the CPU, the backward
-    pass of timm's ``repvgg_a2`` in this layout corrupted the heap with 2 threads (the process
-    died with SIGSEGV or "corrupted double-linked list"); contiguous, or with one thread, it
-    ran (``bench/RESULTS.md``, "timm and Hugging Face checkpoints").
+    It is off by default because oneDNN's channels-last kernels have a known memory-safety
+    bug: the backward pass of timm's ``repvgg_a2`` (a 1x1, stride-2 convolution over the 3
+    input channels) corrupted the heap or crashed the process every time (torch 2.14.1), and
+    a corruption that does not crash could change numbers silently.
     """
-    enabled = os.environ.get(CHANNELS_LAST_ENV, "1").strip() not in ("0", "false", "no", "off")
-    params = [p for p in model.parameters()
-              if p.dim() == 4 and p.is_contiguous()] if device == "cpu" and enabled else []
+    enabled = device == "cpu" and channels_last_requested()
+    params = [p for p in model.parameters() if p.dim() == 4 and p.is_contiguous()] \
+        if enabled and not onednn_6035_convolutions(model) else []
     if not params:
         yield
         return

@@ -15,6 +15,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .. import __version__
+from ..environment import describe as describe_environment
 from ..errors import ConfigError, OutputError
 
 
@@ -127,9 +128,11 @@ SCHEMA_VERSION = 1
 
 
 def header() -> Dict[str, Any]:
-    """The first fields of every result file: schema version and the tool that wrote it."""
+    """The first fields of every result file: schema version, the tool that wrote it, and the
+    machine and libraries it ran on (:func:`model_audit.environment.describe`)."""
     return {"schema_version": SCHEMA_VERSION,
-            "tool": {"name": "model-audit", "version": __version__}}
+            "tool": {"name": "model-audit", "version": __version__},
+            "environment": describe_environment()}
 
 
 def _json_default(obj: Any) -> Any:

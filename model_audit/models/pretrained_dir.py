@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import re
 from contextlib import contextmanager
 from dataclasses import replace
@@ -304,11 +305,13 @@ def _preprocessing(path: Path) -> Tuple[Optional[str], Optional[Tuple[int, int]]
 
 
 def is_hf_model(model: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
+    """Whether ``model`` is a transformers model. A model of transformers' can only exist once
+    transformers is imported, so a process that never imported it is not asked to (importing
+    it costs about half a second)."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None:
         return False
-    return isinstance(model, PreTrainedModel)
+    return isinstance(model, transformers.PreTrainedModel)
 
 
 def hf_units(model: nn.Module) -> List[Tuple[str, List[str], List[str]]]:

@@ -18,6 +18,7 @@ import torchvision.models as tvm
 
 from ..errors import ArchitectureError
 from . import timm_models
+from .matching import KeyCache, keys_digest, shapes_match
 from .tiny import TinyResNet
 
 #: Training-only auxiliary classifiers of torchvision models (saved by default with the model,
@@ -212,29 +213,29 @@ def matching_architectures(shapes: Mapping[str, Sequence[int]]) -> List[str]:
 
 
 def _registered_matches(shapes: Mapping[str, Sequence[int]]) -> List[str]:
+    """The registered architectures that match, building only those whose keys (kept per
+    torchvision version in a :class:`~.matching.KeyCache`) are the checkpoint's."""
+    import torchvision
+
+    cache = KeyCache("torchvision", torchvision.__version__)
     out = []
     for name in available_architectures():
+        aux = set(aux_head_keys(name, list(shapes)))  # training-only heads are left out
+        if name in cache and cache[name] != keys_digest(set(shapes) - aux):
+            continue
         try:
             model = template(name, 1000, shapes)
         except Exception:  # a registered name that cannot be built here is not a match
             continue
         expected = model.state_dict()
-        aux = set(aux_head_keys(name, list(shapes)))  # training-only heads are left out
+        cache[name] = keys_digest(expected)
         if set(expected) != set(shapes) - aux:
             continue
         head = head_name(model)
         if shapes_match(expected, shapes, (f"{head}.weight", f"{head}.bias")):
             out.append(name)
+    cache.save()
     return out
-
-
-def shapes_match(expected: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]],
-                 head_keys: Sequence[str]) -> bool:
-    """Every tensor of ``expected`` has its shape in ``shapes``, the head's (``head_keys``)
-    aside from its first dimension, the number of classes."""
-    return all(tuple(expected[k].shape) == tuple(shapes[k])
-               or (k in head_keys and tuple(expected[k].shape)[1:] == tuple(shapes[k])[1:])
-               for k in expected)
 
 
 def aux_head_keys(arch: str, keys: Sequence[str]) -> List[str]:

@@ -16,17 +16,14 @@
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import re
 import sys
-from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
 from ..errors import ArchitectureError
+from .matching import KeyCache, keys_digest, shapes_match
 
 PREFIX = "timm:"
 
@@ -185,17 +182,6 @@ def _with_buffers(model: nn.Module, units: List[Tuple[str, List[str], List[str]]
 # -- architecture guessing ------------------------------------------------------------------
 
 
-def _cache_file(version: str) -> Path:
-    root = os.environ.get("MODEL_AUDIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "model-audit")
-    return Path(root) / f"timm-{version}-keys.json"
-
-
-def _keys_digest(keys: Sequence[str]) -> str:
-    return hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()
-
-
 def candidates(keys: Sequence[str]) -> List[str]:
     """timm architectures whose pretrained config's first convolution and classifier are
     among ``keys`` (no model is built)."""
@@ -221,22 +207,15 @@ def timm_matches(shapes: Mapping[str, Sequence[int]]) -> List[str]:
     head's number of classes aside)."""
     import torch
 
-    from .registry import shapes_match  # the registry imports this module
-
     timm = _timm()
     names = candidates(list(shapes))
-    cache_path = _cache_file(timm.__version__)
-    try:
-        cache: Dict[str, str] = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    digest = _keys_digest(list(shapes))
+    cache = KeyCache("timm", timm.__version__)
+    digest = keys_digest(shapes)
     todo = [n for n in names if n not in cache]
     if len(todo) > 20:
         print(f"model-audit: comparing the checkpoint with {len(todo)} timm architectures "
-              f"(about {len(todo) // 8 + 1} s, once: kept in {cache_path})", file=sys.stderr)
+              f"(about {len(todo) // 8 + 1} s, once: kept in {cache.path})", file=sys.stderr)
     out = []
-    changed = False
     for name in names:
         if name in cache and cache[name] != digest:
             continue
@@ -245,27 +224,11 @@ def timm_matches(shapes: Mapping[str, Sequence[int]]) -> List[str]:
                 expected = timm.create_model(name, pretrained=False, num_classes=1000).state_dict()
         except Exception:  # a timm model that cannot be built here is not a match
             continue
-        cache[name], changed = _keys_digest(list(expected)), True
+        cache[name] = keys_digest(expected)
         if cache[name] != digest:
             continue
         head = [k for k in expected if tuple(expected[k].shape)[:1] == (1000,)]
         if shapes_match(expected, shapes, head):
             out.append(PREFIX + name)
-    if changed:
-        _save_cache(cache_path, cache)
+    cache.save()
     return out
-
-
-def _save_cache(path: Path, cache: Mapping[str, str]) -> None:
-    """Replace the cache file atomically; a read-only home only loses the optimisation (the
-    cache is not an output: it is not listed among the files written)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(cache, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
