@@ -143,7 +143,8 @@ def fix_runs(ckpt: Path, probe: Path, train: Path, args: argparse.Namespace,
     for k, setting in enumerate(_settings(args.ranks)):
         out = tmp / f"fix-{k}"
         cmd = ["fix", str(ckpt), "--train", str(train), "--probe", str(probe), "--layers",
-               args.layers, "--steps", str(args.fix_steps), "--controls", "none", "--output",
+               args.layers, "--steps", str(args.fix_steps), "--controls", "none",
+               "--write-anyway", "--output",
                str(tmp / f"fixed-{k}.safetensors"), "--out", str(out), "--quiet",
                "--device", args.device]
         cmd += (["--arch", arch] if arch else []) + (["--normalize", normalize]

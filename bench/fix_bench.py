@@ -50,6 +50,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "natural, the tool's default]")
     parser.add_argument("--batchnorm", default="train",
                         help="frozen or train [default: train, the tool's default]")
+    parser.add_argument("--preserve", default=None,
+                        help="weight(s) of the preservation term [default: the tool's]")
+    parser.add_argument("--validation", type=float, default=None,
+                        help="share of the repair data fix holds out [default: the tool's]")
+    parser.add_argument("--target", default=None,
+                        help="targeted repair (e.g. auto): the tool's targeted repair against an "
+                             "Arachne-style search of the last layer, same images, seeds and "
+                             "time budget")
+    parser.add_argument("--layers", default="auto",
+                        help="groups to retrain: auto (the flagged ones) or names separated by "
+                             "commas [default: auto]")
+    parser.add_argument("--plant-confusion", default=None, metavar="TRUE:PRED:ALPHA",
+                        help="with --target: first plant a confusion in the head (alpha times "
+                             "class TRUE's weights added to class PRED's), e.g. cat:dog:0.6")
+    parser.add_argument("--target-fraction", type=float, default=None,
+                        help="with --target: share of each batch from its instances "
+                             "[default: the tool's]")
     parser.add_argument("--repair-data", default="test-half",
                         choices=("test-half", "seen", "unseen"),
                         help="test-half: repair on one half of the test split, probe on the "
@@ -83,14 +100,17 @@ def _fraction(v: str):
 def _grid(args: argparse.Namespace) -> List[Dict[str, Any]]:
     from model_audit.errors import ConfigError
 
-    grid = [{"lr": lr, "steps": steps, "wrong_fraction": wf, "batchnorm": bn}
+    from model_audit.commands.fix import FixConfig
+    preserve = FixConfig.preserve if args.preserve is None else args.preserve
+    grid = [{"lr": lr, "steps": steps, "wrong_fraction": wf, "batchnorm": bn, "preserve": pr}
             for lr in _values(args.lr, float, "lr")
             for steps in _values(args.steps, int, "steps")
             for wf in _values(args.wrong_fraction, _fraction, "wrong-fraction")
-            for bn in _values(args.batchnorm, str, "batchnorm")]
+            for bn in _values(args.batchnorm, str, "batchnorm")
+            for pr in _values(preserve, float, "preserve")]
     if len(grid) > 1 and not args.sweep:
-        raise ConfigError("several values of --lr/--steps/--wrong-fraction/--batchnorm need "
-                          "--sweep")
+        raise ConfigError("several values of --lr/--steps/--wrong-fraction/--batchnorm/"
+                          "--preserve need --sweep")
     return grid
 
 
@@ -134,20 +154,31 @@ def run(args: argparse.Namespace) -> int:
     cache = args.cache_dir or common.default_cache_dir()
     ckpt, arch, normalize = common.resolve_checkpoint(args.checkpoint)
     train_dir, probe_dir, data_text = _data(args, cache, args.sweep)
+    if args.target:
+        from . import fix_target
+        section = fix_target.run(args, grid[0], ckpt, arch, normalize, train_dir, probe_dir,
+                                 device, command, commit, data_text)
+        print(section)
+        common.append_results(args.out, section)
+        return 0
     results = []
     for setting in grid:
         for seed in range(args.seeds):
             print(f"repairing {ckpt.name} ({setting}, seed {seed}) on {train_dir}, probe "
                   f"{probe_dir} ({device}) ...", flush=True)
             opts = AuditOptions(device=device, seed=seed, arch=arch, normalize=normalize)
+            extra = {} if args.validation is None else {"validation": args.validation}
             result = fix(ckpt, train_dir, probe_dir, None,
                          FixConfig(options=opts, steps=setting["steps"], lr=setting["lr"],
                                    wrong_fraction=setting["wrong_fraction"],
                                    batchnorm=setting["batchnorm"], batch_size=args.batch,
-                                   controls=() if args.sweep else ("all", "random", "rgn")))
+                                   preserve=setting["preserve"], evaluate_last=True,
+                                   controls=() if args.sweep else ("all", "random", "rgn"),
+                                   **extra))
             results.append(result.to_dict())
             sel = results[-1]["selection"]
-            print(f"  net {sel['net']:+d} ({sel['fixed']} fixed, {sel['broken']} broken)",
+            print(f"  net {sel['net']:+d} ({sel['fixed']} fixed, {sel['broken']} broken; kept "
+                  f"step {sel['kept_step']}; last state net {sel['last_state']['net']:+d})",
                   flush=True)
     if args.sweep:
         section = markdown_sweep(results, ckpt, device, command, commit, data_text)
@@ -169,27 +200,38 @@ def markdown_sweep(results, ckpt, device, command, commit, data_text: str) -> st
         f"({', '.join(results[0]['selection']['groups'])}); {results[0]['train']['wrong']} "
         f"errors in the repair data, {results[0]['probe']['n']} validation images at "
         f"{100 * results[0]['accuracy']['before']:.2f}% before", "",
-        "| lr | steps | wrong fraction | batchnorm | seed | fixed | broken | net | p(net) |",
-        "|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+        "The repair's own validation part (fix's share of the repair images) chooses the state "
+        "kept; 'last state' is the trajectory's end, which an unvalidated repair would keep.",
+        "", "| lr | steps | wrong fraction | batchnorm | preserve | seed | kept step | fixed | "
+        "broken | net | p(net) | last state: fixed / broken / net |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     by: Dict[tuple, List[int]] = {}
+    last_by: Dict[tuple, List[int]] = {}
     for r in results:
         c, sel = r["config"], r["selection"]
-        key = (c["lr"], c["steps"], c["wrong_fraction"], c["batchnorm"])
+        key = (c["lr"], c["steps"], c["wrong_fraction"], c["batchnorm"], c["preserve"])
         wf = "natural" if c["wrong_fraction"] is None else c["wrong_fraction"]
+        head = f"| {c['lr']} | {c['steps']} | {wf} | {c['batchnorm']} | {c['preserve']} | {r['seed']}"
         if sel.get("diverged"):
-            lines.append(f"| {c['lr']} | {c['steps']} | {wf} | {c['batchnorm']} | {r['seed']} "
-                         "| diverged | | | |")
+            lines.append(head + " | diverged | | | | | |")
             continue
+        last = sel["last_state"]
         by.setdefault(key, []).append(sel["net"])
-        lines.append(f"| {c['lr']} | {c['steps']} | {wf} | {c['batchnorm']} | {r['seed']} | "
-                     f"{sel['fixed']} | {sel['broken']} | {sel['net']:+d} | "
-                     f"{format_p(sel['net_p_value'])} |")
+        last_by.setdefault(key, []).append(last["net"])
+        lines.append(f"{head} | {sel['kept_step']} | {sel['fixed']} | {sel['broken']} | "
+                     f"{sel['net']:+d} | {format_p(sel['net_p_value'])} | {last['fixed']} / "
+                     f"{last['broken']} / {last['net']:+d} |")
     if by:
-        best = max(by, key=lambda k: statistics.mean(by[k]))
+        best = max(by, key=lambda k: (statistics.mean(last_by[k]), statistics.mean(by[k])))
         wf = "natural" if best[2] is None else best[2]
-        lines += ["", f"- best by mean validation net ({statistics.mean(by[best]):+.1f}): "
-                  f"`--lr {best[0]} --steps {best[1]} --wrong-fraction {wf} --batchnorm "
-                  f"{best[3]}`"]
+        lines += ["", "| lr | steps | preserve | mean net (kept state) | mean net (last state) |",
+                  "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {k[0]} | {k[1]} | {k[4]} | {statistics.mean(by[k]):+.1f} | "
+                  f"{statistics.mean(last_by[k]):+.1f} |" for k in by]
+        lines += ["", f"- best by mean validation net of the last state "
+                  f"({statistics.mean(last_by[best]):+.1f}; kept state "
+                  f"{statistics.mean(by[best]):+.1f}): `--lr {best[0]} --steps {best[1]} "
+                  f"--wrong-fraction {wf} --batchnorm {best[3]} --preserve {best[4]}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -213,35 +255,47 @@ def markdown(results, ckpt, device, command, commit, data_text: str) -> str:
              f"{d['selection']['steps']} steps, batch {cfg['batch_size']}, lr "
              f"{cfg['lr']}, {cfg['schedule']} momentum, wrong fraction "
              f"{cfg['wrong_fraction'] if cfg['wrong_fraction'] is not None else 'natural'}, "
-             f"batchnorm {cfg['batchnorm']}; seeds {', '.join(str(r['seed']) for r in results)}",
+             f"batchnorm {cfg['batchnorm']}, preservation weight {cfg['preserve']}; "
+             f"validation: {d['validation']['n']} of the repair images held out by fix "
+             f"({d['validation']['fit_n']} trained on); seeds "
+             f"{', '.join(str(r['seed']) for r in results)}",
              f"- probe accuracy before {100 * d['accuracy']['before']:.2f}%; parameter-step "
              f"saving of the flagged selection vs the full fine-tune: "
              f"{100 * (d['compute']['param_steps_saving_vs_full'] or 0):.0f}%; wall time of "
              f"the flagged repair / the full fine-tune's, per seed: " + ", ".join(
                  _time_ratio(r) for r in results), ""]
-    lines += ["| seed | selection | groups | params % | fixed | broken | net | p(net) | "
-              "paired p vs flagged | seconds |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| seed | selection | groups | params % | kept step | fixed | broken | net | "
+              "p(net) | paired p vs flagged | last state: net (p) | seconds |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     nets: dict = {}
+    last_nets: dict = {}
     for r in results:
         for run in [r["selection"]] + r["controls"]:
+            last = run.get("last_state")
             if run.get("diverged"):
-                counts = "diverged (loss NaN) | - | - | -"
+                counts = "- | diverged (loss NaN) | - | - | -"
             else:
-                counts = (f"{run['fixed']} | {run['broken']} | {run['net']:+d} | "
-                          f"{format_p(run['net_p_value'])}")
+                counts = (f"{run['kept_step']} | {run['fixed']} | {run['broken']} | "
+                          f"{run['net']:+d} | {format_p(run['net_p_value'])}")
                 nets.setdefault(run["name"], []).append(run["net"])
+                if last:
+                    last_nets.setdefault(run["name"], []).append(last["net"])
             paired = format_p((run.get("vs_flagged") or {}).get("p_value")) \
                 if run["name"] != "flagged" else ""
             where = {True: " (outside the selection)", False: " (overlaps the selection)"}.get(
                 run.get("disjoint_from_selection"), "")
+            last_text = (f"{last['net']:+d} ({format_p(last['net_p_value'])})"
+                         if last else "-")
             lines.append(f"| {r['seed']} | {run['name']} | {', '.join(run['groups'])}{where} | "
-                         f"{run['params_percent']:.1f} | {counts} | {paired} | "
+                         f"{run['params_percent']:.1f} | {counts} | {paired} | {last_text} | "
                          f"{run['seconds']:.1f} |")
-    lines += ["", "| selection | mean net | min | max | runs (not diverged) |",
-              "|---|---:|---:|---:|---:|"]
+    lines += ["", "| selection | mean net | min | max | runs (not diverged) | mean net of the "
+              "last state (no validation) |", "|---|---:|---:|---:|---:|---:|"]
     for name, values in nets.items():
+        last = last_nets.get(name)
         lines.append(f"| {name} | {statistics.mean(values):+.1f} | {min(values):+d} | "
-                     f"{max(values):+d} | {len(values)}/{len(results)} |")
+                     f"{max(values):+d} | {len(values)}/{len(results)} | "
+                     f"{statistics.mean(last) if last else float('nan'):+.1f} |")
     counts = []  # per control: seeds it was beaten in, significantly, significantly worse
     for name in (c["name"] for c in d["controls"]):
         counts.append([sum(1 for r in results if name in r["verdict"][key])

@@ -83,7 +83,7 @@ def golden_commands(tmp: Path) -> List[List[str]]:
          tmp / "adam" / "audit.json", "--out", tmp / "gate", "--quiet"],
         ["fix", sgd, "--train", train, "--probe", probe, "--output", tmp / "fixed.safetensors",
          "--out", tmp / "fix", "--layers", "layer2,fc", "--steps", "20", "--controls",
-         "all,random,rgn", "--quiet"],
+         "all,random,rgn", "--write-anyway", "--quiet"],
         # layer1/labelswap: the case whose severity moved with the thread count (0.253 / 0.236)
         ["sanity", sgd, "--probe", probe, "--groups", "layer1,fc", "--defects",
          "noise,labelswap", "--methods", "own,auto_rgn", "--out", tmp / "sanity", "--quiet"],

@@ -21,7 +21,7 @@ from . import __version__, distributed
 from .baselines import resolve_baselines
 from .commands.compare import CompareConfig, write_compare
 from .commands.compare import compare as run_compare
-from .commands.fix import BATCHNORM_MODES, FixConfig, format_fix, write_fix
+from .commands.fix import BATCHNORM_MODES, NO_REPAIR_EXIT, FixConfig, format_fix, write_fix
 from .commands.fix import fix as run_fix
 from .commands.gate import check_gate, write_gate
 from .commands.policy import EXAMPLE_POLICY, load_policy
@@ -423,19 +423,39 @@ def _wrong_fraction(text: str) -> Optional[float]:
               help="Use a class-stratified random subset of N repair images.")
 @click.option("--allow-overlap", is_flag=True, default=False,
               help="Proceed although probe and repair data share images.")
+@click.option("--validation", type=float, default=FixConfig.validation, show_default=True,
+              help="Share of the repair data held out (stratified) to judge the repair: the "
+                   "best state along it is kept only if it beats the original there by more "
+                   "than noise. In (0, 0.5].")
+@click.option("--preserve", type=float, default=FixConfig.preserve, show_default=True,
+              help="Weight of the preservation term: the divergence of the repaired model's "
+                   "outputs from the original's on the images it classified correctly (0: off).")
+@click.option("--target", "targets", multiple=True,
+              help="Repair one confusion: TRUE:PRED (class names or indices; repeatable), or "
+                   "auto (the largest confusion of the repair data).")
+@click.option("--target-fraction", type=float, default=FixConfig.target_fraction,
+              show_default=True,
+              help="With --target: share of each repair batch drawn from its instances.")
+@click.option("--write-anyway", is_flag=True, default=False,
+              help="Write the best trained state even when no repair beat the original on "
+                   "validation (exit 0 instead of 3).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Directory for fix.json and report.html [default: reports/fix-<name>].")
 def fix(checkpoint: Path, train: Path, output: Path, layers: str, audit: Optional[Path],
         steps: int, epochs: Optional[float], fix_batch_size: int, wrong_fraction: str,
         batchnorm: str, lr: float, schedule: str,
-        controls: str, train_limit: Optional[int], allow_overlap: bool, out: Optional[Path],
-        **kw: Any) -> None:
-    """Retrain only the flagged layer groups of CHECKPOINT; count fixed, broken and net.
+        controls: str, train_limit: Optional[int], allow_overlap: bool, validation: float,
+        preserve: float, targets: Tuple[str, ...], target_fraction: float, write_anyway: bool,
+        out: Optional[Path], **kw: Any) -> None:
+    """Retrain only the flagged layer groups of CHECKPOINT; write it only if it is better.
 
-    Trains the selected groups on --train (everything else frozen, BatchNorm statistics
-    outside the selection included), evaluates before and after on the held-out --probe,
-    runs the controls with the same budget, writes the repaired checkpoint to --output
-    (verified: frozen tensors byte-identical) and OUT/fix.json and OUT/report.html.
+    Trains the selected groups on --train minus a held-out --validation share (everything
+    else frozen, BatchNorm statistics outside the selection included) and keeps the state
+    that beats the original on that share, if one does. Evaluates before and after on the
+    held-out --probe, runs the controls with the same budget and validation, writes the
+    repaired checkpoint to --output (verified: frozen tensors byte-identical) and
+    OUT/fix.json and OUT/report.html. Exit 3: no repair beat the original, nothing written
+    but fix.json and report.html.
     """
     probe = _need_probe(kw["probe"])
     names = [c.strip() for c in controls.split(",") if c.strip()]
@@ -447,7 +467,8 @@ def fix(checkpoint: Path, train: Path, output: Path, layers: str, audit: Optiona
         wrong_fraction=_wrong_fraction(wrong_fraction), batchnorm=batchnorm, lr=lr,
         schedule=schedule,
         controls=() if names == ["none"] else tuple(names), allow_overlap=allow_overlap,
-        train_limit=train_limit)
+        train_limit=train_limit, validation=validation, preserve=preserve,
+        target=tuple(targets), target_fraction=target_fraction, write_anyway=write_anyway)
     config.validate()
     out = out if out is not None else Path("reports") / f"fix-{checkpoint.stem}"
     result = run_fix(checkpoint, train, probe, output, config, audit=audit,
@@ -458,7 +479,10 @@ def fix(checkpoint: Path, train: Path, output: Path, layers: str, audit: Optiona
             click.echo(f"warning: {warning}", err=True)
     click.echo(format_fix(result))
     if not kw["quiet"]:
-        click.echo(f"wrote {output}, {paths['fix']} and {paths['report']}")
+        written = f"{output}, " if result.written else ""
+        click.echo(f"wrote {written}{paths['fix']} and {paths['report']}")
+    if not result.written:  # no repair beat the original: documented exit code, no traceback
+        click.get_current_context().exit(NO_REPAIR_EXIT)
 
 
 def _sanity_methods(text: str) -> Tuple[str, ...]:

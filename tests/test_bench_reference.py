@@ -78,7 +78,8 @@ def test_fix_on_test_halves_with_controls_and_the_sweep(tmp_path, cifar_archive)
     ckpt = _tiny(tmp_path / "t.safetensors", 0)
     out = tmp_path / "RESULTS.md"
     common = ["--checkpoint", str(ckpt), "--half", "5", "--steps", "3", "--batch", "8",
-              "--device", "cpu", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+              "--device", "cpu", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+              "--validation", "0.5"]  # 5 per class: fix's validation part needs 20 images
     assert bench_main(["fix", *common, "--seeds", "2"]) == 0
     text = out.read_text()
     assert "repair: the first 5 CIFAR-10 test images per class" in text

@@ -111,7 +111,8 @@ def test_rank_0_prints_the_others_are_quiet(scans):
 @pytest.fixture(scope="module")
 def fixes(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dfix")
-    args = ["fix", SGD, "--train", TRAIN, "--probe", PROBE, "--steps", "20", "--quiet"]
+    args = ["fix", SGD, "--train", TRAIN, "--probe", PROBE, "--steps", "20", "--quiet",
+            "--write-anyway"]
     one_process(args + ["--output", tmp / "one.safetensors", "--out", tmp / "one"])
     run = torchrun(args + ["--output", tmp / "two.safetensors", "--out", tmp / "two"])
     assert run.returncode == 0, output(run)

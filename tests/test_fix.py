@@ -15,7 +15,10 @@ from model_audit.commands.fix import FixConfig, OverlapError, fix, write_fix
 from model_audit.core.layers import layer_groups
 TRAIN = SAMPLES / "digits-train.safetensors"
 PROBE = SAMPLES / "digits-probe.safetensors"
-QUICK = FixConfig(steps=25, controls=("all", "random", "rgn"), layers=("layer2", "fc"))
+# write_anyway: the committed model fits its training split, so no repair beats it on
+# validation; these tests are about the written file, so the best trained state is forced out
+QUICK = FixConfig(steps=25, controls=("all", "random", "rgn"), layers=("layer2", "fc"),
+                  write_anyway=True)
 
 
 def _bytes(t):
@@ -109,7 +112,8 @@ def test_float16_input_keeps_dtypes(tmp_path):
     src = tmp_path / "half.safetensors"
     save_checkpoint({"module." + k: v for k, v in half.items()}, src, metadata=meta)
     out = tmp_path / "out.safetensors"
-    fix(src, TRAIN, PROBE, out, FixConfig(steps=5, controls=(), layers=("fc",)))
+    fix(src, TRAIN, PROBE, out, FixConfig(steps=5, controls=(), layers=("fc",),
+                                          write_anyway=True))
     new, _ = read_tensors(out)
     assert set(new) == {"module." + k for k in half}  # the input's own key names
     for k, v in half.items():
@@ -128,7 +132,9 @@ def test_auto_selection_from_scan_and_from_audit(tmp_path):
                             "--probe", str(PROBE), "--output", str(tmp_path / "f.safetensors"),
                             "--audit", str(scan_out / "audit.json"), "--steps", "5",
                             "--controls", "none", "--out", str(tmp_path / "fo")])
-    assert r.exit_code == 0, r.output
+    # 3: no state beat the original on validation (the model fits its training split)
+    assert r.exit_code in (0, 3), r.output
+    assert (tmp_path / "f.safetensors").exists() == (r.exit_code == 0)
     data = json.loads((tmp_path / "fo/fix.json").read_text())
     assert data["selection"]["groups"] == flagged and data["selection"]["source"].startswith("audit")
     assert "fixed" in r.output and "net" in r.output
@@ -198,7 +204,7 @@ def test_input_is_never_modified(work):
     before = snapshot(work)
     fix(work / "digits-sgd.safetensors", work / "digits-train.safetensors",
         work / "digits-probe.safetensors", work / "new.safetensors",
-        FixConfig(steps=3, controls=(), layers=("fc",)))
+        FixConfig(steps=3, controls=(), layers=("fc",), write_anyway=True))
     after = snapshot(work)
     assert after.pop("new.safetensors")
     assert after == before
@@ -259,7 +265,7 @@ def test_batchnorm_frozen_keeps_every_statistic(tmp_path):
     out = tmp_path / "bn.safetensors"
     result = fix(SAMPLES / "digits-sgd.safetensors", TRAIN, PROBE, out,
                  FixConfig(steps=10, controls=(), layers=("layer2",), batchnorm="frozen",
-                           wrong_fraction=0.5))
+                           wrong_fraction=0.5, write_anyway=True))
     src, _ = read_tensors(SAMPLES / "digits-sgd.safetensors")
     new, _ = read_tensors(out)
     changed = {k for k in src if not torch.equal(_bytes(src[k]), _bytes(new[k]))}

@@ -207,7 +207,7 @@ def test_compare_fix_and_gate_on_the_mlp(tabular, tmp_path):
     fixed = tmp_path / "fixed.safetensors"
     result = run("fix", tabular["sgd"], *probe, "--train", tabular["repair"], "--output", fixed,
                  "--out", tmp_path / "fix", "--audit", tmp_path / "sgd" / "audit.json",
-                 "--steps", "40", "--controls", "random")
+                 "--steps", "40", "--controls", "random", "--write-anyway")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "fix" / "fix.json").read_text())
     assert report["selection"]["groups"] == flagged["sgd"]

@@ -106,7 +106,7 @@ def test_timm_file_fixed_keeps_its_architecture_in_metadata(timm_file, digits_pr
     result = CliRunner().invoke(cli, [
         "fix", str(timm_file), "--probe", str(digits_probe), "--train", str(train),
         "--output", str(fixed), "--out", str(tmp_path / "fix"), "--resize", "32",
-        "--layers", "head", "--steps", "20", "--controls", "random"])
+        "--layers", "head", "--steps", "20", "--controls", "random", "--write-anyway"])
     assert result.exit_code == 0, result.output
     back = load_checkpoint(fixed)  # no --arch: the metadata names it
     assert back.arch == "timm:test_resnet" and not back.guessed
@@ -183,7 +183,7 @@ def test_fix_of_a_model_directory_writes_a_model_directory(vit_dir, digits_probe
         "fix", str(vit_dir), "--probe", str(digits_probe),
         "--train", "samples/digits-train.safetensors", "--output", str(fixed),
         "--out", str(tmp_path / "fix"), "--layers", "classifier", "--steps", "40",
-        "--controls", "random"])
+        "--controls", "random", "--write-anyway"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in fixed.iterdir()) == [
         "config.json", "model.safetensors", "preprocessor_config.json"]

@@ -30,7 +30,9 @@ from typing import Any, Dict, Mapping, List, Optional, Sequence, Set, Tuple, Uni
 
 import numpy as np
 
+from ..core.layers import layer_groups
 from ..io.records import AuditRecord
+from .bisect import BisectError, Regression, bisect
 from ..io.files import SCHEMA_VERSION, header, read_result, atomic_write_files, json_bytes, refuse_inputs
 from ..core.attribution import bootstrap_counts, flag_rule, resampled_scores
 from ..errors import AuditError, ConfigError
@@ -76,6 +78,8 @@ class CompareResult:
     intervals: Dict[str, Any]
     scores: List[Dict[str, Any]]
     config: CompareConfig = field(default_factory=CompareConfig)
+    regression: Optional[Regression] = None   # bisection, when both models were at hand
+    regression_note: Optional[str] = None     # why there is none
 
     @property
     def intersection(self) -> Tuple[str, ...]:
@@ -94,6 +98,8 @@ class CompareResult:
             "intervals": self.intervals, "scores": self.scores,
             "config": {"allow_partial": self.config.allow_partial,
                        "resamples": self.config.resamples, "seed": self.config.seed},
+            "regression": (self.regression.to_dict() if self.regression is not None
+                           else {"note": self.regression_note}),
         }
 
     @property
@@ -113,7 +119,8 @@ class CompareResult:
                    {k: dict(v) for k, v in d["correlation"].items()}, dict(d["chance"]),
                    dict(d["intervals"]), [dict(s) for s in d["scores"]],
                    CompareConfig(bool(config.get("allow_partial", False)),
-                                 int(config.get("resamples", 0)), int(config.get("seed", 0))))
+                                 int(config.get("resamples", 0)), int(config.get("seed", 0))),
+                   *_regression_from(d.get("regression")))
 
     @classmethod
     def read(cls, path: Union[str, os.PathLike]) -> "CompareResult":
@@ -128,6 +135,13 @@ class CompareResult:
             return cls.from_dict(data)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"{path} is not {what}: {type(exc).__name__} {exc}") from exc
+
+
+def _regression_from(d: Optional[Mapping[str, Any]]
+                     ) -> Tuple[Optional[Regression], Optional[str]]:
+    if not d:
+        return None, None
+    return (Regression.from_dict(d), None) if "regressed" in d else (None, d.get("note"))
 
 
 def _record(scan: Any) -> AuditRecord:
@@ -200,10 +214,40 @@ def compare(a: Any, b: Any, config: CompareConfig = CompareConfig()) -> CompareR
                "score_b": rb.layer(n).score, "flagged_a": n in fa, "flagged_b": n in fb,
                "flag_frequency_a": ra.layer(n).flag_frequency,
                "flag_frequency_b": rb.layer(n).flag_frequency} for n in shared]
+    regression, note = _bisection(a, b, ra, rb, config)
     return CompareResult(_summary(ra), _summary(rb), tuple(shared), left_out,
                          tuple(n for n in shared if n in fa), tuple(n for n in shared if n in fb),
                          point["jaccard"], point["overlap_coefficient"], topk, correlation,
-                         _chance(g, fa, fb), _bootstrap(ra, rb, shared, config), scores, config)
+                         _chance(g, fa, fb), _bootstrap(ra, rb, shared, config), scores, config,
+                         regression, note)
+
+
+def _bisection(a: Any, b: Any, ra: AuditRecord, rb: AuditRecord, config: CompareConfig
+               ) -> Tuple[Optional[Regression], Optional[str]]:
+    """The regression bisection of B against A (:mod:`.bisect`) when both scans hold their
+    models and were made on the same probe; else why not.
+
+    Raises:
+        BisectError: the models have the same groups but not the same tensors (unless
+            ``allow_partial``, which skips the bisection).
+    """
+    if not all(hasattr(getattr(x, "checkpoint", None), "model") for x in (a, b)):
+        return None, ("regression bisection needs both models: compare two checkpoints, not "
+                      "audit.json files")
+    if not _same_probe(ra, rb):
+        return None, "regression bisection needs both scans on the same probe"
+    if ra.arch != rb.arch or ra.names != rb.names:
+        return None, "regression bisection needs one architecture and the same groups"
+    try:
+        regression = bisect(a.checkpoint.model, b.checkpoint.model,
+                            layer_groups(b.checkpoint.model, b.config.options.granularity),
+                            b.probe, device=b.device, batch_size=b.config.options.batch_size,
+                            predictions=(a.evaluation.predictions, b.evaluation.predictions))
+    except BisectError as exc:
+        if config.allow_partial:
+            return None, f"no regression bisection: {exc}"
+        raise
+    return regression, None
 
 
 def _or_nan(value: Optional[float]) -> float:

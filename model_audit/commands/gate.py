@@ -39,6 +39,7 @@ from ..render.junit import junit_xml
 from ..render.markdown import markdown_summary
 from .policy import Policy
 from ..io.files import atomic_write_files, header, json_bytes, refuse_inputs
+from ..core.layers import layer_groups
 from ..errors import CheckpointError, EmptyInputError
 from ..render.html import render_gate_report, reopen_probe
 
@@ -145,7 +146,8 @@ def check_gate(checkpoint: Union[str, os.PathLike], probe: Union[str, os.PathLik
     if stopped is not None:
         return stopped
     try:
-        audit = scan(path, probe, config, progress=progress).record()
+        scanned = scan(path, probe, config, progress=progress)
+        audit = scanned.record()
     except EmptyInputError as exc:
         return run.stop(EXIT_NOTHING, "there is nothing to audit", str(exc))
     except CheckpointError as exc:  # does not fit the architecture: broken for this release
@@ -159,8 +161,43 @@ def check_gate(checkpoint: Union[str, os.PathLike], probe: Union[str, os.PathLik
                 run_sanity(path, probe, SanityConfig(scan=config)).to_dict())
         _sanity_check(run.checks, policy, saved_sanity)
     comparison = _baseline_checks(run.checks, policy, base, audit)
+    if comparison is not None:
+        comparison = _bisect_against(base, scanned, comparison)
     failed = any(c.passed is False for c in run.checks)
     return run.done(EXIT_FAIL if failed else EXIT_PASS, audit, comparison)
+
+
+def _bisect_against(base: AuditRecord, scanned: Any, comparison: CompareResult
+                    ) -> CompareResult:
+    """The comparison with the regression bisection against the baseline release, when its
+    checkpoint is where its audit.json says, unchanged (same sha256), of the same groups."""
+    from dataclasses import replace
+
+    from ..models.checkpoint import load_checkpoint
+    from ..io.tensors import sha256_file
+    from .bisect import BisectError, bisect
+
+    where = base.checkpoint
+    if not where or not Path(where).is_file() or sha256_file(Path(where)) != base.sha256:
+        return replace(comparison, regression_note=(
+            f"the baseline's checkpoint is not at {where} (as its audit.json says) with its "
+            "sha256: no regression bisection"))
+    if base.names != audit_names(scanned) or base.arch != scanned.checkpoint.arch:
+        return replace(comparison, regression_note="the baseline has another architecture or "
+                       "other groups: no regression bisection")
+    options = scanned.config.options
+    try:
+        model = load_checkpoint(where, arch=base.arch).model
+        regression = bisect(model, scanned.checkpoint.model,
+                            layer_groups(scanned.checkpoint.model, options.granularity),
+                            scanned.probe, device=scanned.device, batch_size=options.batch_size)
+    except (BisectError, CheckpointError) as exc:
+        return replace(comparison, regression_note=f"no regression bisection: {exc}")
+    return replace(comparison, regression=regression)
+
+
+def audit_names(scanned: Any) -> Tuple[str, ...]:
+    return tuple(layer.name for layer in scanned.layers)
 
 
 def _file_checks(run: _Run) -> Optional[GateResult]:

@@ -85,6 +85,7 @@ class EvaluationResult:
     confidences: torch.Tensor
     losses: torch.Tensor
     classes: Tuple[str, ...]
+    logits: Optional[torch.Tensor] = None   # (n, classes) float32, with keep_logits=True
 
     @property
     def n(self) -> int:
@@ -145,20 +146,22 @@ def _logits(model: nn.Module, x: torch.Tensor, probe: ProbeSet) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, probe: ProbeSet, *, device: str = "cpu", batch_size: int = 256,
-             progress: bool = False) -> EvaluationResult:
+             progress: bool = False, keep_logits: bool = False) -> EvaluationResult:
     """Run ``model`` (in eval mode, restored afterwards) over every probe image.
 
     In a distributed run (:mod:`model_audit.distributed`) each rank evaluates its contiguous
     block of the probe and the results are gathered: every rank returns the whole result.
 
     Returns:
-        Predictions, softmax confidence of the prediction and cross-entropy per image.
+        Predictions, softmax confidence of the prediction and cross-entropy per image (and
+        the logits, with ``keep_logits``: ``fix``'s preservation term compares with them).
     """
     was_training = model.training
     model.eval()
     mine = distributed.block(len(probe))
     preds = [torch.empty(0, dtype=torch.long)]
     confs, losses = [torch.empty(0)], [torch.empty(0)]
+    kept: List[torch.Tensor] = []
     try:
         with distributed.agree():
             batches = probe.batches(batch_size, mine)
@@ -172,10 +175,17 @@ def evaluate(model: nn.Module, probe: ProbeSet, *, device: str = "cpu", batch_si
                 preds.append(pred.cpu())
                 confs.append(conf.cpu())
                 losses.append(F.cross_entropy(logits, y, reduction="none").cpu())
+                if keep_logits:
+                    kept.append(logits.cpu())
     finally:
         model.train(was_training)
     n = len(probe)
+    logits_all = None
+    if keep_logits:
+        width = kept[0].shape[1] if kept else len(probe.classes)
+        logits_all = distributed.gather_rows(torch.cat([torch.empty(0, width)] + kept), n)
     return EvaluationResult(probe.labels.clone(),
                             distributed.gather_rows(torch.cat(preds), n),
                             distributed.gather_rows(torch.cat(confs), n),
-                            distributed.gather_rows(torch.cat(losses), n), probe.classes)
+                            distributed.gather_rows(torch.cat(losses), n), probe.classes,
+                            logits_all)

@@ -290,12 +290,34 @@ def controls_chart(data: Dict[str, Any]) -> str:
     return _svg(fig)
 
 
+def validation_chart(data: Dict[str, Any]) -> Optional[str]:
+    """Validation images right at each scored state of the flagged repair, the kept one
+    marked."""
+    v = (data.get("selection") or {}).get("validation")
+    if not v:
+        return None
+    steps = [c["step"] for c in v["candidates"]]
+    right = [c["correct"] for c in v["candidates"]]
+    fig, ax = _figure(5.0, 2.4)
+    ax.plot(steps, right, marker="o", color="#2e86c1", lw=1.2, ms=4)
+    ax.axhline(right[0], color="#888", lw=0.8, ls="--", label="original")
+    kept = next(c for c in v["candidates"] if c["step"] == v["chosen_step"])
+    ax.plot([kept["step"]], [kept["correct"]], marker="s", color="#27ae60", ms=8, ls="none",
+            label="kept")
+    ax.set_xlabel("repair step")
+    ax.set_ylabel(f"validation {probe_unit(data.get('probe', {}))} right")
+    ax.legend(fontsize=7, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _svg(fig)
+
+
 def render_fix_report(data: Dict[str, Any], probe: Optional[ProbeSet] = None) -> str:
-    """The HTML report of a repair: summary, controls, galleries, per-class accuracy."""
+    """The HTML report of a repair: the outcome, the targeted confusion, summary, validation
+    evidence, controls, galleries, per-class accuracy."""
     classes = data["probe"]["classes"]
     shown: Dict[int, Dict[str, str]] = {}
-    for key in ("fixed", "broken", "still_wrong"):
-        for item in data["images"][key][:MAX_THUMBNAILS]:
+    for key in ("fixed", "broken", "still_wrong", "target_fixed", "target_still_wrong"):
+        for item in data["images"].get(key, [])[:MAX_THUMBNAILS]:
             if item["index"] not in shown:
                 # no probe to make thumbnails from: galleries show captions only
                 shown[item["index"]] = (NO_PREVIEW if probe is None
@@ -306,7 +328,7 @@ def render_fix_report(data: Dict[str, Any], probe: Optional[ProbeSet] = None) ->
 
     return _env().get_template("fix.html").render(
         fix=data, shown=shown, cname=cname, max_thumbs=MAX_THUMBNAILS,
-        controls_svg=controls_chart(data))
+        controls_svg=controls_chart(data), validation_svg=validation_chart(data) or "")
 
 
 def sanity_matrix(data: Dict[str, Any], method: str) -> Dict[str, Any]:

@@ -22,6 +22,12 @@ def junit_xml(result: "GateResult") -> str:
         elif check.passed is None:
             ET.SubElement(case, "skipped", message=check.message)
         ET.SubElement(case, "system-out").text = check.message
+    cmp = result.comparison
+    if cmp is not None and cmp.regression is not None:  # information: passes, says the group
+        case = ET.SubElement(suite, "testcase", classname="model_audit.gate",
+                             name="regression_bisection")
+        ET.SubElement(case, "system-out").text = cmp.regression.summary()
+        suite.set("tests", str(int(suite.get("tests", "0")) + 1))
     if result.error:
         case = ET.SubElement(suite, "testcase", classname="model_audit.gate", name="gate")
         ET.SubElement(case, "error", message=result.error)

@@ -24,6 +24,12 @@ def markdown_summary(result: "GateResult") -> str:
     for c in result.checks:
         lines.append(f"| {c.name} | {icon[c.passed]} | {_md_escape(c.value)} | "
                      f"{_md_escape(c.limit)} | {_md_escape(c.message)} |")
+    cmp = result.comparison
+    if cmp is not None and cmp.regression is not None:
+        lines += ["", f"Regression bisection against the baseline (exact): "
+                  f"{_md_escape(cmp.regression.summary())}"]
+    elif cmp is not None and cmp.regression_note:
+        lines += ["", f"Regression bisection: {_md_escape(cmp.regression_note)}"]
     if result.error:
         lines += ["", f"Error: {_md_escape(result.error)}"]
     return "\n".join(lines) + "\n"

@@ -115,7 +115,26 @@ def compare_text(result: "CompareResult") -> str:
     if left["a_only"] or left["b_only"]:
         lines.append(f"left out: only in A {', '.join(left['a_only']) or '-'}; "
                      f"only in B {', '.join(left['b_only']) or '-'}")
+    lines += _regression_lines(result)
     return "\n".join(lines)
+
+
+def _regression_lines(result: "CompareResult") -> List[str]:
+    """The regression bisection of B against A: per group, what A's tensors recover."""
+    reg = result.regression
+    if reg is None:
+        return [f"regression bisection: {result.regression_note}"] if result.regression_note \
+            else []
+    lines = [f"regression (exact; A = baseline, B = candidate): {reg.summary()}"]
+    if reg.regressed:
+        rows = [(s.groups[0], str(s.recovered), f"{100 * s.recovered / reg.regressed:.0f}%",
+                 str(s.lost_fixes)) for s in reg.groups]
+        rows += [(" + ".join(s.groups), str(s.recovered),
+                  f"{100 * s.recovered / reg.regressed:.0f}%", str(s.lost_fixes))
+                 for s in reg.pairs[:3]]
+        lines.append(text_table(("A's tensors put back", "recovered", "share",
+                                 "fixes lost"), rows))
+    return lines
 
 
 def sanity_text(data: Dict[str, Any], verdict: str) -> str:
@@ -189,20 +208,58 @@ def fix_text(data: Dict[str, Any]) -> str:
         f"{100 * data['accuracy']['after']:.2f}%: fixed {data['fixed']}, broken "
         f"{data['broken']}, net {data['net']:+d}",
     ]
+    lines += _target_lines(data)
     rows = []
     for run in [sel] + data["controls"]:
         unit = "modules" if run.get("disjoint_from_selection") else "groups"
+        kept = run.get("kept_step")
         rows.append((run["name"], ",".join(run["groups"]) if len(run["groups"]) <= 4 else
                      f"{len(run['groups'])} {unit}", f"{run['params_percent']:.1f}",
+                     "original" if kept == 0 else ("-" if kept is None else f"step {kept}"),
                      str(run["fixed"]), str(run["broken"]), f"{run['net']:+d}",
                      p_value(run["net_p_value"]), f"{run['compute_param_steps']:.3g}",
                      f"{run['seconds']:.1f}"))
-    lines.append(tabulate(rows, headers=["selection", "groups", "params %", "fixed", "broken",
-                                         "net", "p(net)", "param-steps", "seconds"],
+    lines.append(tabulate(rows, headers=["selection", "groups", "params %", "kept", "fixed",
+                                         "broken", "net", "p(net)", "param-steps", "seconds"],
                           tablefmt="simple", disable_numparse=True,
-                          colalign=("left", "left") + ("right",) * 7))
+                          colalign=("left", "left") + ("right",) * 8))
     lines += _fix_verdict_lines(data)
+    lines += _fix_outcome_lines(data)
     return "\n".join(lines)
+
+
+def _target_lines(data: Dict[str, Any]) -> List[str]:
+    t = data.get("target")
+    if not t:
+        return []
+    names = t["true"] if isinstance(t["true"], str) else ", ".join(
+        f"{a}:{b}" for a, b in zip(t["true"], t["pred"]))
+    what = f"{t['true']} predicted as {t['pred']}" if isinstance(t["true"], str) else names
+    return [f"target: {what}{' (picked: the largest confusion)' if t['auto'] else ''}: "
+            f"{t['probe_before']} -> {t['probe_after']} on the probe; repair rate "
+            f"{num(t['repair_rate'], '.2f')}, break rate {num(t['break_rate'], '.4f')}, net "
+            f"{t['net']:+d}"]
+
+
+def _fix_outcome_lines(data: Dict[str, Any]) -> List[str]:
+    """Validation's verdict, and whether the checkpoint was written."""
+    val, out = data.get("validation") or {}, data["output"]
+    if not val:
+        return []
+    head = (f"validation ({val['n']} {probe_unit(data.get('probe', {}))} held out of the "
+            f"repair data): ")
+    if val["repair_found"]:
+        done = (f"wrote {out['path']}" if out["written"] else "no --output given: nothing "
+                "written")
+        return [head + val["reason"], f"repair found: {done}"]
+    lines = [head + val["reason"]]
+    if out["written"]:
+        lines.append(f"no repair found; --write-anyway: wrote the best trained state to "
+                     f"{out['path']} (it did not beat the original on validation)")
+    else:
+        lines.append("no repair found: the original is the best model; no checkpoint was "
+                     "written")
+    return lines
 
 
 def _fix_verdict_lines(data: Dict[str, Any]) -> List[str]:

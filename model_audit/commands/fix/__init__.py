@@ -1,40 +1,51 @@
-"""``fix``: surgical retraining of the flagged layer groups, with controls.
+"""``fix``: surgical retraining of the flagged layer groups that never hands back a worse model.
 
-Localise, then repair, then check the repair against the obvious alternatives:
+Localise, then repair, then check the repair against the original and the obvious
+alternatives:
 
-1. **Selection.** ``layers="auto"`` takes the groups that ``scan`` flags (a scan runs first on
-   the probe, or a given ``audit.json`` of the same checkpoint is reused); or name the groups.
-2. **Repair data.** The training split (``--train``), never the probe. The model is evaluated
-   on it once. By default (``wrong_fraction=None``, "natural") the batches sample it uniformly,
-   epoch by epoch, so the errors appear at their own rate among images the model gets right
-   and it learns from its errors without forgetting what it knew; ``wrong_fraction=f`` makes
-   every batch a fraction ``f`` of errors instead (seeded, with replacement). Over-weighting
-   the errors (f = 0.5) measured worse on CIFAR-10 (``bench/RESULTS.md``).
-3. **Training.** Only the selected groups' parameters get gradients; every other parameter is
+1. **Selection.** ``layers="auto"`` takes the groups that ``scan`` flags on the part of the
+   repair data trained on (on the targeted confusion's instances with ``target``); a given
+   ``audit.json`` of the same checkpoint is reused; or name the groups. The probe is never
+   scanned: it stays held-out evidence.
+2. **Do no harm** (:mod:`.validate`). A stratified ``validation`` share of the repair data
+   (default 0.2, never the probe) is held out. Along the repair its validation accuracy is
+   scored at :data:`~.validate.CHECKPOINTS` states; the best is kept only when it beats the
+   original (step 0, always a candidate) by more than noise (one-sided exact McNemar test at
+   0.05 / the states tried). Otherwise the original is kept: "no repair found", no checkpoint
+   is written (``write_anyway`` forces the best trained state) and the CLI exits with
+   :data:`NO_REPAIR_EXIT`.
+3. **Repair data and its batches.** By default (``wrong_fraction=None``, "natural") the
+   batches sample the training part uniformly, epoch by epoch: the errors appear at their
+   own rate among images the model gets right. With a ``target`` (:mod:`.target`) a
+   ``target_fraction`` of every batch is drawn from the confusion's instances.
+4. **Preservation.** ``preserve`` weighs a learning-without-forgetting term (Li and Hoiem
+   2017): the divergence, at temperature 2, of the repaired model's outputs from the
+   original's (computed once) on the images the original classified correctly.
+5. **Training.** Only the selected groups' parameters get gradients; every other parameter is
    frozen, and every module outside the selection stays in eval mode (dropout off, BatchNorm
    statistics fixed). With ``batchnorm="train"`` (default) the BatchNorm layers *inside* the
    selection normalise with batch statistics and update their running statistics, as in
    training: a BatchNorm network's convolutions are only stable under gradient steps when
    their normalisation follows them (in eval mode a step is not scale-invariant, and the full
    fine-tune diverged at lr 0.01 on CIFAR-10). ``batchnorm="frozen"`` keeps every statistic
-   as it was. BatchNorm affine weights of selected groups are trained like any parameter. SGD
-   with a cosine learning rate and the momentum from the chosen schedule (beta by default),
-   applied by :class:`~model_audit.core.schedules.MomentumScheduler`.
-4. **Evaluation** before and after on the held-out probe: fixed (wrong -> right), broken
+   as it was. SGD with a cosine learning rate and the momentum from the chosen schedule (beta
+   by default), applied by :class:`~model_audit.core.schedules.MomentumScheduler`.
+6. **Evaluation** before and after on the held-out probe: fixed (wrong -> right), broken
    (right -> wrong), net = fixed - broken = change in the number correct, per class, and an
-   exact McNemar test of fixed vs broken (is the net more than churn?).
-5. **Controls**, each with the same data, batches and step budget: ``all`` (full fine-tune),
-   ``random`` (random parameter-owning modules outside the selection with about the same
-   parameter share; see :func:`~model_audit.commands.fix.select.random_control`) and ``rgn`` (the Auto-RGN
-   selection of Lee et al. 2023: the same number of groups, those with the largest
-   ||grad|| / ||weight|| on the repair data's errors). Each control is also compared with
-   the flagged repair image by image (exact McNemar test on the probe images where exactly
-   one of the two is right), so "beat" comes with a p-value.
-6. **Output.** A new safetensors checkpoint, written atomically (temp file in the same
-   directory, fsync, rename), re-opened and verified: every tensor outside the retrained groups
-   is byte-identical to the input (same key, dtype and bytes; the selected groups' BatchNorm
-   statistics count as retrained), retrained tensors are cast back
-   to their input dtype. Provenance goes in the metadata. The input is never modified.
+   exact McNemar test of fixed vs broken (is the net more than churn?); with a target, its
+   repair rate and the break rate.
+7. **Controls**, each with the same data, batches, budget and validation: ``all`` (full
+   fine-tune), ``random`` (random parameter-owning modules outside the selection with about
+   the same parameter share; see :func:`~model_audit.commands.fix.select.random_control`) and
+   ``rgn`` (the Auto-RGN selection of Lee et al. 2023: the same number of groups, those with
+   the largest ||grad|| / ||weight|| on the repair data's errors). Each control is also
+   compared with the flagged repair image by image (exact McNemar test on the probe images
+   where exactly one of the two is right), so "beat" comes with a p-value.
+8. **Output.** When a repair was found, a new safetensors checkpoint, written atomically
+   (temp file in the same directory, fsync, rename), re-opened and verified: every tensor
+   outside the retrained groups is byte-identical to the input (same key, dtype and bytes;
+   the selected groups' BatchNorm statistics count as retrained), retrained tensors are cast
+   back to their input dtype. Provenance goes in the metadata. The input is never modified.
 
 Compute is reported as optimizer steps x trainable parameters (the parameter-count proxy the
 paper's "82% savings" may use) and as wall time; backpropagation still passes through frozen
@@ -49,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import nn
 
 from ... import distributed
@@ -57,25 +69,30 @@ from ...core.layers import LayerGroup, layer_groups
 from ...core.schedules import SCHEDULES
 from ...errors import ConfigError, OutputError, ProbeError
 from ...io.files import atomic_write_files, json_bytes, refuse_inputs
-from ...io.probe import ProbeSet
+from ...io.probe import BatchCache, ProbeSet
+from ...models.checkpoint import LoadedCheckpoint
 from ...options import AuditOptions, load_inputs, open_probe_for, resolve_device, seed_everything
 from ...render.html import render_fix_report
 from ...render.text import fix_text
 from .result import SIGNIFICANCE_LEVEL, FixResult, RepairRun, verdict
 from .select import check_overlap, control_groups, resolve_selection
-from .train import RepairDiverged, batch_plan, retrain
+from .target import Target, resolve_target
+from .train import (PRESERVE_TEMPERATURE, RepairDiverged, Teacher, batch_plan, retrain,
+                    retrained_names)
+from .validate import CHECKPOINTS, Trajectory, check_share, holdout
 from .write import check_output_path, repair_metadata, write_repaired
 
-__all__ = ["BATCHNORM_MODES", "CONTROLS", "SIGNIFICANCE_LEVEL", "FixConfig", "FixResult",
-           "OverlapError", "RepairDiverged", "RepairRun", "batch_plan", "check_overlap", "fix",
-           "format_fix", "retrain", "verdict", "write_fix"]
+__all__ = ["BATCHNORM_MODES", "CONTROLS", "NO_REPAIR_EXIT", "SIGNIFICANCE_LEVEL", "FixConfig",
+           "FixResult", "OverlapError", "RepairDiverged", "RepairRun", "batch_plan",
+           "check_overlap", "fix", "format_fix", "retrain", "verdict", "write_fix"]
 
 CONTROLS = ("all", "random", "rgn")
 BATCHNORM_MODES = ("frozen", "train")
 #: Warn when the repair data's error rate is below the probe's divided by this (the model was
 #: probably trained on the repair data).
 FIT_RATIO = 3.0
-
+#: The CLI's exit code when no repair beat the original on validation (nothing written).
+NO_REPAIR_EXIT = 3
 
 
 class OverlapError(ProbeError):
@@ -101,6 +118,14 @@ class FixConfig:
     controls: Tuple[str, ...] = CONTROLS
     allow_overlap: bool = False
     train_limit: Optional[int] = None   # class-stratified subset of the repair data
+    validation: float = 0.2             # share of the repair data held out to judge the repair
+    preserve: float = 1.0               # weight of the preservation term (0: off); 1 measured
+                                        # best of 0, 1, 3 (bench/RESULTS.md, "fix: repair
+                                        # settings", 2026-12-07)
+    target: Tuple[str, ...] = ()        # "TRUE:PRED" confusions, or ("auto",)
+    target_fraction: float = 0.5        # with a target: share of each batch from its instances
+    write_anyway: bool = False          # write the best trained state even when not accepted
+    evaluate_last: bool = False         # also evaluate each run's last state on the probe
 
     def validate(self) -> None:
         self.options.validate()
@@ -124,6 +149,11 @@ class FixConfig:
                               f"{self.wrong_fraction}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"learning rate must be > 0, got {self.lr}")
+        check_share(self.validation)
+        if not (math.isfinite(self.preserve) and self.preserve >= 0):
+            raise ConfigError(f"the preservation weight must be >= 0, got {self.preserve}")
+        if not 0.0 < self.target_fraction <= 1.0:
+            raise ConfigError(f"the target fraction must be in (0, 1], got {self.target_fraction}")
 
     def to_dict(self) -> Dict[str, Any]:
         return {"layers": self.layers if isinstance(self.layers, str) else list(self.layers),
@@ -131,25 +161,33 @@ class FixConfig:
                 "wrong_fraction": self.wrong_fraction, "batchnorm": self.batchnorm,
                 "lr": self.lr, "schedule": self.schedule, "controls": list(self.controls),
                 "allow_overlap": self.allow_overlap, "train_limit": self.train_limit,
-                "options": self.options.to_dict()}
+                "validation": self.validation, "preserve": self.preserve,
+                "preserve_temperature": PRESERVE_TEMPERATURE, "target": list(self.target),
+                "target_fraction": self.target_fraction, "write_anyway": self.write_anyway,
+                "evaluate_last": self.evaluate_last, "options": self.options.to_dict()}
 
 
 def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
         probe: Union[str, os.PathLike], output: Optional[Union[str, os.PathLike]],
         config: FixConfig = FixConfig(), *, audit: Optional[Union[str, os.PathLike]] = None,
         progress: bool = False) -> FixResult:
-    """Retrain only the selected layer groups on ``train``; evaluate on ``probe``; controls.
+    """Retrain only the selected layer groups on ``train``; keep the result only when it beats
+    the original on a validation part of ``train``; evaluate on ``probe``; controls.
 
     Args:
         checkpoint: the model to repair (never modified).
-        train: repair data (ImageFolder directory or tensor file), a training split.
+        train: repair data (ImageFolder directory or tensor file), images the model was not
+            trained on; a ``config.validation`` share of it is held out.
         probe: held-out evaluation data (must not share images with ``train``).
-        output: where to write the repaired checkpoint (``.safetensors``), or None.
+        output: where to write the repaired checkpoint (``.safetensors``), or None. It is
+            written only when a repair was found (``result.written``), or with
+            ``config.write_anyway``.
         config: options.
         audit: an ``audit.json`` of this checkpoint to take the flagged groups from.
 
     Raises:
-        AuditError: bad inputs, an output that is an input, overlapping data, nothing flagged.
+        AuditError: bad inputs, an output that is an input, overlapping data, nothing flagged,
+            a bad target or validation share, repair data too small to hold out a part.
     """
     config.validate()
     ranks = distributed.current().world_size
@@ -173,40 +211,52 @@ def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
     model = ckpt.model
     groups = layer_groups(model, opts.granularity)
     t0 = time.perf_counter()
-    selected, source = resolve_selection(config, groups, ckpt, probe_set, audit, progress)
-    timing["selection_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
     before, train_eval = _evaluate(model, (probe_set, train_set), device, opts.batch_size,
                                    progress)
     timing["evaluate_s"] = time.perf_counter() - t0
     warnings += _data_warnings(train_eval, before)
-    wrong = train_eval.misclassified
-    repair = _Repair(model, groups, train_set, probe_set, before, config, device, progress,
-                     _plan(config, train_eval, len(train_set)))
+    data = _RepairData.split(train_set, train_eval, config)
+    if data.target is not None and data.target.auto:
+        warnings.append(f"--target auto picked {data.target.names(train_set.classes)[0]}, the "
+                        "largest confusion in the repair data")
+    t0 = time.perf_counter()
+    selected, source, scores = resolve_selection(config, groups, ckpt, data.scan_set(),
+                                                 audit, progress)
+    timing["selection_s"] = time.perf_counter() - t0
+    repair = _Repair(model, groups, data, probe_set, before, config, device, progress)
     selection, repaired = repair.run("flagged", selected, groups)
-    controls = [repair.control(name, selected, wrong, warnings) for name in config.controls]
-    sha, identical = None, 0
-    if output is not None:
-        meta = repair_metadata(ckpt, config, selected,
-                               opts.normalize or ckpt.normalize or "none", probe_set.classes,
-                               len(repair.plan))
-        sha, identical = distributed.on_main(write_repaired, ckpt, repaired.cpu(), groups,
-                                             selected, Path(output), meta)
+    controls = [repair.control(name, selected, warnings) for name in config.controls]
+    written = output is not None and (selection.validation.accepted or config.write_anyway)
+    sha, identical = (_write(ckpt, repaired, groups, selected, Path(output), config, probe_set,
+                             len(repair.plan), selection) if written else (None, 0))
     model.cpu()
     timing["total_s"] = time.perf_counter() - start
-    return FixResult(ckpt, probe_set, str(train), len(train_set), len(wrong), selection,
-                     tuple(controls), config, str(output) if output else None, sha, identical,
-                     device, {k: round(v, 3) for k, v in timing.items()}, tuple(warnings),
-                     source)
+    return FixResult(ckpt, probe_set, str(train), len(train_set), len(train_eval.misclassified),
+                     selection, tuple(controls), config, str(output) if output else None, sha,
+                     identical, device, {k: round(v, 3) for k, v in timing.items()},
+                     tuple(warnings), source, written, data.summary(), data.target, scores)
+
+
+def _write(ckpt: LoadedCheckpoint, repaired: nn.Module, groups: Sequence[LayerGroup],
+           selected: Sequence[str], output: Path, config: FixConfig, probe: ProbeSet,
+           steps: int, run: RepairRun) -> Tuple[str, int]:
+    """Write the repaired checkpoint (rank 0) with its provenance; (sha256, identical tensors)."""
+    opts = config.options
+    v = run.validation
+    meta = repair_metadata(ckpt, config, selected, opts.normalize or ckpt.normalize or "none",
+                           probe.classes, steps, (v.chosen, v.accepted) if v else None)
+    return distributed.on_main(write_repaired, ckpt, repaired.cpu(), groups, selected, output,
+                               meta)
 
 
 def _evaluate(model: nn.Module, sets: Sequence[ProbeSet], device: str, batch_size: int,
               progress: bool) -> List[EvaluationResult]:
-    """The model (moved to ``device``, eval mode) evaluated on each set."""
+    """The model (moved to ``device``, eval mode) evaluated on each set; the logits are kept
+    for the last one (the repair data: the preservation term compares with them)."""
     model.to(device).eval()
     with fast_layout(model, device):
-        return [evaluate(model, data, device=device, batch_size=batch_size, progress=progress)
-                for data in sets]
+        return [evaluate(model, data, device=device, batch_size=batch_size, progress=progress,
+                         keep_logits=i == len(sets) - 1) for i, data in enumerate(sets)]
 
 
 def _overlap_warnings(probe: ProbeSet, train: ProbeSet, allow: bool) -> List[str]:
@@ -238,52 +288,122 @@ def _data_warnings(train_eval: EvaluationResult, before: EvaluationResult) -> Li
     return []
 
 
-def _plan(config: FixConfig, train_eval: EvaluationResult, n_train: int) -> List[List[int]]:
-    """The batches of every step, shared by the selection and every control."""
-    wrong = train_eval.misclassified
-    wrong_set = set(wrong)
-    right = [i for i in range(train_eval.n) if i not in wrong_set]
-    steps = config.steps or 1
-    if config.epochs is not None:
-        steps = max(1, math.ceil(config.epochs * n_train / config.batch_size))
-    return batch_plan(wrong, right, steps, config.batch_size, config.options.seed,
-                      config.wrong_fraction)
-
-
 @dataclass
-class _Repair:
-    """Runs the selection and the controls with the same data, batches and budget."""
+class _RepairData:
+    """The repair data split into the part trained on (``fit``) and the validation part, the
+    original's outputs on them, and the target."""
 
-    model: nn.Module
-    groups: List[LayerGroup]
-    train: ProbeSet
-    probe: ProbeSet
-    before: EvaluationResult
-    config: FixConfig
-    device: str
-    progress: bool
-    plan: List[List[int]]
+    fit: ProbeSet
+    val: ProbeSet
+    fit_eval: EvaluationResult
+    val_eval: EvaluationResult
+    target: Optional[Target]
+    share: float
+
+    @classmethod
+    def split(cls, train: ProbeSet, ev: EvaluationResult, config: FixConfig) -> "_RepairData":
+        target = resolve_target(config.target, train.classes, ev)
+        strata = target.mask(ev.labels, ev.predictions) if target is not None else None
+        fit_pos, val_pos = holdout(train.labels, config.validation, config.options.seed,
+                                   strata)
+        return cls(train.subset(fit_pos), train.subset(val_pos), _rows(ev, fit_pos),
+                   _rows(ev, val_pos), target, config.validation)
 
     @property
-    def total(self) -> int:
-        return sum(g.params for g in self.groups)
+    def target_positions(self) -> List[int]:
+        """Positions in ``fit`` of the targeted confusion's instances."""
+        mask = self.target.mask(self.fit_eval.labels, self.fit_eval.predictions)
+        return torch.nonzero(mask).flatten().tolist()
+
+    def scan_set(self) -> ProbeSet:
+        """What ``layers="auto"`` scans: the targeted confusion's instances, else the part
+        trained on (never the probe, never the validation part)."""
+        return self.fit.subset(self.target_positions) if self.target is not None else self.fit
+
+    def teacher(self, weight: float) -> Optional[Teacher]:
+        if weight <= 0:
+            return None
+        return Teacher(self.fit_eval.logits, self.fit_eval.predictions == self.fit_eval.labels,
+                       weight)
+
+    def plan(self, config: FixConfig) -> List[List[int]]:
+        """The batches of every step (positions in ``fit``), shared by every run."""
+        steps = config.steps or 1
+        if config.epochs is not None:
+            steps = max(1, math.ceil(config.epochs * len(self.fit) / config.batch_size))
+        if self.target is not None:
+            chosen = set(self.target_positions)
+            others = [i for i in range(len(self.fit)) if i not in chosen]
+            return batch_plan(sorted(chosen), others, steps, config.batch_size,
+                              config.options.seed, config.target_fraction)
+        wrong = self.fit_eval.misclassified
+        wrong_set = set(wrong)
+        right = [i for i in range(len(self.fit)) if i not in wrong_set]
+        return batch_plan(wrong, right, steps, config.batch_size, config.options.seed,
+                          config.wrong_fraction)
+
+    def summary(self) -> Dict[str, Any]:
+        return {"share": self.share, "n": len(self.val), "fit_n": len(self.fit),
+                "fit_wrong": len(self.fit_eval.misclassified),
+                "accuracy_before": self.val_eval.accuracy}
+
+
+def _rows(ev: EvaluationResult, positions: Sequence[int]) -> EvaluationResult:
+    """The rows ``positions`` of an evaluation (logits included)."""
+    idx = torch.as_tensor(list(positions), dtype=torch.long)
+    return EvaluationResult(ev.labels[idx], ev.predictions[idx], ev.confidences[idx],
+                            ev.losses[idx], ev.classes,
+                            None if ev.logits is None else ev.logits[idx])
+
+
+class _Repair:
+    """Runs the selection and the controls with the same data, batches, budget and
+    validation."""
+
+    def __init__(self, model: nn.Module, groups: List[LayerGroup], data: _RepairData,
+                 probe: ProbeSet, before: EvaluationResult, config: FixConfig, device: str,
+                 progress: bool) -> None:
+        self.model, self.groups, self.data, self.probe = model, groups, data, probe
+        self.before, self.config, self.device, self.progress = before, config, device, progress
+        self.plan = data.plan(config)
+        self.teacher = data.teacher(config.preserve)
+        self.val = BatchCache(data.val, list(range(len(data.val))),
+                              config.options.batch_size, shard=True)
+        self.total = sum(g.params for g in groups)
+
+    def _trajectory(self, units: Sequence[LayerGroup], chosen: Sequence[str]) -> Trajectory:
+        names = retrained_names(self.model, units, chosen)
+        return Trajectory(self.val, self.data.val_eval.predictions, self.data.val_eval.losses,
+                          names, max(1, len(self.plan) // CHECKPOINTS), SIGNIFICANCE_LEVEL,
+                          self.device, keep_best=self.config.write_anyway)
+
+    def _probe(self, model: nn.Module) -> EvaluationResult:
+        with fast_layout(model, self.device):
+            return evaluate(model, self.probe, device=self.device,
+                            batch_size=self.config.options.batch_size)
 
     def run(self, name: str, chosen: Sequence[str], units: Sequence[LayerGroup],
             disjoint: Optional[bool] = None) -> Tuple[RepairRun, nn.Module]:
-        repaired, seconds = retrain(self.model, units, chosen, self.train, self.plan,
-                                    self.config, self.device, self.progress, f"retrain {name}")
-        with fast_layout(repaired, self.device):
-            after = evaluate(repaired, self.probe, device=self.device,
-                             batch_size=self.config.options.batch_size)
+        trajectory = self._trajectory(units, chosen)
+        original = {k: v.detach().clone() for k, v in self.model.state_dict().items()
+                    if k in set(trajectory.names)}
+        repaired, seconds = retrain(self.model, units, chosen, self.data.fit, self.plan,
+                                    self.config, self.device, self.progress, f"retrain {name}",
+                                    teacher=self.teacher, trajectory=trajectory)
+        last = self._probe(repaired) if self.config.evaluate_last else None
+        validation = trajectory.restore(repaired, original)
+        # the original kept: its predictions are the ones measured before
+        after = self._probe(repaired) if validation.chosen else self.before
         trainable = sum(g.params for g in units if g.name in chosen)
         return RepairRun(name, tuple(chosen), trainable, trainable / self.total, len(self.plan),
-                         seconds, after, self.before, disjoint=disjoint), repaired
+                         seconds, after, self.before, disjoint=disjoint, validation=validation,
+                         last=last), repaired
 
-    def control(self, name: str, selected: Sequence[str], wrong: List[int],
-                warnings: List[str]) -> RepairRun:
+    def control(self, name: str, selected: Sequence[str], warnings: List[str]) -> RepairRun:
         """One control; a control that diverges is a result (and a warning), not an error."""
+        wrong = self.data.fit_eval.misclassified
         chosen, units, disjoint = control_groups(
-            name, self.model, self.groups, selected, self.train, wrong,
+            name, self.model, self.groups, selected, self.data.fit, wrong,
             self.config.options.seed, self.config.options.batch_size, self.device)
         try:
             return self.run(name, chosen, units, disjoint)[0]

@@ -2,7 +2,7 @@
 selection (exact McNemar tests) and the verdict; ``FixResult.to_dict()`` is ``fix.json``."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
@@ -13,6 +13,8 @@ from ...core.stats import mcnemar_exact
 from ...io.files import header
 from ...io.probe import ProbeSet
 from ...models.checkpoint import LoadedCheckpoint
+from .target import Target, target_summary
+from .validate import Validation
 
 if TYPE_CHECKING:  # annotations only: the package imports this module
     from . import FixConfig
@@ -35,6 +37,8 @@ class RepairRun:
     before: EvaluationResult
     diverged: Optional[str] = None   # the message when this run's loss became NaN/Inf
     disjoint: Optional[bool] = None  # random control: trains no parameter of the selection
+    validation: Optional[Validation] = None  # the trajectory on the validation part
+    last: Optional[EvaluationResult] = None  # the last trained state on the probe, if asked
 
     @cached_property
     def fixed(self) -> List[int]:
@@ -60,7 +64,21 @@ class RepairRun:
                 # exact McNemar (sign) test of fixed vs broken: how likely a net at least this
                 # far from 0 is if each changed image were as likely to break as to be fixed
                 "net_p_value": mcnemar_exact(len(self.fixed), len(self.broken)),
-                "diverged": self.diverged, "disjoint_from_selection": self.disjoint}
+                "diverged": self.diverged, "disjoint_from_selection": self.disjoint,
+                "accepted": self.validation.accepted if self.validation else None,
+                "kept_step": self.validation.chosen if self.validation else None,
+                "validation": self.validation.to_dict() if self.validation else None,
+                "last_state": self._last()}
+
+    def _last(self) -> Optional[Dict[str, Any]]:
+        """The last trained state on the probe (what an unvalidated repair would have kept)."""
+        if self.last is None:
+            return None
+        right0 = self.before.predictions == self.before.labels
+        right1 = self.last.predictions == self.last.labels
+        fixed, broken = int((~right0 & right1).sum()), int((right0 & ~right1).sum())
+        return {"accuracy": self.last.accuracy, "fixed": fixed, "broken": broken,
+                "net": fixed - broken, "net_p_value": mcnemar_exact(fixed, broken)}
 
 
 def verdict(controls: Sequence[Dict[str, Any]], net_p_value: float,
@@ -103,6 +121,15 @@ class FixResult:
     timing: Dict[str, float]
     warnings: Tuple[str, ...] = ()
     selection_source: str = "names"
+    written: bool = False                    # the repaired checkpoint was written
+    holdout: Dict[str, Any] = field(default_factory=dict)  # the validation part
+    target: Optional[Target] = None
+    selection_scores: Optional[Dict[str, float]] = None  # the scan's score of every group
+
+    @property
+    def repair_found(self) -> bool:
+        """Whether the flagged repair beat the original on validation by more than noise."""
+        return bool(self.selection.validation and self.selection.validation.accepted)
 
     def control_summaries(self) -> List[Dict[str, Any]]:
         """Each control's summary, whether the flagged selection beat it, and the paired
@@ -156,8 +183,15 @@ class FixResult:
 
         still = torch.nonzero((before.predictions != before.labels)
                               & (after.predictions != after.labels)).flatten().tolist()
-        return {"fixed": [item(i) for i in sel.fixed], "broken": [item(i) for i in sel.broken],
-                "still_wrong": [item(i) for i in still]}
+        out = {"fixed": [item(i) for i in sel.fixed], "broken": [item(i) for i in sel.broken],
+               "still_wrong": [item(i) for i in still]}
+        if self.target is not None:  # the targeted confusion's probe instances
+            inside = self.target.mask(before.labels, before.predictions)
+            right = after.predictions == after.labels
+            out["target_fixed"] = [item(i) for i in torch.nonzero(inside & right).flatten().tolist()]
+            out["target_still_wrong"] = [
+                item(i) for i in torch.nonzero(inside & ~right).flatten().tolist()]
+        return out
 
     def to_dict(self) -> Dict[str, Any]:
         sel = self.selection
@@ -172,7 +206,8 @@ class FixResult:
             "train": {"source": self.train_source, "n": self.train_n, "wrong": self.train_wrong},
             "config": self.config.to_dict(),
             "selection": {**sel_summary, "source": self.selection_source,
-                          "total_params": self.checkpoint.parameters},
+                          "total_params": self.checkpoint.parameters,
+                          "scan_scores": self.selection_scores},
             "accuracy": {"before": sel.before.accuracy, "after": sel.after.accuracy},
             "fixed": len(sel.fixed), "broken": len(sel.broken), "net": sel.net,
             "compute": {"steps": sel.steps, "trainable_params": sel.trainable,
@@ -181,8 +216,15 @@ class FixResult:
             "per_class": self.per_class(),
             "controls": controls,
             "verdict": verdict(controls, sel_summary["net_p_value"]),
+            "validation": {**self.holdout, "repair_found": self.repair_found,
+                           "reason": (sel.validation.reason if sel.validation
+                                      else "no validation")},
+            "target": (target_summary(self.target, self.probe.classes, sel.before, sel.after)
+                       if self.target is not None else None),
             "images": self.images(),
-            "output": {"path": self.output, "sha256": self.output_sha256,
+            "output": {"path": self.output, "written": self.written,
+                       "forced": self.written and not self.repair_found,
+                       "sha256": self.output_sha256,
                        "verified_identical_tensors": self.verified_identical},
             "device": self.device, "timing": self.timing, "seed": self.config.options.seed,
             "warnings": list(self.warnings),

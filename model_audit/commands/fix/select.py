@@ -64,11 +64,15 @@ def check_overlap(probe: ProbeSet, train: ProbeSet) -> List[Tuple[int, int]]:
 
 def resolve_selection(config: FixConfig, groups: Sequence[LayerGroup], ckpt: LoadedCheckpoint,
                        probe: ProbeSet, audit: Optional[Union[str, os.PathLike]],
-                       progress: bool) -> Tuple[Tuple[str, ...], str]:
+                       progress: bool
+                       ) -> Tuple[Tuple[str, ...], str, Optional[Dict[str, float]]]:
     """The selected group names (in forward order) and where they come from.
 
     Named groups (``config.layers``), else the groups flagged by ``audit`` (an ``audit.json``
-    of this checkpoint at this granularity), else those flagged by a scan on ``probe``.
+    of this checkpoint at this granularity), else those flagged by a scan of ``probe`` (``fix``
+    gives the part of the repair data it trains on, or a targeted confusion's instances:
+    never the probe it is judged on). The third item is the scan's (or the audit's) score of
+    every group, None for named groups.
     """
     names = [g.name for g in groups]
     if config.layers != "auto":
@@ -78,7 +82,7 @@ def resolve_selection(config: FixConfig, groups: Sequence[LayerGroup], ckpt: Loa
             raise ConfigError(f"unknown layer group(s) {', '.join(unknown) or '(none)'}; the "
                               f"groups at granularity {config.options.granularity!r} are: "
                               f"{', '.join(names)}")
-        return tuple(n for n in names if n in wanted), "names"
+        return tuple(n for n in names if n in wanted), "names", None
     if audit is not None:
         record = AuditRecord.read(audit)
         if record.sha256 != ckpt.sha256:
@@ -90,18 +94,20 @@ def resolve_selection(config: FixConfig, groups: Sequence[LayerGroup], ckpt: Loa
                               f"not {config.options.granularity!r}")
         flagged = record.flagged
         source = f"audit {audit}"
+        scores = {layer.name: layer.score for layer in record.layers}
     else:
         result = scan(ckpt, probe, ScanConfig(options=config.options, baselines=()),
                       progress=progress)
         flagged = result.flagged
         source = "scan"
+        scores = {layer.name: layer.score for layer in result.layers}
     if not flagged:
         raise ConfigError("the scan flags no layer group, so --layers auto has nothing to "
                           "retrain; name the groups with --layers")
     unknown = [n for n in flagged if n not in names]
     if unknown:
         raise ConfigError(f"the audit flags groups this model does not have: {', '.join(unknown)}")
-    return tuple(n for n in names if n in flagged), source
+    return tuple(n for n in names if n in flagged), source, scores
 
 
 def _random_groups(groups: Sequence[LayerGroup], selected: Sequence[str], seed: int

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import math
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -24,6 +25,7 @@ from ...core.layers import LayerGroup
 from ...core.schedules import MomentumScheduler
 from ...errors import ConfigError
 from ...io.probe import ProbeSet
+from .validate import Trajectory
 
 if TYPE_CHECKING:  # annotations only: the package imports this module
     from . import FixConfig
@@ -80,26 +82,77 @@ def batch_plan(wrong: List[int], right: List[int], steps: int, batch: int, seed:
     return plan
 
 
-def _free_selection(model: nn.Module, groups: Sequence[LayerGroup], selected: Sequence[str],
-                    batchnorm: str) -> List[nn.Parameter]:
-    """Freeze every parameter outside ``selected``; return the selected ones.
-
-    The model stays in eval mode, except (with ``batchnorm="train"``) the BatchNorm layers of
-    the selected groups, which normalise with batch statistics and update their running ones.
-    """
+def _free_selection(model: nn.Module, groups: Sequence[LayerGroup], selected: Sequence[str]
+                    ) -> List[nn.Parameter]:
+    """Freeze every parameter outside ``selected``; return the selected ones."""
     chosen = {p for g in groups if g.name in selected for p in g.parameter_names}
     trainable = []
     for name, p in model.named_parameters():
         p.requires_grad_(name in chosen)
         if name in chosen:
             trainable.append(p)
+    return trainable
+
+
+def _training_modes(model: nn.Module, groups: Sequence[LayerGroup], selected: Sequence[str],
+                    batchnorm: str) -> List[nn.Module]:
+    """Put the model in eval mode, except (with ``batchnorm="train"``) the BatchNorm layers of
+    the selected groups, which normalise with batch statistics and update their running ones.
+    Returns those layers (for :func:`_modes_again`, once they may be wrapped)."""
+    model.eval()
+    trained: List[nn.Module] = []
     if batchnorm == "train":
         buffers = {b for g in groups if g.name in selected for b in g.buffer_names}
         for name, module in model.named_modules():
             if (isinstance(module, nn.modules.batchnorm._BatchNorm)
                     and f"{name}.running_mean" in buffers):
                 module.train()
-    return trainable
+                trained.append(module)
+    return trained
+
+
+def _modes_again(model: nn.Module, trained: Sequence[nn.Module]) -> None:
+    """The modes of :func:`_training_modes` again, after an evaluation put ``model`` in eval
+    mode (by module, not by name: under torchrun the BatchNorm layers are wrapped)."""
+    model.eval()
+    for module in trained:
+        module.train()
+
+
+def retrained_names(model: nn.Module, groups: Sequence[LayerGroup], selected: Sequence[str]
+                    ) -> List[str]:
+    """The state-dict entries a repair of ``selected`` may change: their parameters and
+    buffers (BatchNorm statistics), in the model's order."""
+    mine = {n for g in groups if g.name in selected for n in g.parameter_names + g.buffer_names}
+    return [k for k in model.state_dict() if k in mine]
+
+
+#: Temperature of the preservation term (Hinton et al. 2015; Li and Hoiem's learning without
+#: forgetting uses 2).
+PRESERVE_TEMPERATURE = 2.0
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The original model's outputs on the repair data, computed once: the preservation term
+    keeps the repaired model's outputs close to them on the images it classified correctly."""
+
+    logits: torch.Tensor    # (repair images, classes), by repair-data position
+    right: torch.Tensor     # bool, by repair-data position: the original got it right
+    weight: float
+    temperature: float = PRESERVE_TEMPERATURE
+
+    def summed_divergence(self, logits: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        """``T^2 * KL(p_original || p_repaired)`` at temperature ``T``, summed over the images
+        of ``positions`` that the original classified correctly (0 when there are none)."""
+        idx = torch.as_tensor(list(positions), dtype=torch.long)
+        keep = self.right[idx]
+        if not bool(keep.any()):
+            return logits.sum() * 0.0
+        t = self.temperature
+        target = F.log_softmax(self.logits[idx][keep].to(logits.device) / t, dim=1)
+        log_p = F.log_softmax(logits[keep.to(logits.device)] / t, dim=1)
+        return t * t * F.kl_div(log_p, target, log_target=True, reduction="sum")
 
 
 def _data_parallel(model: nn.Module, device: str) -> nn.Module:
@@ -112,14 +165,18 @@ def _data_parallel(model: nn.Module, device: str) -> nn.Module:
 
 def retrain(base: nn.Module, groups: Sequence[LayerGroup], selected: Sequence[str],
             train: ProbeSet, plan: List[List[int]], config: FixConfig, device: str,
-            progress: bool, desc: str) -> Tuple[nn.Module, float]:
+            progress: bool, desc: str, *, teacher: Optional[Teacher] = None,
+            trajectory: Optional[Trajectory] = None) -> Tuple[nn.Module, float]:
     """Retrain a copy of ``base`` with only the ``selected`` groups' parameters free.
 
-    One SGD step per batch of ``plan`` (cross-entropy on ``train``), with a cosine learning
-    rate from ``config.lr`` to 0 and the momentum of ``config.schedule`` applied by
+    One SGD step per batch of ``plan`` (cross-entropy on ``train``, plus ``teacher.weight``
+    times the preservation term when a ``teacher`` is given), with a cosine learning rate from
+    ``config.lr`` to 0 and the momentum of ``config.schedule`` applied by
     :class:`~model_audit.core.schedules.MomentumScheduler`; every module outside the
     selection stays in eval mode (see ``config.batchnorm`` for the selection's BatchNorm
-    layers). ``base`` is not modified.
+    layers). With a ``trajectory``, the validation part is scored at its checkpoints (the
+    caller then puts back the state it keeps: :meth:`Trajectory.restore`). ``base`` is not
+    modified.
 
     Args:
         base: the model to start from (copied).
@@ -131,16 +188,20 @@ def retrain(base: nn.Module, groups: Sequence[LayerGroup], selected: Sequence[st
         device: where to train.
         progress: show a progress bar.
         desc: the progress bar's label.
+        teacher: the original's outputs on ``train`` (the preservation term), or None.
+        trajectory: scores the states on the validation part and copies the best, or None.
 
     Returns:
-        (the retrained copy, on ``device``; the seconds the loop took).
+        (the retrained copy in its last state, in eval mode, on ``device``; the seconds the
+        loop took).
 
     Raises:
         RepairDiverged: the loss became NaN/Inf.
     """
     ctx = distributed.current()
     model = copy.deepcopy(base).to(device).eval()
-    trainable = _free_selection(model, groups, selected, config.batchnorm)
+    trainable = _free_selection(model, groups, selected)
+    trained_bn = _training_modes(model, groups, selected, config.batchnorm)
     opt = torch.optim.SGD(trainable, lr=config.lr, momentum=0.0)
     lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=len(plan))
     momentum = MomentumScheduler(opt, config.schedule)
@@ -149,29 +210,46 @@ def retrain(base: nn.Module, groups: Sequence[LayerGroup], selected: Sequence[st
     # channels-last kernels would not match DistributedDataParallel's contiguous gradient
     # buckets: the fast layout is for a single process
     layout = fast_layout(model, device) if not ctx.active else contextlib.nullcontext()
-    with layout, distributed.synced_batchnorm(model):
-        forward = _data_parallel(model, device) if ctx.active and trainable else model
-        for step, idx in enumerate(progress_bar(plan, total=len(plan), desc=desc,
-                                                enabled=progress)):
-            # each rank takes its contiguous part of the step's batch (all of it in one process)
-            mine = distributed.local_part(idx)
-            with distributed.agree():
-                x = train.load(mine).to(device)
-            y = train.labels[mine].to(device)
-            summed = F.cross_entropy(forward(x).float(), y, reduction="sum")
-            mean = distributed.sum_values(float(summed.detach()))[0] / len(idx)
-            if not math.isfinite(mean):
-                raise RepairDiverged(
-                    f"the repair of {', '.join(selected)} diverged at step {step} (loss "
-                    f"{mean}) with lr {config.lr}; lower --lr")
-            # DistributedDataParallel averages the ranks' gradients: scaled by the world size,
-            # each rank's share of the sum gives the gradient of the mean over the whole batch
-            loss = summed / (len(idx) / ctx.world_size)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            lr_sched.step()
-            momentum.step()
+    with layout:
+        # the tensors the optimizer updates in place, under their own names (synced_batchnorm
+        # wraps the BatchNorm layers under torchrun, which renames them in model.state_dict())
+        state = model.state_dict()
+        with distributed.synced_batchnorm(model):
+            forward = _data_parallel(model, device) if ctx.active and trainable else model
+            for step, idx in enumerate(progress_bar(plan, total=len(plan), desc=desc,
+                                                    enabled=progress)):
+                _step(forward, train, idx, config, device, selected, step, opt, teacher)
+                lr_sched.step()
+                momentum.step()
+                if trajectory is not None and trajectory.due(step + 1, len(plan)):
+                    trajectory.observe(step + 1, model, state)
+                    _modes_again(model, trained_bn)
     for p in model.parameters():
         p.requires_grad_(True)
-    return model, time.perf_counter() - start
+    return model.eval(), time.perf_counter() - start
+
+
+def _step(forward: nn.Module, train: ProbeSet, idx: List[int], config: FixConfig, device: str,
+          selected: Sequence[str], step: int, opt: torch.optim.Optimizer,
+          teacher: Optional[Teacher]) -> None:
+    """One optimizer step on the batch ``idx`` (this rank's contiguous part of it)."""
+    ctx = distributed.current()
+    mine = distributed.local_part(idx)
+    with distributed.agree():
+        x = train.load(mine).to(device)
+    y = train.labels[mine].to(device)
+    logits = forward(x).float()
+    summed = F.cross_entropy(logits, y, reduction="sum")
+    if teacher is not None and teacher.weight > 0:
+        summed = summed + teacher.weight * teacher.summed_divergence(logits, mine)
+    mean = distributed.sum_values(float(summed.detach()))[0] / len(idx)
+    if not math.isfinite(mean):
+        raise RepairDiverged(
+            f"the repair of {', '.join(selected)} diverged at step {step} (loss "
+            f"{mean}) with lr {config.lr}; lower --lr")
+    # DistributedDataParallel averages the ranks' gradients: scaled by the world size,
+    # each rank's share of the sum gives the gradient of the mean over the whole batch
+    loss = summed / (len(idx) / ctx.world_size)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()

@@ -67,9 +67,10 @@ def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def repair_metadata(ckpt: LoadedCheckpoint, config: FixConfig, selected: Sequence[str],
-                     normalize: str, classes: Optional[Sequence[str]], steps: int
-                     ) -> Dict[str, str]:
-    """The input's metadata, the audit metadata of a registry model, and the provenance."""
+                     normalize: str, classes: Optional[Sequence[str]], steps: int,
+                     kept: Optional[Tuple[int, bool]] = None) -> Dict[str, str]:
+    """The input's metadata, the audit metadata of a registry model, and the provenance
+    (``kept``: the step of the state written and whether validation accepted it)."""
     meta = dict(ckpt.metadata)
     if not is_factory_spec(ckpt.arch) and ckpt.weights_file is None:
         # a model directory's config.json names the model (and is copied beside the weights)
@@ -83,7 +84,14 @@ def repair_metadata(ckpt: LoadedCheckpoint, config: FixConfig, selected: Sequenc
         META_PREFIX + "fix.seed": str(config.options.seed),
         META_PREFIX + "fix.steps": str(steps),
         META_PREFIX + "fix.lr": repr(config.lr),
+        META_PREFIX + "fix.preserve": repr(config.preserve),
+        META_PREFIX + "fix.validation": repr(config.validation),
     })
+    if config.target:
+        meta[META_PREFIX + "fix.target"] = json.dumps(list(config.target))
+    if kept is not None:
+        meta[META_PREFIX + "fix.kept_step"] = str(kept[0])
+        meta[META_PREFIX + "fix.accepted"] = json.dumps(kept[1])
     return meta
 
 

@@ -1,0 +1,145 @@
+"""Targeted repair: one named confusion (images of class TRUE predicted as PRED) repaired while
+the rest of the model's behaviour is kept (step 1 of :mod:`model_audit.commands.fix` with
+``--target``).
+
+``--target TRUE:PRED`` names the confusion by class names or indices (repeatable: several
+confusions are repaired together); ``--target auto`` picks the largest off-diagonal count of
+the repair data's confusion matrix. Its instances in the repair data are what the repair
+trains on (a share of every batch) and the probe's are what it is judged on: the repair rate
+(the share of the probe's instances classified correctly after) and the break rate (the share
+of the probe images right before that are wrong after).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ...core.evaluate import EvaluationResult
+from ...errors import ConfigError
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class Target:
+    """The confusions a repair targets, as class indices: ``pairs`` of (true, predicted)."""
+
+    pairs: Tuple[Tuple[int, int], ...]
+    auto: bool = False
+
+    def mask(self, labels: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
+        """Which images are in one of the confusions (label TRUE, prediction PRED)."""
+        out = torch.zeros(len(labels), dtype=torch.bool)
+        for t, p in self.pairs:
+            out |= (labels == t) & (predictions == p)
+        return out
+
+    def names(self, classes: Sequence[str]) -> List[str]:
+        return [f"{classes[t]}:{classes[p]}" for t, p in self.pairs]
+
+
+def _class_index(text: str, classes: Sequence[str], spec: str) -> int:
+    text = text.strip()
+    if text in classes:
+        return list(classes).index(text)
+    if text.isdigit() and int(text) < len(classes):
+        return int(text)
+    raise ConfigError(f"--target {spec}: {text!r} is not a class of the repair data; the "
+                      f"classes are {', '.join(classes)} (or their indices 0-{len(classes) - 1})")
+
+
+def confusion_counts(ev: EvaluationResult, n_classes: int) -> torch.Tensor:
+    """The confusion matrix (rows: true class, columns: prediction) of an evaluation."""
+    flat = ev.labels.long() * n_classes + ev.predictions.long()
+    return torch.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def largest_confusions(counts: torch.Tensor, classes: Sequence[str], k: int = 3
+                       ) -> List[Tuple[int, int, int]]:
+    """The ``k`` largest off-diagonal cells: (count, true, predicted), largest first (ties:
+    the lower class indices first)."""
+    off = counts.clone()
+    off.fill_diagonal_(0)
+    cells = [(int(off[t, p]), t, p) for t in range(len(classes)) for p in range(len(classes))
+             if off[t, p] > 0]
+    return sorted(cells, key=lambda c: (-c[0], c[1], c[2]))[:k]
+
+
+def _describe(cells: List[Tuple[int, int, int]], classes: Sequence[str]) -> str:
+    return ", ".join(f"{classes[t]}:{classes[p]} ({n})" for n, t, p in cells) or "none"
+
+
+def resolve_target(specs: Sequence[str], classes: Sequence[str], repair: EvaluationResult
+                   ) -> Optional[Target]:
+    """The :class:`Target` of the ``--target`` values (None when none is given).
+
+    Raises:
+        ConfigError: an unknown class (listing the valid ones), TRUE equal to PRED, ``auto``
+            mixed with named confusions or a repair set without errors, or a confusion with
+            fewer than 2 instances in the repair data (one to train on, one to validate;
+            the largest confusions are listed).
+    """
+    specs = [s.strip() for s in specs if s and s.strip()]
+    if not specs:
+        return None
+    counts = confusion_counts(repair, len(classes))
+    if AUTO in specs:
+        if len(specs) > 1:
+            raise ConfigError("--target auto picks one confusion: give it alone, or name the "
+                              "confusions as TRUE:PRED")
+        top = largest_confusions(counts, classes, 1)
+        if not top:
+            raise ConfigError("--target auto: the model makes no errors on the repair data, "
+                              "so there is no confusion to repair")
+        return Target(((top[0][1], top[0][2]),), auto=True)
+    pairs: List[Tuple[int, int]] = []
+    for spec in specs:
+        if spec.count(":") != 1:
+            raise ConfigError(f"--target {spec}: give TRUE:PRED (class names or indices, e.g. "
+                              "cat:dog or 3:5) or auto")
+        true, pred = (_class_index(part, classes, spec) for part in spec.split(":"))
+        if true == pred:
+            raise ConfigError(f"--target {spec}: the true and the predicted class are the same; "
+                              "a confusion is an image of one class predicted as another")
+        if int(counts[true, pred]) < 2:
+            raise ConfigError(
+                f"--target {spec}: the repair data holds {int(counts[true, pred])} image(s) of "
+                f"{classes[true]} predicted as {classes[pred]}; a targeted repair needs at "
+                "least 2 (one to train on, one to validate). The largest confusions in the "
+                f"repair data: {_describe(largest_confusions(counts, classes), classes)}")
+        if (true, pred) not in pairs:
+            pairs.append((true, pred))
+    return Target(tuple(pairs))
+
+
+def target_summary(target: Target, classes: Sequence[str], before: EvaluationResult,
+                   after: EvaluationResult) -> Dict[str, Any]:
+    """fix.json's ``target``: the confusion's probe counts before and after, the repair rate
+    on its probe instances and the break rate on the probe images right before."""
+    inside = target.mask(before.labels, before.predictions)
+    right_before = before.predictions == before.labels
+    right_after = after.predictions == after.labels
+    n_inside, n_right = int(inside.sum()), int(right_before.sum())
+    pairs = []
+    for t, p in target.pairs:
+        one = Target(((t, p),))
+        was = one.mask(before.labels, before.predictions)
+        pairs.append({"true": classes[t], "pred": classes[p], "probe_before": int(was.sum()),
+                      "probe_after": int(one.mask(after.labels, after.predictions).sum()),
+                      "repaired": int((was & right_after).sum())})
+    fixed = int((~right_before & right_after).sum())
+    broken = int((right_before & ~right_after).sum())
+    single = len(pairs) == 1
+    return {
+        "true": pairs[0]["true"] if single else [q["true"] for q in pairs],
+        "pred": pairs[0]["pred"] if single else [q["pred"] for q in pairs],
+        "auto": target.auto,
+        "probe_before": n_inside,
+        "probe_after": int(target.mask(after.labels, after.predictions).sum()),
+        "repair_rate": (int((inside & right_after).sum()) / n_inside) if n_inside else None,
+        "break_rate": (int((right_before & ~right_after).sum()) / n_right) if n_right else None,
+        "net": fixed - broken,
+        "pairs": pairs,
+    }
