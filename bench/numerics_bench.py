@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,15 @@ SAMPLES = ROOT / "samples"
 #: 1 differing by float32 rounding, written with 6 significant digits), so 1e-4 leaves a 20x
 #: margin, while any change of the method (scores move by 1e-3 or more) still fails.
 REL_TOLERANCE = 1e-4
+#: Floats of a *trained* state (fix's validation losses along a repair, confidences after it),
+#: where float32 rounding compounds over the repair's SGD steps: under
+#: ``ATEN_CPU_CAPABILITY=default`` the full fine-tune control's validation losses moved by
+#: 2.5e-4 on the scale above after 20 steps (2026-12-07), while every count beside them
+#: (validation images fixed and broken, the state kept, probe fixed/broken) stayed equal; these
+#: are compared at 40x that. A change of the method still moves them by far more.
+TRAINED_TOLERANCE = 1e-2
+#: Paths (with list indices removed) of the floats compared at :data:`TRAINED_TOLERANCE`.
+TRAINED_FIELDS = re.compile(r"\.validation\.candidates\[\]\.loss$|\.confidence_after$")
 #: The scale below which floats are compared absolutely: the quantities are losses and loss
 #: reductions of order 1, whose float32 noise is absolute (a reduction of 3e-4 carries the
 #: same 1e-7 of rounding as one of 0.3).
@@ -81,9 +91,13 @@ def golden_commands(tmp: Path) -> List[List[str]]:
          tmp / "compare", "--resamples", "100"],
         ["gate", sgd, "--probe", probe, "--policy", tmp / "policy.toml", "--baseline",
          tmp / "adam" / "audit.json", "--out", tmp / "gate", "--quiet"],
+        # no full fine-tune control: its 20 steps over every weight leave one probe image of
+        # the samples within rounding of its decision boundary (fixed 5 / 4 under the avx2 /
+        # avx512 kernels, 2026-12-07); the counts of this selection and these controls do not
+        # move; tests/test_fix.py covers the full fine-tune
         ["fix", sgd, "--train", train, "--probe", probe, "--output", tmp / "fixed.safetensors",
          "--out", tmp / "fix", "--layers", "layer2,fc", "--steps", "20", "--controls",
-         "all,random,rgn", "--write-anyway", "--quiet"],
+         "random,rgn", "--write-anyway", "--quiet"],
         # layer1/labelswap: the case whose severity moved with the thread count (0.253 / 0.236)
         ["sanity", sgd, "--probe", probe, "--groups", "layer1,fc", "--defects",
          "noise,labelswap", "--methods", "own,auto_rgn", "--out", tmp / "sanity", "--quiet"],
@@ -153,7 +167,9 @@ def differences(expected: Any, got: Any, rel: float = REL_TOLERANCE) -> List[str
     (:func:`float_distance`), anything else not equal."""
     out = []
     for kind, where, e, g in leaves(expected, got):
-        if kind == "different" or (kind == "float" and not float_distance(e, g) <= rel):
+        tol = (TRAINED_TOLERANCE
+               if TRAINED_FIELDS.search(re.sub(r"\[\d+\]", "[]", where)) else rel)
+        if kind == "different" or (kind == "float" and not float_distance(e, g) <= tol):
             out.append(f"{where}: {e!r} != {g!r}")
     return out
 

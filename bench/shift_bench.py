@@ -404,8 +404,9 @@ def report(args: argparse.Namespace, results: List[Dict[str, Any]],
             f"{_mean(v['gains'][gname]):+.1f}" for gname in results[0]["groups"]) + " |")
     lines += ["", f"- flagged >= full fine-tune on {wins} of {len(corruptions)} corruptions "
               "(goal: >= 4 of 5)",
-              f"- flagged below the per-group oracle by {_mean(close):.1f} points on average "
-              "(goal: within 1)" if close else "- no oracle",
+              (f"- flagged {'below' if _mean(close) > 0 else 'above'} the per-group oracle "
+               f"by {abs(_mean(close)):.1f} points on average (goal: within 1 below)")
+              if close else "- no oracle",
               f"- validation kept the original in {sum(v['kept_original'] for v in s.values())} "
               f"of {sum(v['runs'] for v in s.values())} runs",
               "- the flagged repair's last state, before validation chose a state (mean gain): "

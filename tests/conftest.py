@@ -78,6 +78,17 @@ def snapshot(directory: Path) -> dict:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+def save_like(model: torch.nn.Module, path: Path,
+              like: Path = SAMPLES / "digits-sgd.safetensors") -> Path:
+    """Save ``model``'s weights at ``path`` with the metadata (architecture) of ``like``."""
+    from model_audit.io.tensors import read_tensors
+    from model_audit.models.checkpoint import save_checkpoint
+
+    _, meta = read_tensors(like)
+    save_checkpoint(model.state_dict(), path, metadata=meta)
+    return path
+
+
 def write_tensor_probe(path: Path, images: torch.Tensor, labels: torch.Tensor, classes=None) -> Path:
     from safetensors.torch import save_file
 

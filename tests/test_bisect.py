@@ -15,25 +15,18 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from conftest import SAMPLES, snapshot
+from conftest import SAMPLES, save_like, snapshot
 from model_audit.cli import cli
 from model_audit.commands.bisect import BisectError, bisect
 from model_audit.core.layers import layer_groups
 from model_audit.core.plant import Planter
 from model_audit.io.probe import open_probe
-from model_audit.io.tensors import read_tensors
-from model_audit.models.checkpoint import load_checkpoint, save_checkpoint
+from model_audit.models.checkpoint import load_checkpoint
 from model_audit.models.tiny import TinyResNet
 
 SGD = SAMPLES / "digits-sgd.safetensors"
 PROBE = SAMPLES / "digits-probe.safetensors"
 TRAIN = SAMPLES / "digits-train.safetensors"
-
-
-def _save(model, path):
-    _, meta = read_tensors(SGD)
-    save_checkpoint(model.state_dict(), path, metadata=meta)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +49,8 @@ def releases(tmp_path_factory):
         opt.zero_grad()
         F.cross_entropy(tuned(x[idx]), y[idx]).backward()
         opt.step()
-    return SGD, {"noisy-layer2": _save(noisy, tmp / "noisy.safetensors"),
-                 "swapped-labels": _save(tuned.eval(), tmp / "swapped.safetensors")}
+    return SGD, {"noisy-layer2": save_like(noisy, tmp / "noisy.safetensors"),
+                 "swapped-labels": save_like(tuned.eval(), tmp / "swapped.safetensors")}
 
 
 def _by_hand(baseline, candidate, groups, names, probe):
@@ -157,7 +150,7 @@ def test_checkpoints_of_another_shape_are_refused_and_nothing_written(tmp_path):
     wide = TinyResNet(num_classes=10, in_channels=1, width=16)
     other = tmp_path / "inputs" / "wide.safetensors"
     other.parent.mkdir()
-    _save(wide, other)
+    save_like(wide, other)
     before = snapshot(tmp_path)
     with pytest.raises(BisectError, match="do not share an architecture"):
         bisect(load_checkpoint(SGD).model, wide, layer_groups(wide),

@@ -129,8 +129,13 @@ def test_fix_two_ranks_equals_one_process(fixes):
     assert one["selection"]["groups"] == two["selection"]["groups"]
     for key in ("fixed", "broken", "net"):
         assert one[key] == two[key]
-    assert [(c["name"], c["fixed"], c["broken"], c["net"]) for c in one["controls"]] == \
-        [(c["name"], c["fixed"], c["broken"], c["net"]) for c in two["controls"]]
+    # the controls' repaired weights are not written; their probe counts may differ by one
+    # image: the ranks' gradient all-reduce sums in another order, and under some CPU kernels
+    # (ATEN_CPU_CAPABILITY=default) the full fine-tune's 20 steps then put one probe image on
+    # the other side of its decision boundary (the selection's written weights: below)
+    assert [c["name"] for c in one["controls"]] == [c["name"] for c in two["controls"]]
+    for a, b in zip(one["controls"], two["controls"]):
+        assert all(abs(a[k] - b[k]) <= 1 for k in ("fixed", "broken")), (a["name"], a, b)
     a, b = load_file(tmp / "one.safetensors"), load_file(tmp / "two.safetensors")
     assert a.keys() == b.keys()
     for key in a:  # BatchNorm running statistics included

@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import SAMPLES, snapshot
+from conftest import SAMPLES, save_like, snapshot
 from model_audit.cli import cli
 from model_audit.commands.fix import NO_REPAIR_EXIT, FixConfig, fix
 from model_audit.commands.fix.train import Teacher
@@ -22,17 +22,11 @@ from model_audit.core.layers import layer_groups
 from model_audit.core.plant import Planter
 from model_audit.errors import ConfigError
 from model_audit.io.tensors import read_tensors
-from model_audit.models.checkpoint import load_checkpoint, save_checkpoint
+from model_audit.models.checkpoint import load_checkpoint
 
 SGD = SAMPLES / "digits-sgd.safetensors"
 TRAIN = SAMPLES / "digits-train.safetensors"
 PROBE = SAMPLES / "digits-probe.safetensors"
-
-
-def _save(model, path):
-    _, meta = read_tensors(SGD)
-    save_checkpoint(model.state_dict(), path, metadata=meta)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +35,7 @@ def damaged(tmp_path_factory):
     ckpt = load_checkpoint(SGD)
     group = next(g for g in layer_groups(ckpt.model) if g.name == "layer2")
     model = Planter(ckpt.model, group, "noise", seed=0).apply(0.5)
-    return _save(model, tmp_path_factory.mktemp("damaged") / "noisy.safetensors")
+    return save_like(model, tmp_path_factory.mktemp("damaged") / "noisy.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +46,7 @@ def confused(tmp_path_factory):
     with torch.no_grad():
         model.fc.weight[8] += 1.4 * model.fc.weight[3]
         model.fc.bias[8] += 1.4 * model.fc.bias[3]
-    return _save(model, tmp_path_factory.mktemp("confused") / "confused.safetensors")
+    return save_like(model, tmp_path_factory.mktemp("confused") / "confused.safetensors")
 
 
 def run(ckpt, out, *extra):

@@ -10,7 +10,9 @@ compared within a tolerance that comes from the numerics, not from one machine:
 (``ATEN_CPU_CAPABILITY=default|avx2|avx512``), 1, 2 and 4 threads and both memory layouts:
 no field but floats ever differed, and the floats moved by at most about 1e-5 of that scale
 (float32 rounding of losses of order 1, and the 6 significant digits the per-image values are
-written with); the tolerance is 10x that. Wall times, paths of this run, versions and the
+written with); the tolerance is 10x that. Floats of a trained state (fix's validation losses
+along a repair, confidences after it) get ``TRAINED_TOLERANCE``: rounding compounds over the
+repair's steps (the counts beside them stay exact). Wall times, paths of this run, versions and the
 environment are left out.
 
 To record them anew after a deliberate change of behaviour::
