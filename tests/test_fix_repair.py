@@ -17,7 +17,8 @@ from conftest import SAMPLES, save_like, snapshot
 from model_audit.cli import cli
 from model_audit.commands.fix import NO_REPAIR_EXIT, FixConfig, fix
 from model_audit.commands.fix.train import Teacher
-from model_audit.commands.fix.validate import MIN_VALIDATION, holdout, one_sided_p
+from model_audit.commands.fix.validate import MIN_VALIDATION, holdout
+from model_audit.core.stats import mcnemar_exact
 from model_audit.core.layers import layer_groups
 from model_audit.core.plant import Planter
 from model_audit.errors import ConfigError
@@ -74,7 +75,7 @@ def test_a_repair_that_helps_is_kept_and_written(damaged, tmp_path):
     assert v["candidates"][0] == {**v["candidates"][0], "step": 0, "fixed": 0, "broken": 0}
     best = next(c for c in v["candidates"] if c["step"] == v["best_step"])
     assert best["correct"] == max(c["correct"] for c in v["candidates"])
-    assert v["p_value"] == pytest.approx(one_sided_p(best["fixed"], best["broken"]))
+    assert v["p_value"] == pytest.approx(mcnemar_exact(best["fixed"], best["broken"], "greater"))
     assert v["p_value"] < v["threshold"] == pytest.approx(0.05 / (len(v["candidates"]) - 1))
     # held out of the repair data, stratified: fit + validation = the repair data
     assert d["validation"]["n"] + d["validation"]["fit_n"] == d["train"]["n"]
@@ -138,9 +139,9 @@ def test_holdout_is_stratified_seeded_and_disjoint():
 
 
 def test_one_sided_exact_test():
-    assert one_sided_p(0, 0) == 1.0
-    assert one_sided_p(5, 0) == pytest.approx(0.5 ** 5)
-    assert one_sided_p(3, 7) > 0.5 > one_sided_p(7, 3)
+    assert mcnemar_exact(0, 0, "greater") == 1.0
+    assert mcnemar_exact(5, 0, "greater") == pytest.approx(0.5 ** 5)
+    assert mcnemar_exact(3, 7, "greater") > 0.5 > mcnemar_exact(7, 3, "greater")
 
 
 # ------------------------------------------------------------------------------------------

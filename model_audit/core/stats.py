@@ -82,13 +82,14 @@ def hypergeom_sf(x: int, total: int, a: int, b: int) -> float:
     return float(min(1.0, scipy.stats.hypergeom.sf(x - 1, total, a, b)))
 
 
-def mcnemar_exact(b: int, c: int) -> float:
-    """Exact two-sided McNemar test of ``b`` vs ``c`` discordant pairs (a sign test).
+def mcnemar_exact(b: int, c: int, alternative: str = "two-sided") -> float:
+    """Exact McNemar test of ``b`` vs ``c`` discordant pairs (a sign test).
 
     Under the null hypothesis each of the ``n = b + c`` discordant pairs goes either way with
-    probability 1/2: ``scipy.stats.binomtest(b, n, 0.5).pvalue``, and 1.0 when there is no
-    discordant pair. Used for "fixed vs broken" (is the net change more than churn?) and for
-    two repairs of the same model on the same images.
+    probability 1/2: ``scipy.stats.binomtest(b, n, 0.5, alternative).pvalue``, and 1.0 when
+    there is no discordant pair. Used for "fixed vs broken" (is the net change more than
+    churn?), for two repairs of the same model on the same images, and one-sided
+    (``alternative="greater"``: are there more fixes than breaks?) for fix's validation.
 
     Example:
         >>> round(mcnemar_exact(9, 1), 4), mcnemar_exact(5, 5)
@@ -99,7 +100,8 @@ def mcnemar_exact(b: int, c: int) -> float:
         raise ValueError(f"counts must be >= 0, got {b}, {c}")
     if b + c == 0:
         return 1.0
-    return float(min(1.0, scipy.stats.binomtest(b, b + c, 0.5).pvalue))
+    return float(min(1.0, scipy.stats.binomtest(b, b + c, 0.5,
+                                                alternative=alternative).pvalue))
 
 
 def percentile_interval(values: Iterable[Optional[float]], level: float = 0.95):

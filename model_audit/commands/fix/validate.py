@@ -22,10 +22,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import stats
 from torch import nn
 
 from ... import distributed
+from ...core.stats import mcnemar_exact
 from ...errors import ConfigError, ProbeError
 from ...io.probe import BatchCache, ProbeSet
 
@@ -111,15 +111,6 @@ class Candidate:
                 "broken": self.broken, "net": self.net, "loss": self.loss}
 
 
-def one_sided_p(fixed: int, broken: int) -> float:
-    """P(at least ``fixed`` of the ``fixed + broken`` changed images are fixes) if each change
-    were as likely a fix as a break: the one-sided exact McNemar test."""
-    n = fixed + broken
-    if n == 0:
-        return 1.0
-    return float(stats.binomtest(fixed, n, 0.5, alternative="greater").pvalue)
-
-
 @dataclass(frozen=True)
 class Validation:
     """The validation evidence of one repair and the state it kept."""
@@ -200,7 +191,7 @@ class Trajectory:
             raise ProbeError("internal error: the repair's trajectory was never scored")
         tried = len(self.candidates) - 1
         threshold = self.alpha / tried
-        p = one_sided_p(self.best.fixed, self.best.broken)
+        p = mcnemar_exact(self.best.fixed, self.best.broken, alternative="greater")
         accepted = self.best.net > 0 and p < threshold
         kept = self.best.step if accepted or self.keep_best else 0
         return Validation(len(self.labels), tuple(self.candidates), kept, self.best.step, p,
