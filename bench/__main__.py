@@ -23,6 +23,7 @@ BENCHMARKS = {
     "distributed": "1 process vs torchrun ranks: time, parallel efficiency, same answer, memory",
     "localize": "ground truth: is a planted defect or a shift's best group ranked first?",
     "shift": "repair under CIFAR-10-C corruptions and a label shift: flagged vs the per-group oracle",
+    "bisect": "exact regression bisection on releases fine-tuned with a known bug in their data",
     "numerics": "the golden runs under emulated CPUs and thread counts: how far answers move",
 }
 

@@ -67,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-fraction", type=float, default=None,
                         help="with --target: share of each batch from its instances "
                              "[default: the tool's]")
+    parser.add_argument("--max-break", type=float, default=None,
+                        help="with --target: fix's break budget on validation [default: none]")
+    parser.add_argument("--no-guard", action="store_true",
+                        help="with --target: no positive set in the batches (fix's guard off)")
     parser.add_argument("--repair-data", default="test-half",
                         choices=("test-half", "seen", "unseen"),
                         help="test-half: repair on one half of the test split, probe on the "

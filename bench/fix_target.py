@@ -103,9 +103,14 @@ def run(args: Any, setting: Dict[str, Any], ckpt: Path, arch: Optional[str],
     from model_audit import AuditOptions
     from model_audit.commands.fix import FixConfig, fix
 
+    undo: Optional[Dict[str, Any]] = None
     if args.plant_confusion:
+        original = ckpt
         ckpt = planted(ckpt, arch, normalize, args.plant_confusion,
                        args.cache_dir or common.default_cache_dir())
+        undo = _exact_undo(original, ckpt, arch, normalize, probe_dir, device, args.target,
+                           train_dir)
+        print(f"exact undo (the model before planting): {undo}", flush=True)
         data_text += (f"; a confusion planted in the head first ({args.plant_confusion}: "
                       "alpha x the true class's weights added to the predicted class's)")
     rows: List[Dict[str, Any]] = []
@@ -116,6 +121,10 @@ def run(args: Any, setting: Dict[str, Any], ckpt: Path, arch: Optional[str],
             extra["validation"] = args.validation
         if args.target_fraction is not None:
             extra["target_fraction"] = args.target_fraction
+        if args.max_break is not None:
+            extra["max_break"] = args.max_break
+        if args.no_guard:
+            extra["guard"] = False
         layers = "auto" if args.layers == "auto" else tuple(args.layers.split(","))
         config = FixConfig(options=opts, layers=layers, steps=setting["steps"], lr=setting["lr"],
                            batchnorm=setting["batchnorm"], batch_size=args.batch,
@@ -136,11 +145,33 @@ def run(args: Any, setting: Dict[str, Any], ckpt: Path, arch: Optional[str],
                          tool["seconds"], seed)
         print(f"  arachne: {other}", flush=True)
         rows.append({"seed": seed, "tool": tool, "arachne": other})
-    return markdown(rows, args, setting, ckpt, device, command, commit, data_text)
+    return markdown(rows, args, setting, ckpt, device, command, commit, data_text, undo)
+
+
+def _exact_undo(original: Path, planted_ckpt: Path, arch: Optional[str],
+                normalize: Optional[str], probe_dir: Path, device: str, spec: str,
+                train_dir: Path) -> Dict[str, Any]:
+    """The best a repair of a planted confusion can do by undoing it: the model before
+    planting, scored on the probe against the planted one."""
+    from model_audit import AuditOptions
+    from model_audit.commands.fix.target import resolve_target
+    from model_audit.core.evaluate import evaluate
+    from model_audit.options import load_inputs, open_probe_for
+
+    opts = AuditOptions(device=device, arch=arch, normalize=normalize)
+    before_ckpt, probe, _ = load_inputs(planted_ckpt, probe_dir, opts)
+    after_ckpt, _, _ = load_inputs(original, probe_dir, opts)
+    train, _ = open_probe_for(before_ckpt, train_dir, opts)
+    target = resolve_target([spec], train.classes,
+                            evaluate(before_ckpt.model.eval(), train, device=device))
+    before = evaluate(before_ckpt.model.eval(), probe, device=device)
+    after = evaluate(after_ckpt.model.eval(), probe, device=device)
+    return _scores(before.predictions, after.predictions, probe.labels, target)
 
 
 def markdown(rows: List[Dict[str, Any]], args: Any, setting: Dict[str, Any], ckpt: Path,
-             device: str, command: str, commit: str, data_text: str) -> str:
+             device: str, command: str, commit: str, data_text: str,
+             undo: Optional[Dict[str, Any]] = None) -> str:
     from model_audit.render.text import p_value as format_p
 
     title = ("a planted confusion" if args.plant_confusion else "the largest confusion")
@@ -151,6 +182,8 @@ def markdown(rows: List[Dict[str, Any]], args: Any, setting: Dict[str, Any], ckp
               f"{args.target}` = {first['target']} (true:predicted); tool: {setting['steps']} "
               f"steps, lr {setting['lr']}, preservation {setting['preserve']}, target fraction "
               f"{args.target_fraction or 'default'}, "
+              f"{'no positive set' if args.no_guard else 'positive set (guard)'}, break "
+              f"budget {args.max_break if args.max_break is not None else 'none'}, "
               + ("the flagged groups of a scan of the confusion's instances"
                  if args.layers == "auto" else f"layers {args.layers}")
               + "; Arachne-style: the last layer's Pareto-front weights "
@@ -181,10 +214,13 @@ def markdown(rows: List[Dict[str, Any]], args: Any, setting: Dict[str, Any], ckp
                      f"{100 * statistics.mean(v['break_rate'] for v in vals):.2f}% | "
                      f"{statistics.mean(v['net'] for v in vals):+.1f} | "
                      f"{sum(v['net'] >= 0 for v in vals)}/{len(vals)} |")
+    if undo is not None:
+        lines.append(f"| exact undo (the model before planting) | {undo['repair_rate']:.2f} | "
+                     f"{100 * undo['break_rate']:.2f}% | {undo['net']:+d} | - |")
     lasts = [r["tool"]["last"] for r in rows if r["tool"].get("last")]
     if lasts:
         lines += ["", "- the tool's last trained state (before validation chose): net "
                   + ", ".join(f"{x['net']:+d}" for x in lasts)]
-    lines += [f"- the tool's validation: " + "; ".join(r["tool"]["val_reason"] for r in rows),
+    lines += ["- the tool's validation: " + "; ".join(r["tool"]["val_reason"] for r in rows),
               ""]
     return "\n".join(lines)

@@ -32,18 +32,21 @@ SIZES = {"alexnet": 64, "inception_v3": 80, "squeezenet1_0": 48, "squeezenet1_1"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", default=None, help="comma-separated model names [default: all]")
+    parser.add_argument("--size", type=int, default=None,
+                        help="image size for every model [default: 32, or the model's entry "
+                             "in SIZES]")
     parser.add_argument("--out", type=Path, default=common.DEFAULT_RESULTS,
                         help="Markdown file the result section is appended to")
 
 
-def _one(name: str, tmp: Path) -> Dict[str, Any]:
+def _one(name: str, tmp: Path, size_override: Any = None) -> Dict[str, Any]:
     import torch
     import torchvision.models as tvm
     from click.testing import CliRunner
     from safetensors.torch import save_file
 
     from model_audit.cli import cli
-    size = SIZES.get(name, 32)
+    size = size_override or SIZES.get(name, 32)
     start = time.perf_counter()
     torch.manual_seed(0)
     model = tvm.get_model(name, weights=None, num_classes=10)
@@ -73,6 +76,12 @@ def _one(name: str, tmp: Path) -> Dict[str, Any]:
             row[f"{mode}_error"] = (result.output.strip().splitlines() or [""])[-1][:160]
         elif mode == "guess":
             row["guessed"] = json.loads((out / "audit.json").read_text())["model"]["arch"]
+        else:
+            rep = json.loads((out / "audit.json").read_text())["replay"]
+            row["replay"] = {"initial_loss": rep.get("initial_loss"),
+                             "peak_lr": rep.get("peak_lr"),
+                             "skipped": rep.get("lr_halvings_skipped"),
+                             "trials": rep.get("lr_trials")}
     row["seconds"] = round(time.perf_counter() - start, 1)
     ckpt.unlink()
     return row
@@ -87,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     rows: List[Dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            rows.append(_one(name, Path(tmp)))
+            rows.append(_one(name, Path(tmp), args.size))
             print(json.dumps(rows[-1]), flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     ok = sum(r["arch"] == 0 for r in rows)
@@ -97,13 +106,17 @@ def run(args: argparse.Namespace) -> int:
     lines += [f"- {ok} of {len(rows)} scanned with `--arch`; without `--arch` the guess was the "
               f"model itself for {right} of {len(rows)}; peak memory of the process "
               f"{peak:.1f} GiB", "",
-              "| model | parameters | image | with --arch | guessed without --arch | seconds |",
-              "|---|---:|---:|---|---|---:|"]
+              "| model | parameters | image | with --arch | guessed without --arch | replay: "
+              "error loss, peak lr (halvings skipped / tried) | seconds |",
+              "|---|---:|---:|---|---|---|---:|"]
     for r in rows:
         guess = r.get("guessed") or f"exit {r['guess']}: {r.get('guess_error', '')}"
         arch = "scanned" if r["arch"] == 0 else f"exit {r['arch']}: {r.get('arch_error', '')}"
+        rep = r.get("replay") or {}
+        lr = (f"{rep['initial_loss']:.3g}, {rep['peak_lr']:.3g} ({rep['skipped']} / "
+              f"{rep['trials']})" if rep.get("peak_lr") is not None else "-")
         lines.append(f"| {r['name']} | {r['parameters']:,} | {r['size']} | {arch} | {guess} | "
-                     f"{r['seconds']} |")
+                     f"{lr} | {r['seconds']} |")
     if not common.write_section(args.out, lines):
         return 2
     return 0 if ok == len(rows) and right == len(rows) else 1

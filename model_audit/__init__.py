@@ -9,6 +9,8 @@ Public API (one call per pipeline stage, each returning a frozen result with ``t
     fix("model.safetensors", "train/", "probe/", "fixed.safetensors").to_dict()["net"]
     check_gate("model.safetensors", "probe/", load_policy("policy.toml")).exit_code
     sanity("model.safetensors", "probe/", SanityConfig(defects=("noise",))).summary
+    scan("model.safetensors", "probe/", ScanConfig(method="auto",
+         evidence=read_evidence("sanity.json"))).ranking.trust()
 """
 __version__ = "0.1.0"
 
@@ -29,7 +31,10 @@ from .commands.gate import GateResult, check_gate, write_gate  # noqa: E402
 from .commands.policy import Policy, load_policy  # noqa: E402
 from .render.html import render_directory  # noqa: E402
 from .core.calibrate import PlantResult, calibrate  # noqa: E402
-from .commands.sanity import SanityConfig, SanityResult, sanity, write_sanity  # noqa: E402
+from .commands.sanity import (  # noqa: E402
+    SanityConfig, SanityResult, evidence_of, read_evidence, sanity, scan_with_best_method,
+    write_sanity)
+from .core.scoring import MethodEvidence  # noqa: E402
 from .core.schedules import (  # noqa: E402
     MomentumScheduler, beta_momentum, damping_ratio, damping_regime, hybrid_momentum)
 
@@ -38,7 +43,8 @@ __all__ = [
     "CompareConfig", "CompareResult", "FixConfig", "FixResult", "GateResult", "Policy",
     "check_gate", "compare", "fix", "load_policy", "render_directory", "write_compare",
     "write_fix", "write_gate", "PlantResult", "calibrate", "SanityConfig", "SanityResult",
-    "sanity", "write_sanity",
+    "sanity", "write_sanity", "MethodEvidence", "evidence_of", "read_evidence",
+    "scan_with_best_method",
     "ConfigError", "DistributedError", "LayerGroup", "LayerScore", "LoadedCheckpoint",
     "MomentumScheduler",
     "OutputError", "ProbeError", "ProbeSet", "ReplayConfig", "ReplayError", "ScanConfig",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Tuple
 
@@ -26,7 +27,8 @@ from .commands.fix import fix as run_fix
 from .commands.gate import check_gate, write_gate
 from .commands.policy import EXAMPLE_POLICY, load_policy
 from .render.markdown import markdown_summary
-from .commands.sanity import SanityConfig, format_sanity, run_sanity_cli, write_sanity
+from .commands.sanity import (SanityConfig, evidence_of, format_sanity, read_evidence,
+                              run_sanity_cli, write_sanity)
 from .commands.scan import METRICS, ScanConfig, write_scan
 from .commands.scan import scan as run_scan
 from .config import load_defaults
@@ -246,30 +248,52 @@ def cli(ctx: click.Context) -> None:
                    "group's replay step) or net_reduction (loss removed from the errors and "
                    "from correct images, each group's step scaled at its best); see the "
                    "README's method section.")
+@click.option("--method", default="own", show_default=True,
+              help="What ranks and flags the groups: own (the tool's metric), a baseline's "
+                   "name (e.g. auto_rgn), or auto: the method that localised planted faults "
+                   "best on this model, from --sanity, else from a sanity run first (costly: "
+                   "the cost is said up front).")
+@click.option("--sanity", "sanity_json", type=click.Path(path_type=Path), default=None,
+              help="The sanity.json of this checkpoint and probe: the scan says how far its "
+                   "ranking is to be trusted on this model (and --method auto picks from it).")
 def scan(checkpoint: Path, out: Optional[Path], bootstrap: int, replay_steps: int,
          replay_lr: float, replay_schedule: str, baselines: str, baseline_steps: int,
-         metric: str, **kw: Any) -> None:
+         metric: str, method: str, sanity_json: Optional[Path], **kw: Any) -> None:
     """Scan CHECKPOINT: attribute its errors on the probe set to layer groups.
 
     Prints a table (group, parameter share, score, flag frequency, flagged) and writes
-    OUT/audit.json and OUT/report.html.
+    OUT/audit.json and OUT/report.html (and OUT/sanity/ when --method auto ran sanity).
     """
     probe = _need_probe(kw["probe"])
     config = ScanConfig(options=_audit_options(kw),
                         replay=ReplayConfig(steps=replay_steps, lr=replay_lr,
                                             schedule=replay_schedule),
                         bootstrap=bootstrap, baselines=resolve_baselines(baselines),
-                        baseline_steps=baseline_steps, metric=metric)
-    config.validate()
+                        baseline_steps=baseline_steps, metric=metric, method=method.strip(),
+                        evidence=read_evidence(sanity_json) if sanity_json else None)
     out = out if out is not None else Path("reports") / checkpoint.stem
+    ran_sanity = None
+    if config.method == "auto" and config.evidence is None:
+        replace(config, method="own").validate()  # bad options before the long part
+        say = None if kw["quiet"] else (lambda m: click.echo(m, err=True))
+        ran_sanity = run_sanity_cli(checkpoint, probe, SanityConfig(
+            scan=replace(config, method="own")), progress=_progress(kw["quiet"]), say=say)
+        config = replace(config, evidence=evidence_of(ran_sanity, str(out / "sanity")))
+    config.validate()
     result = run_scan(checkpoint, probe, config, progress=_progress(kw["quiet"]))
     paths = distributed.on_main(write_scan, result, out)
+    if ran_sanity is not None:
+        distributed.on_main(write_sanity, ran_sanity, out / "sanity",
+                            inputs=(checkpoint, probe))
     if not kw["quiet"]:
         for warning in result.warnings:
             click.echo(f"warning: {warning}", err=True)
         click.echo(text.scan_summary(result))
     click.echo(text.scan_table(result))
     click.echo(f"flagged: {', '.join(result.flagged) if result.flagged else 'none'}")
+    if result.ranking is not None and (result.ranking.evidence is not None
+                                       or result.ranking.chosen_by != "default"):
+        click.echo(result.ranking.trust())
     if result.agreement:
         click.echo(text.baselines_table(result))
     if not kw["quiet"]:
@@ -436,6 +460,10 @@ def _wrong_fraction(text: str) -> Optional[float]:
 @click.option("--target-fraction", type=float, default=FixConfig.target_fraction,
               show_default=True,
               help="With --target: share of each repair batch drawn from its instances.")
+@click.option("--max-break", type=float, default=None,
+              help="Break budget: keep only a state that breaks at most this share of the "
+                   "validation images the model gets right (e.g. 0.005) [default: no budget, "
+                   "the best net].")
 @click.option("--write-anyway", is_flag=True, default=False,
               help="Write the best trained state even when no repair beat the original on "
                    "validation (exit 0 instead of 3).")
@@ -445,8 +473,8 @@ def fix(checkpoint: Path, train: Path, output: Path, layers: str, audit: Optiona
         steps: int, epochs: Optional[float], fix_batch_size: int, wrong_fraction: str,
         batchnorm: str, lr: float, schedule: str,
         controls: str, train_limit: Optional[int], allow_overlap: bool, validation: float,
-        preserve: float, targets: Tuple[str, ...], target_fraction: float, write_anyway: bool,
-        out: Optional[Path], **kw: Any) -> None:
+        preserve: float, targets: Tuple[str, ...], target_fraction: float,
+        max_break: Optional[float], write_anyway: bool, out: Optional[Path], **kw: Any) -> None:
     """Retrain only the flagged layer groups of CHECKPOINT; write it only if it is better.
 
     Trains the selected groups on --train minus a held-out --validation share (everything
@@ -468,7 +496,8 @@ def fix(checkpoint: Path, train: Path, output: Path, layers: str, audit: Optiona
         schedule=schedule,
         controls=() if names == ["none"] else tuple(names), allow_overlap=allow_overlap,
         train_limit=train_limit, validation=validation, preserve=preserve,
-        target=tuple(targets), target_fraction=target_fraction, write_anyway=write_anyway)
+        target=tuple(targets), target_fraction=target_fraction, max_break=max_break,
+        write_anyway=write_anyway)
     config.validate()
     out = out if out is not None else Path("reports") / f"fix-{checkpoint.stem}"
     result = run_fix(checkpoint, train, probe, output, config, audit=audit,

@@ -261,6 +261,21 @@ def test_batch_plan_mixes_at_the_asked_fraction():
     assert all(len(b) == 8 for b in natural)
 
 
+def test_batch_plan_draws_the_guard_as_often_as_the_errors():
+    fixmod = importlib.import_module("model_audit.commands.fix")
+    wrong, right, guard = list(range(0, 30)), list(range(30, 100)), list(range(90, 100))
+    plain = fixmod.batch_plan(wrong, right, steps=20, batch=16, seed=0, wrong_fraction=0.25)
+    plan = fixmod.batch_plan(wrong, right, 20, 16, 0, 0.25, guard=guard)
+    # each batch: 4 errors, then 4 of the guard, then 8 from the rest
+    assert all(len(b) == 16 and sum(i < 30 for i in b) == 4 for b in plan)
+    assert all(all(90 <= i < 100 for i in b[4:8]) for b in plan)
+    assert all(all(i >= 30 for i in b[8:]) for b in plan)
+    assert fixmod.batch_plan(wrong, right, 20, 16, 0, 0.25, guard=()) == plain  # off: as before
+    # the errors' share above a half: the guard takes what is left
+    most = fixmod.batch_plan(wrong, right, 5, 16, 0, 0.75, guard=guard)
+    assert all(sum(i < 30 for i in b) == 12 and all(i >= 90 for i in b[12:]) for b in most)
+
+
 def test_batchnorm_frozen_keeps_every_statistic(tmp_path):
     out = tmp_path / "bn.safetensors"
     result = fix(SAMPLES / "digits-sgd.safetensors", TRAIN, PROBE, out,

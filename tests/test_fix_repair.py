@@ -75,8 +75,11 @@ def test_a_repair_that_helps_is_kept_and_written(damaged, tmp_path):
     assert v["candidates"][0] == {**v["candidates"][0], "step": 0, "fixed": 0, "broken": 0}
     best = next(c for c in v["candidates"] if c["step"] == v["best_step"])
     assert best["correct"] == max(c["correct"] for c in v["candidates"])
-    assert v["p_value"] == pytest.approx(mcnemar_exact(best["fixed"], best["broken"], "greater"))
-    assert v["p_value"] < v["threshold"] == pytest.approx(0.05 / (len(v["candidates"]) - 1))
+    assert v["p_single"] == pytest.approx(mcnemar_exact(best["fixed"], best["broken"], "greater"))
+    # the pick of the best state costs: its p-value is at least the state's own (up to the
+    # resampling's error), and it is compared with alpha itself
+    assert v["p_value"] >= v["p_single"] - 0.01 and "max-statistic" in v["test"]
+    assert v["p_value"] < v["threshold"] == 0.05
     # held out of the repair data, stratified: fit + validation = the repair data
     assert d["validation"]["n"] + d["validation"]["fit_n"] == d["train"]["n"]
     assert d["validation"]["n"] >= MIN_VALIDATION
@@ -136,6 +139,44 @@ def test_holdout_is_stratified_seeded_and_disjoint():
     assert sum(1 for p in val if p < 10) == 2
     with pytest.raises(ConfigError, match="needs at least 100"):
         holdout(labels[:60], 0.2, 0)
+
+
+def test_the_max_statistic_test_pays_for_the_pick_and_only_for_it():
+    import numpy as np
+    import scipy.stats
+
+    from model_audit.core.stats import max_sign_flip_p
+
+    rng = np.random.default_rng(0)
+    base = rng.random(14) < 0.5
+    states = np.stack([base ^ (rng.random(14) < 0.35) for _ in range(3)], 1)
+    d = states.astype(int) - base.astype(int)[:, None]
+    # exact: every sign flip of the changed images, as scipy's paired permutation test does
+    rows = d[np.any(d != 0, axis=1)].T
+
+    def stat(x, y, axis):
+        return np.max(np.sum(y - x, axis=axis), axis=-1)
+    ref = scipy.stats.permutation_test((np.zeros_like(rows), rows), stat, alternative="greater",
+                                       permutation_type="samples", vectorized=True, axis=-1,
+                                       n_resamples=100000).pvalue
+    assert max_sign_flip_p(d) == pytest.approx(ref)
+    # one state: the exact sign test (one-sided McNemar) of its fixes against its breaks
+    for col in range(3):
+        one = d[:, col]
+        assert max_sign_flip_p(one) == pytest.approx(
+            mcnemar_exact(int((one > 0).sum()), int((one < 0).sum()), "greater"))
+    # K identical states cost nothing; K independent ones cost about K times
+    same = np.repeat(d[:, :1], 8, axis=1)
+    assert max_sign_flip_p(same) == pytest.approx(max_sign_flip_p(d[:, 0]))
+    big = np.where(rng.random((400, 8)) < 0.06, 1, np.where(rng.random((400, 8)) < 0.04, -1, 0))
+    t = float(big.sum(0).max())
+    p_max = max_sign_flip_p(big, seed=1)
+    each = [mcnemar_exact(int((c > 0).sum()), int((c < 0).sum()), "greater")
+            if c.sum() == t else max_sign_flip_p(c, t, seed=1) for c in big.T]
+    # between the best state's own p and Bonferroni's bound (the sum over the states)
+    assert min(each) - 0.01 <= p_max <= sum(each) + 0.01
+    assert p_max == max_sign_flip_p(big, seed=1)                    # seeded
+    assert max_sign_flip_p(np.zeros((5, 2))) == 1.0
 
 
 def test_one_sided_exact_test():
@@ -202,7 +243,9 @@ def test_targeted_repair_of_the_largest_confusion(confused, tmp_path):
     t = d["target"]
     assert (t["true"], t["pred"], t["auto"]) == ("3", "8", True)
     assert t["probe_before"] >= 40 and t["probe_after"] < t["probe_before"] / 2
-    assert t["repair_rate"] >= 0.5 and t["break_rate"] <= 0.02 and t["net"] == d["net"] > 0
+    # on these 540 digits the break rate over seeds 0/1 and with or without the positive set
+    # was 0.4-2.6% (2-12 images): the bound is the repair's spread, not one run's value
+    assert t["repair_rate"] >= 0.5 and t["break_rate"] <= 0.05 and t["net"] == d["net"] > 0
     assert t["pairs"] == [{"true": "3", "pred": "8", "probe_before": t["probe_before"],
                            "probe_after": t["probe_after"],
                            "repaired": round(t["repair_rate"] * t["probe_before"])}]
@@ -214,6 +257,54 @@ def test_targeted_repair_of_the_largest_confusion(confused, tmp_path):
     assert html.index("Targeted confusion: 3 predicted as 8") < html.index("<h2>Summary")
     assert "The confusion, repaired" in html
     assert "target: 3 predicted as 8 (picked: the largest confusion)" in r.output
+
+
+def test_the_positive_set_is_the_predicted_class_right_images(confused):
+    from model_audit.commands.fix import _RepairData
+    from model_audit.core.evaluate import evaluate
+    from model_audit.io.probe import open_probe
+
+    ckpt = load_checkpoint(confused)
+    train = open_probe(TRAIN, channels=1, normalize=ckpt.normalize or "none")
+    ev = evaluate(ckpt.model, train, keep_logits=True)
+    data = _RepairData.split(train, ev, FixConfig(target=("3:8",)))
+    guard = data.guard_positions
+    fit = data.fit_eval
+    expected = [i for i in range(len(fit.labels))
+                if int(fit.labels[i]) == 8 and int(fit.predictions[i]) == 8]
+    assert guard == expected and len(guard) > 10
+    plan = data.plan(FixConfig(target=("3:8",), steps=5, batch_size=16))
+    n = round(16 * FixConfig.target_fraction)
+    assert all(set(b[:n]) <= set(data.target_positions) and set(b[n:2 * n]) <= set(guard)
+               for b in plan)
+    unguarded = data.plan(FixConfig(target=("3:8",), steps=5, batch_size=16, guard=False))
+    assert unguarded != plan
+
+
+def test_a_break_budget_keeps_only_states_within_it(confused, tmp_path):
+    r = run(confused, tmp_path, "--target", "3:8", "--layers", "fc", "--steps", "40",
+            "--lr", "0.05", "--controls", "none", "--max-break", "0")
+    assert r.exit_code in (0, NO_REPAIR_EXIT), r.output
+    d = json.loads((tmp_path / "report/fix.json").read_text())
+    v = d["selection"]["validation"]
+    assert v["max_break"] == 0 and d["config"]["max_break"] == 0
+    kept = next(c for c in v["candidates"] if c["step"] == v["chosen_step"])
+    assert kept["broken"] == 0
+    within = [c for c in v["candidates"][1:] if c["broken"] == 0]
+    over = [c for c in v["candidates"][1:] if c["broken"] > 0]
+    assert over, "the repair at this learning rate breaks validation images"
+    if within:
+        best = max(within, key=lambda c: (c["correct"], -c["step"]))
+        assert v["best_step"] == best["step"]
+    else:
+        assert v["best_step"] == -1 and "broke more than the budget" in v["reason"]
+    html = (tmp_path / "report/report.html").read_text()
+    assert "over the break budget" in html and "the break budget" in html
+    # without the budget the same repair keeps a state that breaks some
+    free = fix(confused, TRAIN, PROBE, None,
+               FixConfig(steps=40, lr=0.05, controls=(), layers=("fc",), target=("3:8",)))
+    fv = free.selection.validation
+    assert next(c for c in fv.candidates if c.step == fv.best).broken > 0
 
 
 def test_a_named_target_equals_auto_and_indices_equal_names(confused):
@@ -254,6 +345,8 @@ def work(tmp_path, confused):
                                "it needs at least 100"]),
     (("--target-fraction", "0"), ["the target fraction must be in (0, 1]"]),
     (("--preserve", "-1"), ["the preservation weight must be >= 0"]),
+    (("--max-break", "1.5"), ["the break budget must be in [0, 1)"]),
+    (("--max-break", "-0.1"), ["the break budget must be in [0, 1)"]),
 ])
 def test_bad_inputs_are_refused_and_nothing_is_written(work, extra, needles):
     before = snapshot(work)

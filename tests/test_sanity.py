@@ -233,3 +233,113 @@ def test_an_unknown_metric_is_refused(tmp_path, sgd_checkpoint, digits_probe):
                   "--out", tmp_path / "o"])
     assert result.exit_code == 2 and "bogus" in result.output
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# scan --method auto / --sanity: the ranking chosen per model, and how far it is trusted
+
+
+def _best(data):
+    methods = [m for m in data["methods"] if m != "random"]
+    return max(methods, key=lambda m: (data["methods"][m]["mrr"], data["methods"][m]["top1"],
+                                       m == "replay_reduction"))
+
+
+def test_scan_ranks_with_the_method_that_localised_best(tmp_path, sanity_run, sgd_checkpoint,
+                                                        digits_probe):
+    _, out, _ = sanity_run
+    evidence = json.loads((out / "sanity.json").read_text())
+    best = _best(evidence)
+    r = run(["scan", sgd_checkpoint, "--probe", digits_probe, "--method", "auto", "--sanity",
+             out / "sanity.json", "--out", tmp_path / "s", "--bootstrap", "20"])
+    assert r.exit_code == 0, r.output
+    audit = json.loads((tmp_path / "s" / "audit.json").read_text())
+    ranking = audit["ranking"]
+    assert ranking["method"] == best and ranking["chosen_by"] == "sanity"
+    assert ranking["evidence"]["methods"] == evidence["methods"]
+    mine = evidence["methods"][best]
+    assert f"ranked by {best} (chosen by sanity on this model)" in ranking["trust"]
+    assert f"top-1/MRR {mine['top1']:.2f}/{mine['mrr']:.2f}" in ranking["trust"]
+    assert ranking["trust"] in r.output
+    assert ranking["trust"] in (tmp_path / "s" / "report.html").read_text()
+    # the order follows the chosen method's scores; as many flagged as the own rule flags
+    layers = {layer["name"]: layer for layer in audit["layers"]}
+    score = (lambda n: layers[n]["score"]) if best == "replay_reduction" else \
+        (lambda n: layers[n]["baselines"][best])
+    assert [score(n) for n in ranking["order"]] == sorted(
+        (score(n) for n in ranking["order"]), reverse=True)
+    plain = run(["scan", sgd_checkpoint, "--probe", digits_probe, "--out", tmp_path / "p",
+                 "--bootstrap", "20", "--quiet"])
+    assert plain.exit_code == 0, plain.output
+    own = json.loads((tmp_path / "p" / "audit.json").read_text())
+    assert own["ranking"]["method"] == "replay_reduction" and own["ranking"]["chosen_by"] == "default"
+    assert len(audit["flagged"]) == len(own["flagged"])
+    assert set(audit["flagged"]) == set(ranking["order"][:len(own["flagged"])])
+
+
+def test_a_named_method_ranks_and_flags(tmp_path, sgd_checkpoint, digits_probe):
+    r = run(["scan", sgd_checkpoint, "--probe", digits_probe, "--method", "auto_rgn",
+             "--baselines", "none", "--out", tmp_path / "s", "--bootstrap", "20", "--quiet"])
+    assert r.exit_code == 0, r.output
+    audit = json.loads((tmp_path / "s" / "audit.json").read_text())
+    assert audit["ranking"]["method"] == "auto_rgn" and audit["ranking"]["chosen_by"] == "given"
+    rgn = {layer["name"]: layer["baselines"]["auto_rgn"] for layer in audit["layers"]}
+    assert audit["ranking"]["order"] == sorted(rgn, key=lambda n: -rgn[n])
+    assert "is not measured: run `model-audit sanity`" in r.output
+
+
+def test_method_auto_runs_sanity_first_without_evidence(tmp_path):
+    from conftest import SAMPLES
+    from model_audit.commands.sanity import SanityConfig, scan_with_best_method
+    from model_audit.commands.scan import ScanConfig
+
+    result, ran = scan_with_best_method(
+        SAMPLES / "digits-sgd.safetensors", SAMPLES / "digits-probe.safetensors",
+        ScanConfig(bootstrap=0, method="auto"),
+        SanityConfig(groups=("layer1", "fc"), defects=("noise",)))
+    assert len(ran.cases) == 2
+    assert result.ranking.chosen_by == "sanity"
+    assert result.ranking.method == _best(ran.to_dict())
+
+
+@pytest.mark.parametrize("make, needle", [
+    ("bogus", "unknown method 'bogus'"),
+    ("other-checkpoint", "is of another checkpoint"),
+    ("other-probe", "was measured on another probe"),
+    ("not-sanity", "is not a sanity.json"),
+    ("missing", "no such file"),
+])
+def test_bad_method_inputs_are_refused(tmp_path, sanity_run, sgd_checkpoint, digits_probe, make,
+                                       needle):
+    _, out, _ = sanity_run
+    data = json.loads((out / "sanity.json").read_text())
+    given = tmp_path / "given.json"
+    args = ["--method", "auto", "--sanity", given]
+    if make == "bogus":
+        args = ["--method", "bogus"]
+    elif make == "other-checkpoint":
+        data["model"]["sha256"] = "0" * 64
+    elif make == "other-probe":
+        data["probe"]["n"] += 1
+    elif make == "not-sanity":
+        data = {"schema_version": 1, "layers": []}
+    if make != "missing":
+        given.write_text(json.dumps(data))
+    before = snapshot(tmp_path)
+    r = run(["scan", sgd_checkpoint, "--probe", digits_probe, "--out", tmp_path / "s", *args])
+    assert r.exit_code == 2, r.output
+    assert needle in r.output and "Traceback" not in r.output
+    assert snapshot(tmp_path) == before and not (tmp_path / "s").exists()
+
+
+def test_scan_method_auto_on_the_command_line_runs_sanity_and_keeps_it(tmp_path, sgd_checkpoint,
+                                                                      digits_probe):
+    r = run(["scan", sgd_checkpoint, "--probe", digits_probe, "--method", "auto",
+             "--out", tmp_path / "s", "--bootstrap", "0"])
+    assert r.exit_code == 0, r.output
+    assert "sanity: 12 planted cases in 6 groups" in r.output  # the cost, up front
+    evidence = json.loads((tmp_path / "s" / "sanity" / "sanity.json").read_text())
+    audit = json.loads((tmp_path / "s" / "audit.json").read_text())
+    assert audit["ranking"]["method"] == _best(evidence)
+    assert audit["ranking"]["evidence"]["source"] == str(tmp_path / "s" / "sanity")
+    assert audit["ranking"]["trust"] in r.output

@@ -265,6 +265,38 @@ def test_baselines_none_and_unknown(sgd_checkpoint, digits_probe):
         scan(sgd_checkpoint, digits_probe, ScanConfig(baselines=("gradcam",)))
 
 
+def test_step_size_search_adapts_to_the_loss_scale(sgd_checkpoint, digits_probe, tmp_path):
+    """A head scaled by 1e6 puts the error loss near 1e7: the rates that could pass lie far
+    below ten halvings of the default; the search skips to the loss-scale bound, passes, and
+    the scan runs without a manual --replay-lr (issue #30, part 4)."""
+    import copy
+
+    from conftest import save_like
+
+    ckpt = load_checkpoint(sgd_checkpoint)
+    model = copy.deepcopy(ckpt.model)
+    with torch.no_grad():
+        model.fc.weight.mul_(1e6)
+        model.fc.bias.mul_(1e6)
+    probe = open_probe(digits_probe, channels=1, normalize=ckpt.normalize)
+    with torch.no_grad():
+        wrong = torch.nonzero(model(probe.load(range(len(probe)))).argmax(1)
+                              != probe.labels).flatten().tolist()
+    rep = replay(model.eval(), BatchCache(probe, wrong, 64))
+    assert rep.initial_loss > 1e5
+    assert rep.lr_check_passed and rep.lr_skipped > 10 and rep.lr_trials <= 11
+    assert rep.peak_lr < 0.01 / 2 ** 10  # out of reach of ten halvings
+    assert rep.peak_lr == pytest.approx(0.01 / 2 ** (rep.lr_skipped + rep.lr_trials - 1))
+    assert rep.final_loss < rep.initial_loss
+    # the bound skips only rates that cannot pass: the default model is searched as before
+    plain = replay(ckpt.model.eval(), BatchCache(probe, wrong, 64))
+    assert plain.lr_skipped == 0
+    scaled = save_like(model, tmp_path / "scaled.safetensors")
+    d = scan(scaled, digits_probe, ScanConfig(bootstrap=0, baselines=())).to_dict()
+    assert d["replay"]["lr_check_passed"] and d["replay"]["lr_halvings_skipped"] > 10
+    assert not any("replay" in w for w in d["warnings"])
+
+
 def test_step_size_check_halves_a_too_large_rate(sgd_checkpoint, digits_probe):
     """An overshooting first step is caught by the Armijo check and the rate halved."""
     ckpt = load_checkpoint(sgd_checkpoint)
@@ -275,7 +307,7 @@ def test_step_size_check_halves_a_too_large_rate(sgd_checkpoint, digits_probe):
     cache = BatchCache(probe, wrong, 64)
     big = replay(ckpt.model, cache, config=ReplayConfig(lr=0.64))
     assert big.lr_check_passed and big.peak_lr < 0.64 and big.lr_trials > 1
-    assert big.peak_lr == pytest.approx(0.64 / 2 ** (big.lr_trials - 1))
+    assert big.peak_lr == pytest.approx(0.64 / 2 ** (big.lr_trials - 1 + big.lr_skipped))
     assert big.final_loss < big.initial_loss
     assert big.steps[0].record.lr == pytest.approx(big.peak_lr)
     # the accepted rate satisfies the documented check; twice that rate did not

@@ -28,7 +28,7 @@ import numpy as np
 from torch import nn
 
 from .. import distributed
-from ..core.scoring import (RANDOM, MethodSummary, chance_levels, group_output_units, rank_stats,
+from ..core.scoring import (RANDOM, MethodEvidence, MethodSummary, chance_levels, group_output_units, rank_stats,
                             scores_by_method, summarize)
 from ..render.text import sanity_text, sanity_verdict
 from ..io.files import atomic_write_files, header, json_bytes, refuse_inputs
@@ -284,7 +284,8 @@ def sanity(checkpoint: Any, probe: Any, config: SanityConfig = SanityConfig(), *
         AuditError: bad checkpoint, probe or options (before any work).
     """
     start = time.perf_counter()
-    scan_config: ScanConfig = config.scan or ScanConfig()
+    # every method is scored on its own ranking: the scans flag by the own rule
+    scan_config: ScanConfig = replace(config.scan or ScanConfig(), method="own", evidence=None)
     scan_config.validate()
     opts = scan_config.options
     ckpt, probe, _ = resolve_inputs(checkpoint, probe, opts)
@@ -392,6 +393,48 @@ def _keep(model: nn.Module, target: Path, metadata: Dict[str, str]) -> None:
     """Save a damaged copy (``--keep-damaged``), creating its directory."""
     target.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model.state_dict(), target, metadata=metadata)
+
+
+def evidence_of(result: SanityResult, source: str = "sanity") -> MethodEvidence:
+    """The localisation evidence of a sanity run, for ``ScanConfig(method="auto")``."""
+    model, probe = result.extra.get("model", {}), result.extra.get("probe", {})
+    return MethodEvidence(dict(result.summary), result.chance, model.get("sha256"),
+                          int(probe.get("n", 0)), tuple(probe.get("classes") or ()),
+                          str(result.extra.get("metric", METRIC_NAME)), source)
+
+
+def read_evidence(path: Any) -> MethodEvidence:
+    """The evidence of a ``sanity.json`` file (``scan --sanity``).
+
+    Raises:
+        ConfigError: a file that is missing, not JSON, or not a sanity.json.
+    """
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--sanity {p}: no such file; give the sanity.json that "
+                          "`model-audit sanity` wrote for this checkpoint and probe")
+    try:
+        return MethodEvidence.from_dict(json.loads(p.read_text(encoding="utf-8")), str(p))
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--sanity {p} is not a sanity.json ({type(exc).__name__}: {exc}); "
+                          "give the file that `model-audit sanity` wrote") from None
+
+
+def scan_with_best_method(checkpoint: Any, probe: Any, config: ScanConfig,
+                          sanity_config: Optional[SanityConfig] = None, *,
+                          progress: bool = False) -> Tuple[Any, SanityResult]:
+    """``scan --method auto`` without evidence: a sanity run on the checkpoint and probe
+    first, then the scan ranked by the method that localised best there.
+
+    Returns:
+        (the :class:`~model_audit.commands.scan.ScanResult`, the :class:`SanityResult`).
+    """
+    own = replace(config, method="own", evidence=None)
+    result = sanity(checkpoint, probe, replace(sanity_config or SanityConfig(), scan=own))
+    chosen = replace(config, method="auto", evidence=evidence_of(result))
+    return scan(checkpoint, probe, chosen, progress=progress), result
 
 
 def method_names(scan_config: Any) -> Tuple[str, ...]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -34,6 +34,8 @@ from ..core.layers import LayerGroup, layer_groups
 from ..options import AuditOptions, resolve_device, resolve_inputs, seed_everything
 from ..io.probe import BatchCache, ProbeSet
 from ..core.replay import ReplayConfig, ReplayResult, replay
+from ..core.scoring import AUTO, OWN, MethodEvidence
+from .ranking import Ranking, choose_method, ranked
 from ..baselines import agreement, compute_baselines
 from ..render.html import render_scan_report
 
@@ -58,6 +60,8 @@ class ScanConfig:
     baselines: Tuple[str, ...] = DEFAULT_BASELINES   # Captum/Auto-RGN baselines beside the metric
     baseline_steps: int = 50    # n_steps of the path methods (conductance, IG, influence)
     metric: str = METRIC_NAME   # the own metric's formulation: replay_reduction | net_reduction
+    method: str = OWN           # what ranks and flags: own | a baseline's name | auto
+    evidence: Optional[MethodEvidence] = None   # sanity evidence of this checkpoint and probe
 
     def validate(self) -> None:
         self.options.validate()
@@ -69,6 +73,15 @@ class ScanConfig:
         resolve_baselines(list(self.baselines))
         if self.baseline_steps < 2:
             raise ConfigError(f"baseline steps must be >= 2, got {self.baseline_steps}")
+        if self.method not in (OWN, AUTO) and self.method not in BASELINES:
+            raise ConfigError(f"unknown method {self.method!r}; valid: {OWN} (the tool's "
+                              f"metric), {AUTO} (the best on this model, from sanity evidence) "
+                              f"or a baseline: {', '.join(BASELINES)}")
+        if self.method == AUTO and self.evidence is None:
+            raise ConfigError("--method auto ranks with the method that localised best on this "
+                              "model: give --sanity SANITY_JSON (written by `model-audit sanity` "
+                              "on this checkpoint and probe), or let the CLI run sanity first "
+                              "(scan --method auto without --sanity)")
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,7 @@ class ScanResult:
     baselines: Dict[str, BaselineResult] = field(default_factory=dict)
     agreement: Dict[str, Agreement] = field(default_factory=dict)
     metric_positions: Optional[Tuple[int, ...]] = None   # rows of ``reductions`` (net metric)
+    ranking: Optional[Ranking] = None
 
     @property
     def flagged(self) -> Tuple[str, ...]:
@@ -127,6 +141,7 @@ class ScanResult:
             "granularity": self.config.options.granularity,
             "layers": [layer.to_dict() for layer in self.layers],
             "flagged": list(self.flagged),
+            "ranking": self.ranking.to_dict() if self.ranking else None,
             "replay": {**self.config.replay.to_dict(),
                        **(self.replay.to_dict() if self.replay else {"n": 0, "steps": []})},
             "damping": [s.to_dict() for s in self.replay.steps] if self.replay else [],
@@ -181,6 +196,9 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
     seed_everything(opts.seed)
     with distributed.agree():  # a file one node cannot read stops every rank
         ckpt, probe, warnings = resolve_inputs(checkpoint, probe, opts)
+    method, chosen_by = choose_method(config.method, config.evidence, ckpt, probe)
+    if method in BASELINES and method not in resolve_baselines(list(config.baselines)):
+        config = replace(config, baselines=tuple(config.baselines) + (method,))
     groups: List[LayerGroup] = layer_groups(ckpt.model, opts.granularity)
     timing: Dict[str, float] = {"load_s": time.perf_counter() - start}
     with _on_device(ckpt.model, device):
@@ -198,10 +216,15 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
     passes = {"forward_images": ev.n + found.forward_images,
               "backward_images": found.backward_images}
     timing["total_s"] = time.perf_counter() - start
-    return ScanResult(ckpt, probe, ev, _layer_scores(groups, found), found.replay, config,
+    if method != METRIC_NAME and method not in found.baselines and ev.misclassified:
+        warnings.append(f"{method} could not run on this probe: ranked by {METRIC_NAME}")
+        method, chosen_by = METRIC_NAME, "default"
+    layers = _layer_scores(groups, found, method)
+    ranking = Ranking(method, chosen_by, config.evidence, ranked(layers, method))
+    return ScanResult(ckpt, probe, ev, layers, found.replay, config,
                       device, {k: round(v, 4) for k, v in timing.items()}, passes,
                       tuple(warnings), found.reductions, found.baselines, found.agreements,
-                      found.positions)
+                      found.positions, ranking)
 
 
 @contextmanager
@@ -330,8 +353,10 @@ def _replay_warnings(result: ReplayResult, config: ReplayConfig) -> List[str]:
     if not result.lr_check_passed:
         out.append(
             f"no replay learning rate from {config.lr:g} down to "
-            f"{result.peak_lr:.3g} passed the step-size check; the replay used "
-            f"{result.peak_lr:.3g}: give a smaller --replay-lr")
+            f"{result.peak_lr:.3g} passed the step-size check ({result.lr_trials} tried"
+            + (f", {result.lr_skipped} halvings skipped: above the loss-scale bound"
+               if result.lr_skipped else "")
+            + f"); the replay used {result.peak_lr:.3g}: give a smaller --replay-lr")
     if result.final_loss >= result.initial_loss:
         out.append(
             f"the replay did not lower the error loss ({result.initial_loss:.4g} "
@@ -340,12 +365,23 @@ def _replay_warnings(result: ReplayResult, config: ReplayConfig) -> List[str]:
     return out
 
 
-def _layer_scores(groups: List[LayerGroup], found: _Found) -> Tuple[LayerScore, ...]:
+def _layer_scores(groups: List[LayerGroup], found: _Found, method: str = METRIC_NAME
+                  ) -> Tuple[LayerScore, ...]:
+    """Per group: the own metric's score and flag, the baselines' scores. Ranked by a baseline
+    (``method``), the flagged groups are that baseline's top k, k the number the own rule
+    flags (a baseline has no flag rule of its own)."""
     attr = found.attr
+    flagged = np.asarray(attr.flagged, dtype=bool)
+    if method != METRIC_NAME and method in found.baselines:
+        k = int(flagged.sum())
+        scores = np.where(np.isfinite(found.baselines[method].scores),
+                          found.baselines[method].scores, -np.inf)
+        flagged = np.zeros(len(groups), dtype=bool)
+        flagged[np.argsort(-scores, kind="stable")[:k]] = True
     return tuple(
         LayerScore(g.name, g.params, g.share, float(attr.reduction[i]), float(attr.scores[i]),
                    (float(attr.score_low[i]), float(attr.score_high[i])),
-                   float(attr.flag_frequency[i]), bool(attr.flagged[i]),
+                   float(attr.flag_frequency[i]), bool(flagged[i]),
                    {n: (float(b.scores[i]) if np.isfinite(b.scores[i]) else None)
                     for n, b in found.baselines.items()})
         for i, g in enumerate(groups))

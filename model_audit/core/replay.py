@@ -93,11 +93,13 @@ class ReplayResult:
     #: per parameter, the squared norm of the mean error-loss gradient at theta_0 (the first
     #: step's): Auto-RGN's numerator, so that baseline needs no pass of its own in a scan
     initial_grad_sq: Optional[Dict[str, float]] = None
+    lr_skipped: int = 0        # halvings skipped unrun: above the loss-scale bound 2 L / |g|^2
 
     def to_dict(self) -> Dict[str, Any]:
         return {"n": self.n, "initial_loss": self.initial_loss, "final_loss": self.final_loss,
                 "fixed_by_replay": self.fixed, "peak_lr": self.peak_lr,
                 "lr_trials": self.lr_trials, "lr_check_passed": self.lr_check_passed,
+                "lr_halvings_skipped": self.lr_skipped,
                 "steps": [s.to_dict() for s in self.steps]}
 
 
@@ -123,6 +125,9 @@ def per_sample_losses(model: nn.Module, params: Dict[str, torch.Tensor], batches
 
 #: Largest number of halvings of the peak learning rate in the step-size check.
 MAX_HALVINGS = 10
+#: Largest number of halvings skipped without a trial because the loss scale rules them out
+#: (2^-200 covers any float32 loss).
+MAX_SKIPPED = 200
 #: Armijo constant of the step-size check: the first (momentum-free) step must remove at least
 #: this fraction of the loss decrease that its gradient predicts to first order.
 ARMIJO = 0.5
@@ -188,11 +193,14 @@ def replay(model: nn.Module, batches: BatchCache, *, config: ReplayConfig = Repl
     with the cosine learning rate set before each step and the momentum from it by
     :class:`~model_audit.core.schedules.MomentumScheduler`, as ``fix`` trains.
 
-    Step size: the peak learning rate ``config.lr`` is halved (up to :data:`MAX_HALVINGS`
-    times) until the first step, which has no momentum yet, passes the Armijo check
+    Step size: the peak learning rate ``config.lr`` is halved until the first step, which has
+    no momentum yet, passes the Armijo check
     ``L(theta_0 - lr g_0) <= L(theta_0) - ARMIJO * lr * |g_0|^2``; a learning rate too large for
     the model's curvature would otherwise overshoot and make the displacement a poor direction.
-    It costs one forward pass over the errors per trial; the chosen rate is recorded.
+    Since the loss is non-negative, no rate above ``L / (ARMIJO |g_0|^2)`` can pass: the
+    halvings down to that bound are skipped without a trial (recorded as ``lr_skipped``), so
+    the search adapts to the loss's scale; then up to :data:`MAX_HALVINGS` halvings are tried,
+    one forward pass over the errors each. The chosen rate is recorded.
 
     Raises:
         ReplayError: empty batches or a non-finite loss/gradient (e.g. NaN weights).
@@ -248,7 +256,7 @@ def replay(model: nn.Module, batches: BatchCache, *, config: ReplayConfig = Repl
                         int(right.sum()), n, passes + n * search.trials + n, passes,
                         search.peak, search.trials,
                         batches.gathered(torch.cat([torch.empty(0)] + initial)), search.passed,
-                        initial_grad_sq)
+                        initial_grad_sq, lr_skipped=search.skipped)
 
 
 def _check_finite(t: int, mean_loss: float, sq: float, steps: List[ReplayStep], peak: float,
@@ -274,10 +282,20 @@ class _StepSize:
     passed: bool
     trials: int = 0
 
+    skipped: int = 0   # halvings that could not pass (above the loss-scale bound), not run
+
     @torch.no_grad()
     def run(self, model: nn.Module, theta0: Dict[str, torch.Tensor],
             grads: Dict[str, torch.Tensor], mean_loss: float, sq: float, batches: BatchCache,
             device: str) -> None:
+        # the loss is >= 0, so no rate above 2 L / |g|^2 can pass the check (it would have to
+        # bring the loss below 0): those halvings are skipped unrun, which adapts the search to
+        # any loss scale (a random-weight network's loss of 1e9 needs rates near 1e-12) and
+        # leaves every rate the search would have reached unchanged
+        bound = mean_loss / (ARMIJO * sq) if sq > 0 else math.inf
+        while self.peak > bound and self.skipped < MAX_SKIPPED:
+            self.peak /= 2.0
+            self.skipped += 1
         for _ in range(MAX_HALVINGS + 1):
             trial = {k: theta0[k] - self.peak * grads[k] for k in theta0}
             self.trials += 1

@@ -79,6 +79,50 @@ class MethodSummary:
         return out
 
 
+#: ``ScanConfig.method`` values besides a baseline's name: the own metric, and the method that
+#: localised best on this model (from sanity evidence).
+OWN, AUTO = "own", "auto"
+
+
+@dataclass(frozen=True)
+class MethodEvidence:
+    """How well each method localised faults planted in one model, scanned on one probe: the
+    summary of a ``sanity`` run, with what identifies its checkpoint and probe."""
+
+    summary: Dict[str, MethodSummary]   # by method: the own metric's name or a baseline's
+    chance: Tuple[float, float]         # top-1 and MRR of a random ranking
+    sha256: Optional[str]               # of the checkpoint the faults were planted in
+    probe_n: int
+    probe_classes: Tuple[str, ...]
+    own: str = METRIC_NAME              # the own metric's key in ``summary``
+    source: str = "sanity"              # where it came from (a sanity.json path)
+
+    def best(self, available: Sequence[str] = ()) -> str:
+        """The method that localised best: the highest MRR, then top-1 (as sanity's verdict
+        reads them); the own metric on a tie. Baselines count only when ``available``
+        (computable on this probe) names them; the random ranking never."""
+        names = [m for m, s in self.summary.items()
+                 if m != RANDOM and s.mrr is not None and (m == self.own or m in available)]
+        if not names:
+            return self.own
+        return max(names, key=lambda m: (self.summary[m].mrr, self.summary[m].top1 or 0.0,
+                                         m == self.own))
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any], source: str) -> "MethodEvidence":
+        """The evidence of a ``sanity.json`` (KeyError/TypeError/ValueError when it is not
+        one)."""
+        summary = {m: MethodSummary(v.get("top1"), v.get("mrr"), int(v.get("n", 0)),
+                                    v.get("top1_sd"), v.get("mrr_sd"), v.get("flag_hit"),
+                                    v.get("flagged_size"))
+                   for m, v in d["methods"].items()}
+        probe = d.get("probe") or {}
+        return cls(summary, (float(d["chance"]["top1"]), float(d["chance"]["mrr"])),
+                   (d.get("model") or {}).get("sha256"), int(probe.get("n", 0)),
+                   tuple(probe.get("classes") or ()), str(d.get("metric") or METRIC_NAME),
+                   source)
+
+
 def summarize(cases: Sequence["SanityCase"], methods: Sequence[str],
               own: str = METRIC_NAME) -> Dict[str, MethodSummary]:
     """Top-1 and MRR per method over the cases whose defect reached its target drop.

@@ -104,6 +104,57 @@ def mcnemar_exact(b: int, c: int, alternative: str = "two-sided") -> float:
                                                 alternative=alternative).pvalue))
 
 
+#: Up to this many images that change, the sign-flip test enumerates every flip (exact).
+SIGN_FLIP_EXACT_UP_TO = 16
+
+
+def max_sign_flip_p(differences: np.ndarray, observed: Optional[float] = None, *,
+                    resamples: int = 9999, seed: int = 0) -> float:
+    """One-sided p-value of the largest of K paired gains, corrected for having picked it.
+
+    ``differences`` is (images, K): per image and per candidate state, +1 (wrong before,
+    right in that state), -1 (right before, wrong in it) or 0. The statistic is the largest
+    column sum (the best state's net; ``observed``, when given, is used instead, e.g. the best
+    state among those allowed). Under the null hypothesis that no state is better than the
+    original, each image's row is as likely to be negated (its before and after swapped):
+    the p-value is the share of sign flips of the rows whose largest column sum reaches the
+    observed one. This is the max-statistic permutation test of Westfall and Young (1993):
+    it controls the error of picking the best of K states exactly, and loses far less power
+    than Bonferroni when the states are correlated (the checkpoints of one repair are).
+
+    Every flip is enumerated when at most :data:`SIGN_FLIP_EXACT_UP_TO` images change (an
+    exact p-value); otherwise ``resamples`` random flips (seeded) and
+    ``(1 + hits) / (1 + resamples)``. ``scipy.stats.permutation_test`` with
+    ``permutation_type="samples"`` computes the same (tested) but holds every resample of the
+    whole matrix in memory at once: tens of seconds for 1,000 images and 8 states.
+
+    Example:
+        >>> max_sign_flip_p(np.array([[1], [1], [1]]))   # 3 fixes, no break: 1 flip in 8
+        0.125
+    """
+    d = np.asarray(differences, dtype=np.float64)
+    if d.ndim == 1:
+        d = d[:, None]
+    d = d[np.any(d != 0, axis=1)]
+    if observed is None:
+        observed = float(d.sum(0).max()) if len(d) else 0.0
+    m = len(d)
+    if m == 0:
+        return 1.0
+    if m <= SIGN_FLIP_EXACT_UP_TO:
+        codes = np.arange(2 ** m)[:, None] >> np.arange(m)[None, :] & 1
+        null = ((1 - 2 * codes) @ d).max(axis=1)
+        return float(np.mean(null >= observed - 1e-9))
+    rng = np.random.default_rng(seed)
+    hits, left = 0, int(resamples)
+    while left > 0:
+        batch = min(left, 2000)
+        signs = rng.integers(0, 2, size=(batch, m)) * 2 - 1
+        hits += int(((signs @ d).max(axis=1) >= observed - 1e-9).sum())
+        left -= batch
+    return (1 + hits) / (1 + int(resamples))
+
+
 def percentile_interval(values: Iterable[Optional[float]], level: float = 0.95):
     """The central ``level`` percentile interval of the finite values, or None."""
     arr = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)

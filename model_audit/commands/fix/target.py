@@ -71,30 +71,25 @@ def _describe(cells: List[Tuple[int, int, int]], classes: Sequence[str]) -> str:
     return ", ".join(f"{classes[t]}:{classes[p]} ({n})" for n, t, p in cells) or "none"
 
 
-def resolve_target(specs: Sequence[str], classes: Sequence[str], repair: EvaluationResult
-                   ) -> Optional[Target]:
-    """The :class:`Target` of the ``--target`` values (None when none is given).
+def parse_target(specs: Sequence[str], classes: Sequence[str]
+                 ) -> Optional[List[Tuple[str, int, int]]]:
+    """The named confusions of the ``--target`` values as (spec, true, predicted), ``[]`` for
+    ``auto``, None when none is given: everything that can be checked before the model has
+    seen the repair data.
 
     Raises:
-        ConfigError: an unknown class (listing the valid ones), TRUE equal to PRED, ``auto``
-            mixed with named confusions or a repair set without errors, or a confusion with
-            fewer than 2 instances in the repair data (one to train on, one to validate;
-            the largest confusions are listed).
+        ConfigError: an unknown class (listing the valid ones), TRUE equal to PRED, a value
+            that is not TRUE:PRED, or ``auto`` mixed with named confusions.
     """
     specs = [s.strip() for s in specs if s and s.strip()]
     if not specs:
         return None
-    counts = confusion_counts(repair, len(classes))
     if AUTO in specs:
         if len(specs) > 1:
             raise ConfigError("--target auto picks one confusion: give it alone, or name the "
                               "confusions as TRUE:PRED")
-        top = largest_confusions(counts, classes, 1)
-        if not top:
-            raise ConfigError("--target auto: the model makes no errors on the repair data, "
-                              "so there is no confusion to repair")
-        return Target(((top[0][1], top[0][2]),), auto=True)
-    pairs: List[Tuple[int, int]] = []
+        return []
+    named: List[Tuple[str, int, int]] = []
     for spec in specs:
         if spec.count(":") != 1:
             raise ConfigError(f"--target {spec}: give TRUE:PRED (class names or indices, e.g. "
@@ -103,15 +98,38 @@ def resolve_target(specs: Sequence[str], classes: Sequence[str], repair: Evaluat
         if true == pred:
             raise ConfigError(f"--target {spec}: the true and the predicted class are the same; "
                               "a confusion is an image of one class predicted as another")
+        if all((t, p) != (true, pred) for _, t, p in named):
+            named.append((spec, true, pred))
+    return named
+
+
+def resolve_target(specs: Sequence[str], classes: Sequence[str], repair: EvaluationResult
+                   ) -> Optional[Target]:
+    """The :class:`Target` of the ``--target`` values (None when none is given).
+
+    Raises:
+        ConfigError: the errors of :func:`parse_target`, ``auto`` on a repair set without
+            errors, or a confusion with fewer than 2 instances in the repair data (one to
+            train on, one to validate; the largest confusions are listed).
+    """
+    named = parse_target(specs, classes)
+    if named is None:
+        return None
+    counts = confusion_counts(repair, len(classes))
+    if not named:
+        top = largest_confusions(counts, classes, 1)
+        if not top:
+            raise ConfigError("--target auto: the model makes no errors on the repair data, "
+                              "so there is no confusion to repair")
+        return Target(((top[0][1], top[0][2]),), auto=True)
+    for spec, true, pred in named:
         if int(counts[true, pred]) < 2:
             raise ConfigError(
                 f"--target {spec}: the repair data holds {int(counts[true, pred])} image(s) of "
                 f"{classes[true]} predicted as {classes[pred]}; a targeted repair needs at "
                 "least 2 (one to train on, one to validate). The largest confusions in the "
                 f"repair data: {_describe(largest_confusions(counts, classes), classes)}")
-        if (true, pred) not in pairs:
-            pairs.append((true, pred))
-    return Target(tuple(pairs))
+    return Target(tuple((t, p) for _, t, p in named))
 
 
 def target_summary(target: Target, classes: Sequence[str], before: EvaluationResult,

@@ -36,7 +36,8 @@ class RepairDiverged(ConfigError):
 
 
 def batch_plan(wrong: List[int], right: List[int], steps: int, batch: int, seed: int,
-               wrong_fraction: Optional[float] = None) -> List[List[int]]:
+               wrong_fraction: Optional[float] = None, guard: Sequence[int] = ()
+               ) -> List[List[int]]:
     """Train positions of every step.
 
     With a ``wrong_fraction``, each batch holds ``round(batch * wrong_fraction)`` images drawn
@@ -45,6 +46,12 @@ def batch_plan(wrong: List[int], right: List[int], steps: int, batch: int, seed:
     is sampled uniformly, epoch by epoch without replacement (plain fine-tuning: errors appear
     at their natural rate).
 
+    A ``guard`` pool (with a ``wrong_fraction``) is drawn as often as ``wrong``, from the
+    share of the batch that ``right`` would fill: a targeted repair's positive set, the
+    predicted class's images the model gets right, which keeps the repair from moving the
+    whole class boundary (without it, half of every batch labelled TRUE turns PRED's own images
+    into TRUE).
+
     Args:
         wrong: train positions the model gets wrong.
         right: train positions the model gets right.
@@ -52,6 +59,8 @@ def batch_plan(wrong: List[int], right: List[int], steps: int, batch: int, seed:
         batch: images per batch.
         seed: seed of the draws (the same arguments give the same plan).
         wrong_fraction: share of each batch drawn from ``wrong``, or None (natural).
+        guard: train positions (usually some of ``right``) drawn as often as ``wrong``, at
+            most the rest of the batch, from ``right``'s share; empty: none.
 
     Returns:
         One list of train positions per step, each of length ``batch``.
@@ -72,12 +81,16 @@ def batch_plan(wrong: List[int], right: List[int], steps: int, batch: int, seed:
         n_wrong = batch
     elif not wrong:
         n_wrong = 0
+    n_guard = min(n_wrong, batch - n_wrong) if len(guard) else 0
+    n_right = batch - n_wrong - n_guard
     for _ in range(steps):
         idx: List[int] = []
         if n_wrong:
             idx += rng.choice(wrong, size=n_wrong, replace=True).tolist()
-        if batch - n_wrong:
-            idx += rng.choice(right, size=batch - n_wrong, replace=True).tolist()
+        if n_guard:
+            idx += rng.choice(list(guard), size=n_guard, replace=True).tolist()
+        if n_right:
+            idx += rng.choice(right, size=n_right, replace=True).tolist()
         plan.append(idx)
     return plan
 

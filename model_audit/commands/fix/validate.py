@@ -7,11 +7,15 @@ it, and the state that is kept (step 2 of :mod:`model_audit.commands.fix`).
 * :class:`Trajectory` evaluates the validation part at the original state (step 0) and every
   few steps of a repair, keeps the best state of the retrained tensors in memory, and puts it
   back at the end. "No change" (step 0) is always a candidate.
-* The best trained state (the most validation images right; the earlier on a tie) is
-  accepted only when it beats the original by more than noise: its fixed against broken
-  validation images pass a one-sided exact binomial (McNemar) test at ``alpha / K``, K the
-  trained states tried (Bonferroni: picking the best of K states would otherwise pass a
-  test at ``alpha`` by chance far more often than ``alpha``). Otherwise the original is kept.
+* The best trained state (the most validation images right; the earlier on a tie; with a
+  break budget ``max_break``, only among the states that break at most that share of the
+  validation images the original gets right) is accepted only when it beats the original by
+  more than noise: a one-sided max-statistic sign-flip test over the K trained states
+  (:func:`~model_audit.core.stats.max_sign_flip_p`, Westfall and Young) at ``alpha``.
+  Picking the best of K states would pass a single test at ``alpha`` by chance far more often
+  than ``alpha``; the max-statistic test accounts for the pick exactly, and, unlike
+  Bonferroni's ``alpha / K``, does not pay for K states that are nearly the same (the
+  checkpoints of one repair are). Otherwise the original is kept.
 """
 from __future__ import annotations
 
@@ -25,14 +29,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import distributed
-from ...core.stats import mcnemar_exact
+from ...core.stats import max_sign_flip_p, mcnemar_exact
 from ...errors import ConfigError, ProbeError
-from ...io.probe import BatchCache, ProbeSet
+from ...io.probe import BatchCache
 
 #: Fewest validation images a repair is judged on.
 MIN_VALIDATION = 20
 #: Trained states scored on validation along one repair (besides step 0, the original).
 CHECKPOINTS = 8
+#: How a state is accepted (fix.json's ``validation.test``).
+TEST = ("one-sided max-statistic sign-flip test over the trained states (Westfall-Young): "
+        "exact up to 16 changed images, else 9,999 seeded resamples")
 
 
 def check_share(share: float) -> None:
@@ -118,31 +125,45 @@ class Validation:
     n: int
     candidates: Tuple[Candidate, ...]
     chosen: int              # the step kept (0: the original, nothing changed)
-    best: int                # the best trained step, accepted or not
-    p_value: float           # one-sided exact test of the best trained state's fixed vs broken
-    threshold: float         # alpha / the number of trained states
+    best: int                # the best trained step, accepted or not (-1: none in budget)
+    p_value: float           # one-sided max-statistic test over the trained states
+    threshold: float         # alpha
     accepted: bool
+    max_break: Optional[float] = None   # the break budget (share of the right images)
+    p_single: Optional[float] = None    # the best state's own one-sided McNemar p (no pick)
 
     @property
     def reason(self) -> str:
+        if self.best < 0:
+            right = self.candidates[0].correct
+            fewest = min(c.broken for c in self.candidates[1:])
+            return (f"every state of the repair broke more than the budget of "
+                    f"{100 * (self.max_break or 0):g}% of the {right} validation images the "
+                    f"original gets right (the fewest: {fewest}); lower --lr, or allow more "
+                    "with --max-break")
         best = next(c for c in self.candidates if c.step == self.best)
+        budget = ("" if self.max_break is None else
+                  f", the best within the break budget of {100 * self.max_break:g}%")
         if self.accepted:
-            return (f"step {best.step} beat the original on {self.n} validation images: "
+            return (f"step {best.step}{budget} beat the original on {self.n} validation images: "
                     f"{best.fixed} fixed, {best.broken} broken (net {best.net:+d}, one-sided "
-                    f"p = {self.p_value:.2g} < {self.threshold:.2g})")
+                    f"p = {self.p_value:.2g} < {self.threshold:.2g} for the best of "
+                    f"{len(self.candidates) - 1} states)")
         if best.net <= 0:
             return (f"no state of the repair was better than the original on {self.n} "
                     f"validation images (the best, step {best.step}: {best.fixed} fixed, "
                     f"{best.broken} broken, net {best.net:+d})")
         return (f"the best state (step {best.step}: {best.fixed} fixed, {best.broken} broken, "
                 f"net {best.net:+d} on {self.n} validation images) was not better than the "
-                f"original by more than noise (one-sided p = {self.p_value:.2g}, needed < "
-                f"{self.threshold:.2g}: {len(self.candidates) - 1} states tried)")
+                f"original by more than noise (one-sided p = {self.p_value:.2g} for the best "
+                f"of {len(self.candidates) - 1} states, needed < {self.threshold:.2g})")
 
     def to_dict(self) -> Dict[str, Any]:
         return {"n": self.n, "chosen_step": self.chosen, "best_step": self.best,
                 "accepted": self.accepted, "p_value": self.p_value,
-                "threshold": self.threshold, "reason": self.reason,
+                "threshold": self.threshold, "test": TEST, "p_single": self.p_single,
+                "max_break": self.max_break,
+                "reason": self.reason,
                 "candidates": [c.to_dict() for c in self.candidates]}
 
 
@@ -155,9 +176,12 @@ class Trajectory:
 
     def __init__(self, val: BatchCache, base_predictions: torch.Tensor, base_losses: torch.Tensor,
                  names: Sequence[str], every: int, alpha: float, device: str,
-                 keep_best: bool = False) -> None:
+                 keep_best: bool = False, max_break: Optional[float] = None,
+                 seed: int = 0) -> None:
         self.val, self.device, self.every, self.alpha = val, device, max(1, every), alpha
         self.keep_best = keep_best  # keep the best trained state even when not accepted
+        self.max_break, self.seed = max_break, seed
+        self.rights: List[torch.Tensor] = []   # per trained state: validation images right
         self.labels = val.probe.labels[torch.as_tensor(val.positions, dtype=torch.long)]
         self.base_right = base_predictions == self.labels
         self.names = list(names)
@@ -181,21 +205,37 @@ class Trajectory:
         cand = Candidate(step, int(right.sum()), int((right & ~self.base_right).sum()),
                          int((~right & self.base_right).sum()), float(losses.mean()))
         self.candidates.append(cand)
+        self.rights.append(right)
+        if not self.within_budget(cand):
+            return
         if self.best is None or cand.correct > self.best.correct:
             self.best = cand
             state = model.state_dict() if state is None else state
             self.snapshot = {k: state[k].detach().clone() for k in self.names}
 
+    def within_budget(self, cand: Candidate) -> bool:
+        """Whether ``cand`` breaks at most the budget's share of the images right at step 0."""
+        if self.max_break is None:
+            return True
+        return cand.broken <= self.max_break * self.candidates[0].correct
+
     def result(self) -> Validation:
-        if self.best is None:
+        if not self.rights:
             raise ProbeError("internal error: the repair's trajectory was never scored")
-        tried = len(self.candidates) - 1
-        threshold = self.alpha / tried
-        p = mcnemar_exact(self.best.fixed, self.best.broken, alternative="greater")
-        accepted = self.best.net > 0 and p < threshold
+        if self.best is None:  # no state within the break budget
+            return Validation(len(self.labels), tuple(self.candidates), 0, -1, 1.0, self.alpha,
+                              False, self.max_break)
+        # per image and state: +1 fixed, -1 broken; the null flips each image's row. With a
+        # break budget the null's maximum runs over every state (the budget's eligibility is
+        # not re-applied per flip): a larger null maximum, so a conservative p-value
+        differences = (torch.stack(self.rights, 1).long()
+                       - self.base_right.long()[:, None]).numpy()
+        p = max_sign_flip_p(differences, float(self.best.net), seed=self.seed)
+        accepted = self.best.net > 0 and p < self.alpha
         kept = self.best.step if accepted or self.keep_best else 0
         return Validation(len(self.labels), tuple(self.candidates), kept, self.best.step, p,
-                          threshold, accepted)
+                          self.alpha, accepted, self.max_break,
+                          mcnemar_exact(self.best.fixed, self.best.broken, "greater"))
 
     def restore(self, model: nn.Module, original: Dict[str, torch.Tensor]) -> Validation:
         """Put the kept state into ``model`` (the best trained one when it was accepted or
