@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional, Tuple
 
@@ -27,8 +27,8 @@ from .commands.fix import fix as run_fix
 from .commands.gate import check_gate, write_gate
 from .commands.policy import EXAMPLE_POLICY, load_policy
 from .render.markdown import markdown_summary
-from .commands.sanity import (SanityConfig, evidence_of, format_sanity, read_evidence,
-                              run_sanity_cli, write_sanity)
+from .commands.sanity import (SanityConfig, format_sanity, read_evidence, run_sanity_cli,
+                              scan_with_best_method, write_sanity)
 from .commands.scan import METRICS, ScanConfig, write_scan
 from .commands.scan import scan as run_scan
 from .config import load_defaults
@@ -274,13 +274,14 @@ def scan(checkpoint: Path, out: Optional[Path], bootstrap: int, replay_steps: in
     out = out if out is not None else Path("reports") / checkpoint.stem
     ran_sanity = None
     if config.method == "auto" and config.evidence is None:
-        replace(config, method="own").validate()  # bad options before the long part
         say = None if kw["quiet"] else (lambda m: click.echo(m, err=True))
-        ran_sanity = run_sanity_cli(checkpoint, probe, SanityConfig(
-            scan=replace(config, method="own")), progress=_progress(kw["quiet"]), say=say)
-        config = replace(config, evidence=evidence_of(ran_sanity, str(out / "sanity")))
-    config.validate()
-    result = run_scan(checkpoint, probe, config, progress=_progress(kw["quiet"]))
+        result, ran_sanity = scan_with_best_method(
+            checkpoint, probe, config, progress=_progress(kw["quiet"]),
+            run_sanity=partial(run_sanity_cli, progress=_progress(kw["quiet"]), say=say),
+            source=str(out / "sanity"))
+    else:
+        config.validate()
+        result = run_scan(checkpoint, probe, config, progress=_progress(kw["quiet"]))
     paths = distributed.on_main(write_scan, result, out)
     if ran_sanity is not None:
         distributed.on_main(write_sanity, ran_sanity, out / "sanity",

@@ -307,7 +307,7 @@ def test_method_auto_runs_sanity_first_without_evidence(tmp_path):
     ("other-checkpoint", "is of another checkpoint"),
     ("other-probe", "was measured on another probe"),
     ("not-sanity", "is not a sanity.json"),
-    ("missing", "no such file"),
+    ("missing", "does not exist; give a sanity.json written by `model-audit sanity`"),
 ])
 def test_bad_method_inputs_are_refused(tmp_path, sanity_run, sgd_checkpoint, digits_probe, make,
                                        needle):

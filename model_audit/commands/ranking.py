@@ -18,7 +18,6 @@ from ..core.attribution import METRIC_NAME
 from ..core.scoring import AUTO, OWN, RANDOM, MethodEvidence
 from ..errors import ConfigError
 from ..io.probe import ProbeSet
-from ..io.records import LayerScore
 from ..models.checkpoint import LoadedCheckpoint
 
 
@@ -99,11 +98,9 @@ def choose_method(method: str, ev: Optional[MethodEvidence], ckpt: LoadedCheckpo
     return method, "given"
 
 
-def ranked(layers: Sequence[LayerScore], method: str) -> Tuple[str, ...]:
-    """The groups' names, the highest score under ``method`` first (missing scores last)."""
-    return tuple(layer.name for layer in sorted(layers, key=lambda l: -_score(l, method)))
-
-
-def _score(layer: LayerScore, method: str) -> float:
-    value = layer.score if method == METRIC_NAME else layer.baselines.get(method)
-    return float(value) if value is not None and np.isfinite(value) else -np.inf
+def ranked(names: Sequence[str], scores: np.ndarray) -> Tuple[str, ...]:
+    """``names`` by ``scores``, the highest first (non-finite scores last; ties in the given
+    order)."""
+    values = np.asarray(scores, dtype=np.float64)
+    values = np.where(np.isfinite(values), values, -np.inf)
+    return tuple(names[i] for i in np.argsort(-values, kind="stable"))

@@ -28,10 +28,11 @@ import numpy as np
 from torch import nn
 
 from .. import distributed
-from ..core.scoring import (RANDOM, MethodEvidence, MethodSummary, chance_levels, group_output_units, rank_stats,
-                            scores_by_method, summarize)
+from ..core.scoring import (RANDOM, MethodEvidence, MethodSummary, chance_levels,
+                            group_output_units, rank_stats, scores_by_method, summarize)
 from ..render.text import sanity_text, sanity_verdict
-from ..io.files import atomic_write_files, header, json_bytes, refuse_inputs
+from ..io.files import atomic_write_files, header, json_bytes, read_result, refuse_inputs
+from ..io.records import SANITY_FILE
 from ..core.attribution import METRIC_NAME
 from ..errors import ConfigError
 from ..core.layers import LayerGroup, layer_groups
@@ -404,36 +405,40 @@ def evidence_of(result: SanityResult, source: str = "sanity") -> MethodEvidence:
 
 
 def read_evidence(path: Any) -> MethodEvidence:
-    """The evidence of a ``sanity.json`` file (``scan --sanity``).
+    """The evidence of a ``sanity.json`` file (``scan --sanity``), read as the gate reads one
+    (:func:`~model_audit.io.files.read_result`).
 
     Raises:
         ConfigError: a file that is missing, not JSON, or not a sanity.json.
     """
-    import json
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--sanity {p}: no such file; give the sanity.json that "
-                          "`model-audit sanity` wrote for this checkpoint and probe")
+    data = read_result(path, SANITY_FILE, required=("methods", "chance"))
     try:
-        return MethodEvidence.from_dict(json.loads(p.read_text(encoding="utf-8")), str(p))
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--sanity {p} is not a sanity.json ({type(exc).__name__}: {exc}); "
-                          "give the file that `model-audit sanity` wrote") from None
+        return MethodEvidence.from_dict(data, str(path))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{path} is not {SANITY_FILE} ({type(exc).__name__}: {exc})") from None
 
 
 def scan_with_best_method(checkpoint: Any, probe: Any, config: ScanConfig,
                           sanity_config: Optional[SanityConfig] = None, *,
-                          progress: bool = False) -> Tuple[Any, SanityResult]:
+                          progress: bool = False,
+                          run_sanity: Callable[..., SanityResult] = sanity,
+                          source: str = "sanity") -> Tuple[Any, SanityResult]:
     """``scan --method auto`` without evidence: a sanity run on the checkpoint and probe
     first, then the scan ranked by the method that localised best there.
+
+    Args:
+        run_sanity: runs the sanity check, ``(checkpoint, probe, SanityConfig)`` ->
+            :class:`SanityResult` (the CLI passes :func:`run_sanity_cli`, with its cost and
+            progress bar).
+        source: where the evidence is said to come from (the CLI: the directory it writes
+            the sanity result to).
 
     Returns:
         (the :class:`~model_audit.commands.scan.ScanResult`, the :class:`SanityResult`).
     """
     own = replace(config, method="own", evidence=None)
-    result = sanity(checkpoint, probe, replace(sanity_config or SanityConfig(), scan=own))
-    chosen = replace(config, method="auto", evidence=evidence_of(result))
+    result = run_sanity(checkpoint, probe, replace(sanity_config or SanityConfig(), scan=own))
+    chosen = replace(config, method="auto", evidence=evidence_of(result, source))
     return scan(checkpoint, probe, chosen, progress=progress), result
 
 

@@ -219,8 +219,9 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
     if method != METRIC_NAME and method not in found.baselines and ev.misclassified:
         warnings.append(f"{method} could not run on this probe: ranked by {METRIC_NAME}")
         method, chosen_by = METRIC_NAME, "default"
-    layers = _layer_scores(groups, found, method)
-    ranking = Ranking(method, chosen_by, config.evidence, ranked(layers, method))
+    order = ranked([g.name for g in groups], _method_scores(found, method, len(groups)))
+    layers = _layer_scores(groups, found, order if method in found.baselines else None)
+    ranking = Ranking(method, chosen_by, config.evidence, order)
     return ScanResult(ckpt, probe, ev, layers, found.replay, config,
                       device, {k: round(v, 4) for k, v in timing.items()}, passes,
                       tuple(warnings), found.reductions, found.baselines, found.agreements,
@@ -365,19 +366,25 @@ def _replay_warnings(result: ReplayResult, config: ReplayConfig) -> List[str]:
     return out
 
 
-def _layer_scores(groups: List[LayerGroup], found: _Found, method: str = METRIC_NAME
-                  ) -> Tuple[LayerScore, ...]:
-    """Per group: the own metric's score and flag, the baselines' scores. Ranked by a baseline
-    (``method``), the flagged groups are that baseline's top k, k the number the own rule
-    flags (a baseline has no flag rule of its own)."""
+def _method_scores(found: _Found, method: str, n_groups: int) -> np.ndarray:
+    """The per-group scores ``method`` ranks by (none: a baseline that did not run)."""
+    if method == METRIC_NAME:
+        return np.asarray(found.attr.scores)
+    if method in found.baselines:
+        return np.asarray(found.baselines[method].scores)
+    return np.full(n_groups, -np.inf)
+
+
+def _layer_scores(groups: List[LayerGroup], found: _Found,
+                  baseline_order: Optional[Tuple[str, ...]] = None) -> Tuple[LayerScore, ...]:
+    """Per group: the own metric's score and flag, the baselines' scores. Ranked by a
+    baseline (its ``baseline_order``), the flagged groups are its top k, k the number the own
+    rule flags (a baseline has no flag rule of its own)."""
     attr = found.attr
     flagged = np.asarray(attr.flagged, dtype=bool)
-    if method != METRIC_NAME and method in found.baselines:
-        k = int(flagged.sum())
-        scores = np.where(np.isfinite(found.baselines[method].scores),
-                          found.baselines[method].scores, -np.inf)
-        flagged = np.zeros(len(groups), dtype=bool)
-        flagged[np.argsort(-scores, kind="stable")[:k]] = True
+    if baseline_order is not None:
+        top = set(baseline_order[:int(flagged.sum())])
+        flagged = np.array([g.name in top for g in groups], dtype=bool)
     return tuple(
         LayerScore(g.name, g.params, g.share, float(attr.reduction[i]), float(attr.scores[i]),
                    (float(attr.score_low[i]), float(attr.score_high[i])),

@@ -281,7 +281,6 @@ class _StepSize:
     peak: float
     passed: bool
     trials: int = 0
-
     skipped: int = 0   # halvings that could not pass (above the loss-scale bound), not run
 
     @torch.no_grad()

@@ -106,10 +106,12 @@ def mcnemar_exact(b: int, c: int, alternative: str = "two-sided") -> float:
 
 #: Up to this many images that change, the sign-flip test enumerates every flip (exact).
 SIGN_FLIP_EXACT_UP_TO = 16
+#: Random sign flips of the sign-flip test beyond that.
+SIGN_FLIP_RESAMPLES = 9999
 
 
 def max_sign_flip_p(differences: np.ndarray, observed: Optional[float] = None, *,
-                    resamples: int = 9999, seed: int = 0) -> float:
+                    resamples: int = SIGN_FLIP_RESAMPLES, seed: int = 0) -> float:
     """One-sided p-value of the largest of K paired gains, corrected for having picked it.
 
     ``differences`` is (images, K): per image and per candidate state, +1 (wrong before,

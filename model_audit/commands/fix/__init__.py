@@ -11,8 +11,9 @@ alternatives:
    (default 0.2, never the probe) is held out. Along the repair its validation accuracy is
    scored at :data:`~.validate.CHECKPOINTS` states; the best is kept only when it beats the
    original (step 0, always a candidate) by more than noise (a one-sided max-statistic
-   sign-flip test over the states tried, at 0.05: it accounts for picking the best). Otherwise the original is kept: "no repair found", no checkpoint
-   is written (``write_anyway`` forces the best trained state) and the CLI exits with
+   sign-flip test over the states tried, at 0.05: it accounts for picking the best).
+   Otherwise the original is kept: "no repair found", no checkpoint is written
+   (``write_anyway`` forces the best trained state) and the CLI exits with
    :data:`NO_REPAIR_EXIT`.
 3. **Repair data and its batches.** By default (``wrong_fraction=None``, "natural") the
    batches sample the training part uniformly, epoch by epoch: the errors appear at their

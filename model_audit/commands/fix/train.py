@@ -81,14 +81,15 @@ def batch_plan(wrong: List[int], right: List[int], steps: int, batch: int, seed:
         n_wrong = batch
     elif not wrong:
         n_wrong = 0
-    n_guard = min(n_wrong, batch - n_wrong) if len(guard) else 0
+    guard = list(guard)
+    n_guard = min(n_wrong, batch - n_wrong) if guard else 0
     n_right = batch - n_wrong - n_guard
     for _ in range(steps):
         idx: List[int] = []
         if n_wrong:
             idx += rng.choice(wrong, size=n_wrong, replace=True).tolist()
         if n_guard:
-            idx += rng.choice(list(guard), size=n_guard, replace=True).tolist()
+            idx += rng.choice(guard, size=n_guard, replace=True).tolist()
         if n_right:
             idx += rng.choice(right, size=n_right, replace=True).tolist()
         plan.append(idx)

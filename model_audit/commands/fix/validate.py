@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import distributed
-from ...core.stats import max_sign_flip_p, mcnemar_exact
+from ...core.stats import (SIGN_FLIP_EXACT_UP_TO, SIGN_FLIP_RESAMPLES, max_sign_flip_p,
+                           mcnemar_exact)
 from ...errors import ConfigError, ProbeError
 from ...io.probe import BatchCache
 
@@ -39,7 +40,8 @@ MIN_VALIDATION = 20
 CHECKPOINTS = 8
 #: How a state is accepted (fix.json's ``validation.test``).
 TEST = ("one-sided max-statistic sign-flip test over the trained states (Westfall-Young): "
-        "exact up to 16 changed images, else 9,999 seeded resamples")
+        f"exact up to {SIGN_FLIP_EXACT_UP_TO} changed images, else {SIGN_FLIP_RESAMPLES:,} "
+        "seeded resamples")
 
 
 def check_share(share: float) -> None:
@@ -159,12 +161,21 @@ class Validation:
                 f"of {len(self.candidates) - 1} states, needed < {self.threshold:.2g})")
 
     def to_dict(self) -> Dict[str, Any]:
+        right = self.candidates[0].correct
         return {"n": self.n, "chosen_step": self.chosen, "best_step": self.best,
                 "accepted": self.accepted, "p_value": self.p_value,
                 "threshold": self.threshold, "test": TEST, "p_single": self.p_single,
                 "max_break": self.max_break,
                 "reason": self.reason,
-                "candidates": [c.to_dict() for c in self.candidates]}
+                "candidates": [{**c.to_dict(),
+                                "over_budget": not within_budget(c, self.max_break, right)}
+                               for c in self.candidates]}
+
+
+def within_budget(cand: Candidate, max_break: Optional[float], right: int) -> bool:
+    """Whether ``cand`` breaks at most ``max_break`` of the ``right`` validation images the
+    original gets right (always, without a budget)."""
+    return max_break is None or cand.broken <= max_break * right
 
 
 class Trajectory:
@@ -206,18 +217,12 @@ class Trajectory:
                          int((~right & self.base_right).sum()), float(losses.mean()))
         self.candidates.append(cand)
         self.rights.append(right)
-        if not self.within_budget(cand):
+        if not within_budget(cand, self.max_break, self.candidates[0].correct):
             return
         if self.best is None or cand.correct > self.best.correct:
             self.best = cand
             state = model.state_dict() if state is None else state
             self.snapshot = {k: state[k].detach().clone() for k in self.names}
-
-    def within_budget(self, cand: Candidate) -> bool:
-        """Whether ``cand`` breaks at most the budget's share of the images right at step 0."""
-        if self.max_break is None:
-            return True
-        return cand.broken <= self.max_break * self.candidates[0].correct
 
     def result(self) -> Validation:
         if not self.rights:
