@@ -343,3 +343,24 @@ def test_scan_method_auto_on_the_command_line_runs_sanity_and_keeps_it(tmp_path,
     assert audit["ranking"]["method"] == _best(evidence)
     assert audit["ranking"]["evidence"]["source"] == str(tmp_path / "s" / "sanity")
     assert audit["ranking"]["trust"] in r.output
+
+
+def test_the_ranking_follows_the_own_metric_of_the_scan_and_of_its_evidence(
+        tmp_path, sanity_run, sgd_checkpoint, digits_probe):
+    _, out, _ = sanity_run  # measured with replay_reduction
+    before = snapshot(tmp_path)
+    r = run(["scan", sgd_checkpoint, "--probe", digits_probe, "--metric", "net_reduction",
+             "--method", "auto", "--sanity", out / "sanity.json", "--out", tmp_path / "s"])
+    assert r.exit_code == 2, r.output
+    assert "measured the own metric replay_reduction, this scan computes net_reduction" in r.output
+    assert snapshot(tmp_path) == before and not (tmp_path / "s").exists()
+    # evidence of the same formulation: the own metric is named and measured as such
+    run(["sanity", sgd_checkpoint, "--probe", digits_probe, "--metric", "net_reduction",
+         "--out", tmp_path / "net", *FAST])
+    r = run(["scan", sgd_checkpoint, "--probe", digits_probe, "--metric", "net_reduction",
+             "--sanity", tmp_path / "net" / "sanity.json", "--out", tmp_path / "s",
+             "--bootstrap", "0", "--quiet"])
+    assert r.exit_code == 0, r.output
+    ranking = json.loads((tmp_path / "s" / "audit.json").read_text())["ranking"]
+    assert ranking["method"] == "net_reduction" and ranking["chosen_by"] == "default"
+    assert "ranked by net_reduction (the default): on 4 faults planted" in ranking["trust"]

@@ -67,13 +67,14 @@ def _pct(value: Optional[float]) -> str:
 
 
 def choose_method(method: str, ev: Optional[MethodEvidence], ckpt: LoadedCheckpoint,
-                  probe: ProbeSet) -> Tuple[str, str]:
-    """(the method that ranks and flags: the own metric's name or a baseline's, how it was
-    chosen: default, given or sanity), after checking that the sanity evidence ``ev`` is of
-    this checkpoint and probe.
+                  probe: ProbeSet, metric: str = METRIC_NAME) -> Tuple[str, str]:
+    """(the method that ranks and flags: the own metric's name ``metric`` or a baseline's,
+    how it was chosen: default, given or sanity), after checking that the sanity evidence
+    ``ev`` is of this checkpoint, probe and own metric.
 
     Raises:
-        ConfigError: evidence of another checkpoint (sha256) or another probe.
+        ConfigError: evidence of another checkpoint (sha256), another probe, or another
+            formulation of the own metric.
     """
     if ev is not None:
         if ev.sha256 and ev.sha256 != ckpt.sha256:
@@ -87,6 +88,10 @@ def choose_method(method: str, ev: Optional[MethodEvidence], ckpt: LoadedCheckpo
                 f"{ev.source} was measured on another probe ({ev.probe_n} images, classes "
                 f"{', '.join(ev.probe_classes[:5])}...; this probe: {len(probe)} images): "
                 "give the sanity.json of this checkpoint and probe")
+        if ev.own != metric:
+            raise ConfigError(
+                f"{ev.source} measured the own metric {ev.own}, this scan computes {metric}: "
+                f"give --metric {ev.own}, or the sanity.json of a `sanity --metric {metric}` run")
     if method == AUTO:
         if ev is None:
             raise ConfigError("--method auto needs sanity evidence (--sanity SANITY_JSON)")
@@ -94,7 +99,7 @@ def choose_method(method: str, ev: Optional[MethodEvidence], ckpt: LoadedCheckpo
                   if not (probe.integer_inputs and BASELINES[n].scales_input)]
         return ev.best(usable), "sanity"
     if method == OWN:
-        return METRIC_NAME, "default"
+        return metric, "default"
     return method, "given"
 
 

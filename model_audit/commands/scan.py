@@ -196,7 +196,8 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
     seed_everything(opts.seed)
     with distributed.agree():  # a file one node cannot read stops every rank
         ckpt, probe, warnings = resolve_inputs(checkpoint, probe, opts)
-    method, chosen_by = choose_method(config.method, config.evidence, ckpt, probe)
+    method, chosen_by = choose_method(config.method, config.evidence, ckpt, probe,
+                                      config.metric)
     if method in BASELINES and method not in resolve_baselines(list(config.baselines)):
         config = replace(config, baselines=tuple(config.baselines) + (method,))
     groups: List[LayerGroup] = layer_groups(ckpt.model, opts.granularity)
@@ -216,10 +217,11 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
     passes = {"forward_images": ev.n + found.forward_images,
               "backward_images": found.backward_images}
     timing["total_s"] = time.perf_counter() - start
-    if method != METRIC_NAME and method not in found.baselines and ev.misclassified:
-        warnings.append(f"{method} could not run on this probe: ranked by {METRIC_NAME}")
-        method, chosen_by = METRIC_NAME, "default"
-    order = ranked([g.name for g in groups], _method_scores(found, method, len(groups)))
+    if method != config.metric and method not in found.baselines and ev.misclassified:
+        warnings.append(f"{method} could not run on this probe: ranked by {config.metric}")
+        method, chosen_by = config.metric, "default"
+    order = ranked([g.name for g in groups],
+                   _method_scores(found, method, config.metric, len(groups)))
     layers = _layer_scores(groups, found, order if method in found.baselines else None)
     ranking = Ranking(method, chosen_by, config.evidence, order)
     return ScanResult(ckpt, probe, ev, layers, found.replay, config,
@@ -366,9 +368,10 @@ def _replay_warnings(result: ReplayResult, config: ReplayConfig) -> List[str]:
     return out
 
 
-def _method_scores(found: _Found, method: str, n_groups: int) -> np.ndarray:
-    """The per-group scores ``method`` ranks by (none: a baseline that did not run)."""
-    if method == METRIC_NAME:
+def _method_scores(found: _Found, method: str, own: str, n_groups: int) -> np.ndarray:
+    """The per-group scores ``method`` ranks by (``own``: the scan's own metric; none: a
+    baseline that did not run)."""
+    if method == own:
         return np.asarray(found.attr.scores)
     if method in found.baselines:
         return np.asarray(found.baselines[method].scores)
