@@ -29,6 +29,8 @@ demo: $(STAMP)
 	@echo "open reports/demo/report.html"
 
 test: $(STAMP) chromium
+	@# the layers and no import cycle (.importlinter), before the suite
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q $(PYTEST_PARALLEL)
 
 # The golden tests as another machine runs them: the kernels of a CPU without AVX-512

@@ -153,7 +153,8 @@ def _probes(args: argparse.Namespace, cache: Path) -> List[Tuple[str, Path]]:
 def run_checkpoints(args: argparse.Namespace) -> int:
     """Scan two given checkpoints on the same probes and compare them on each."""
     from model_audit import AuditOptions, ScanConfig, scan
-    from model_audit.commands.compare import CompareConfig, compare
+    from model_audit.commands.compare import compare
+    from model_audit.results.compare import CompareConfig
     from model_audit.errors import ConfigError
 
     names = [n.strip() for n in args.checkpoints.split(",") if n.strip()]
@@ -233,7 +234,8 @@ def markdown_checkpoints(rows, names, device, command, commit, args) -> str:
 
 def run_training(args: argparse.Namespace) -> int:
     from model_audit import AuditOptions, ScanConfig, scan
-    from model_audit.commands.compare import CompareConfig, compare
+    from model_audit.commands.compare import compare
+    from model_audit.results.compare import CompareConfig
     device = common.pick_device(args.device)
     gpu = device.startswith("cuda")
     arch, per_class = common.scale_defaults(device, args.arch, args.train_per_class)

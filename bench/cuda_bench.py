@@ -48,7 +48,8 @@ def _scan(device: str) -> Dict[str, Any]:
 
 def _fix(device: str, steps: int) -> Dict[str, Any]:
     from model_audit import AuditOptions
-    from model_audit.commands.fix import FixConfig, fix
+    from model_audit.commands.fix import fix
+    from model_audit.results.fix import FixConfig
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = fix(SAMPLES / "digits-sgd.safetensors", SAMPLES / "digits-train.safetensors",

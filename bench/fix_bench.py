@@ -104,7 +104,7 @@ def _fraction(v: str):
 def _grid(args: argparse.Namespace) -> List[Dict[str, Any]]:
     from model_audit.errors import ConfigError
 
-    from model_audit.commands.fix import FixConfig
+    from model_audit.results.fix import FixConfig
     preserve = FixConfig.preserve if args.preserve is None else args.preserve
     grid = [{"lr": lr, "steps": steps, "wrong_fraction": wf, "batchnorm": bn, "preserve": pr}
             for lr in _values(args.lr, float, "lr")
@@ -150,7 +150,8 @@ def _data(args: argparse.Namespace, cache: Path, sweep: bool) -> Tuple[Path, Pat
 
 def run(args: argparse.Namespace) -> int:
     from model_audit import AuditOptions
-    from model_audit.commands.fix import FixConfig, fix
+    from model_audit.commands.fix import fix
+    from model_audit.results.fix import FixConfig
     grid = _grid(args)
     device = common.pick_device(args.device)
     command = "python -m bench fix " + " ".join(sys.argv[2:])

@@ -101,7 +101,8 @@ def run(args: Any, setting: Dict[str, Any], ckpt: Path, arch: Optional[str],
         normalize: Optional[str], train_dir: Path, probe_dir: Path, device: str,
         command: str, commit: str, data_text: str) -> str:
     from model_audit import AuditOptions
-    from model_audit.commands.fix import FixConfig, fix
+    from model_audit.commands.fix import fix
+    from model_audit.results.fix import FixConfig
 
     undo: Optional[Dict[str, Any]] = None
     if args.plant_confusion:

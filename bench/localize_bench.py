@@ -213,8 +213,9 @@ def run_planted(args, ckpt_path, probe_path, arch, normalize) -> Dict[str, Any]:
     from model_audit.core.layers import layer_groups
     from model_audit.options import load_inputs
     from model_audit.core.plant import resolve_defects
-    from model_audit.commands.sanity import (SanityConfig, chance_levels, group_output_units,
-                                    plan_cases, run_cases, select_groups, summarize)
+    from model_audit.commands.sanity import plan_cases, run_cases, select_groups
+    from model_audit.core.scoring import chance_levels, group_output_units
+    from model_audit.results.sanity import SanityConfig, summarize
 
     scan_config = _scan_config(args, arch, normalize, args.probe_size)
     ckpt, probe, _ = load_inputs(ckpt_path, probe_path, scan_config.options)
@@ -349,7 +350,8 @@ def shift_data(args, ckpt, probe_path, shift: str, seed: int, cache: Path
 
 def _finetune_gain(ckpt, groups, selected, train, held_batches, args, lr: float, device: str,
                    base_acc: float, seed: int) -> float:
-    from model_audit.commands.fix import FixConfig, RepairDiverged, batch_plan, retrain
+    from model_audit.commands.fix import RepairDiverged, batch_plan, retrain
+    from model_audit.results.fix import FixConfig
     from model_audit.options import AuditOptions
     from model_audit.core.calibrate import accuracy
     config = FixConfig(options=AuditOptions(device=device, seed=seed), lr=lr,
@@ -371,7 +373,8 @@ def run_shift(args, ckpt_path, probe_path, arch, normalize, shift: str, seed: in
     from model_audit.core.calibrate import accuracy
     from model_audit.io.probe import BatchCache
     from model_audit.commands.scan import scan
-    from model_audit.commands.sanity import group_output_units, rank_stats, scores_by_method
+    from model_audit.core.scoring import group_output_units, rank_stats
+    from model_audit.results.sanity import scores_by_method
     from model_audit.core.stats import spearman
     device = common.pick_device(args.device)
     cache = args.cache_dir or common.default_cache_dir()

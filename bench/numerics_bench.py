@@ -322,7 +322,7 @@ def layout_timing(repeats: int) -> List[str]:
     import torch
 
     from model_audit import scan
-    from model_audit.commands.scan import ScanConfig
+    from model_audit.results.scan import ScanConfig
     from model_audit.options import AuditOptions
 
     from . import cifar

@@ -298,7 +298,8 @@ def run(args: argparse.Namespace) -> int:
     from model_audit.models.checkpoint import load_checkpoint
     from model_audit.core.layers import layer_groups
     from model_audit.options import AuditOptions, resolve_device
-    from model_audit.commands.scan import ScanConfig, scan
+    from model_audit.commands.scan import scan
+    from model_audit.results.scan import ScanConfig
     device = resolve_device(args.device)
     classes = sorted(cifar.CIFAR10_CLASSES)
     train_dir = (cifar.cifar_subset(cache / "cifar10", "train", args.train_per_class,

@@ -196,7 +196,8 @@ def _repair(ckpt: Path, repair: Path, probe: Path, seed: int, args: argparse.Nam
             arch: Optional[str], normalize: Optional[str], layers: Any,
             controls: Tuple[str, ...], last: bool = False) -> Dict[str, Any]:
     from model_audit import AuditOptions
-    from model_audit.commands.fix import FixConfig, fix
+    from model_audit.commands.fix import fix
+    from model_audit.results.fix import FixConfig
 
     opts = AuditOptions(device=common.pick_device(args.device), seed=seed, arch=arch,
                         normalize=normalize)
@@ -269,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown shift(s) {', '.join(unknown)}; valid: {', '.join(SHIFTS)}")
     ckpt, arch, normalize = common.resolve_checkpoint(args.checkpoint)
     if args.preserve is None:
-        from model_audit.commands.fix import FixConfig
+        from model_audit.results.fix import FixConfig
         args.preserve = FixConfig.preserve
     cache = args.cache_dir or common.default_cache_dir()
     kwargs = {"tarball": args.data} if args.data else {}
@@ -314,7 +315,7 @@ def _report_saved(args: argparse.Namespace) -> int:
         base = saved["base"]
     ckpt, _, _ = common.resolve_checkpoint(args.checkpoint)
     if args.preserve is None:
-        from model_audit.commands.fix import FixConfig
+        from model_audit.results.fix import FixConfig
         args.preserve = FixConfig.preserve
     lines = report(args, results, levels, base, ckpt)
     print("\n".join(lines))

@@ -12,31 +12,33 @@ Public API (one call per pipeline stage, each returning a frozen result with ``t
     scan("model.safetensors", "probe/", ScanConfig(method="auto",
          evidence=read_evidence("sanity.json"))).ranking.trust()
 """
-__version__ = "0.1.0"
-
+from ._version import __version__
+from .commands.compare import compare
+from .commands.fix import fix
+from .commands.gate import check_gate
+from .commands.sanity import evidence_of, read_evidence, sanity, scan_with_best_method
+from .commands.scan import scan
+from .core.calibrate import PlantResult, calibrate
+from .core.layers import LayerGroup, layer_groups
+from .core.replay import ReplayConfig
+from .core.schedules import (MomentumScheduler, beta_momentum, damping_ratio, damping_regime,
+                             hybrid_momentum)
+from .core.scoring import MethodEvidence
+from .errors import (ArchitectureError, AuditError, CheckpointError, ConfigError,
+                     DistributedError, OutputError, ProbeError, ReplayError)
+from .io.probe import ProbeSet, open_probe
+from .io.records import LayerScore
 from .models.checkpoint import LoadedCheckpoint, load_checkpoint
-
 from .models.registry import available_architectures, build_model
-from .errors import (  # noqa: E402
-    ArchitectureError, AuditError, CheckpointError, ConfigError, DistributedError, OutputError,
-    ProbeError, ReplayError)
-from .core.layers import LayerGroup, layer_groups  # noqa: E402
-from .options import AuditOptions  # noqa: E402
-from .io.probe import ProbeSet, open_probe  # noqa: E402
-from .core.replay import ReplayConfig  # noqa: E402
-from .commands.scan import LayerScore, ScanConfig, ScanResult, scan, write_scan  # noqa: E402
-from .commands.compare import CompareConfig, CompareResult, compare, write_compare  # noqa: E402
-from .commands.fix import FixConfig, FixResult, fix, write_fix  # noqa: E402
-from .commands.gate import GateResult, check_gate, write_gate  # noqa: E402
-from .commands.policy import Policy, load_policy  # noqa: E402
-from .render.html import render_directory  # noqa: E402
-from .core.calibrate import PlantResult, calibrate  # noqa: E402
-from .commands.sanity import (  # noqa: E402
-    SanityConfig, SanityResult, evidence_of, read_evidence, sanity, scan_with_best_method,
-    write_sanity)
-from .core.scoring import MethodEvidence  # noqa: E402
-from .core.schedules import (  # noqa: E402
-    MomentumScheduler, beta_momentum, damping_ratio, damping_regime, hybrid_momentum)
+from .options import AuditOptions
+from .outputs import write_compare, write_fix, write_gate, write_sanity, write_scan
+from .policy import Policy, load_policy
+from .render.html import render_directory
+from .results.compare import CompareConfig, CompareResult
+from .results.fix import FixConfig, FixResult
+from .results.gate import GateResult
+from .results.sanity import SanityConfig, SanityResult
+from .results.scan import ScanConfig, ScanResult
 
 __all__ = [
     "__version__", "ArchitectureError", "AuditError", "AuditOptions", "CheckpointError",

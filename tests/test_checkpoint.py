@@ -784,7 +784,7 @@ def test_same_file(tmp_path):
 def test_an_unexpected_failure_inside_loading_is_a_clear_error(tmp_path, monkeypatch):
     """Whatever a model's own loading code raises becomes a CheckpointError naming the file
     and the architecture (the CLI prints it without a traceback and exits 2)."""
-    import model_audit.models.checkpoint as ckpt_mod
+    import model_audit.models.loaded as loaded_mod
     from model_audit.cli import cli
     from click.testing import CliRunner
 
@@ -795,7 +795,7 @@ def test_an_unexpected_failure_inside_loading_is_a_clear_error(tmp_path, monkeyp
     def broken(state, model):
         raise ValueError("version should be set to 1 or 2 instead of None")
 
-    monkeypatch.setattr(ckpt_mod, "_with_versions", broken)
+    monkeypatch.setattr(loaded_mod, "_with_versions", broken)
     with pytest.raises(CheckpointError, match=r"could not be loaded as 'tiny-resnet': ValueError: "
                                               r"version should be set"):
         load_checkpoint(path)

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 from conftest import snapshot
 from model_audit import AuditOptions, ScanConfig, load_checkpoint, scan
 from model_audit.cli import cli
-from model_audit.commands.compare import CompareConfig, CompareError, compare
+from model_audit.commands.compare import CompareError, compare
+from model_audit.results.compare import CompareConfig
 from model_audit.core.stats import hypergeom_sf, kendall_tau_b, spearman
 FAST = ScanConfig(bootstrap=20)
 

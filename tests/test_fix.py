@@ -11,7 +11,9 @@ from conftest import SAMPLES, snapshot
 from model_audit.models.checkpoint import load_checkpoint, save_checkpoint
 from model_audit.io.tensors import read_tensors
 from model_audit.cli import cli
-from model_audit.commands.fix import FixConfig, OverlapError, fix, write_fix
+from model_audit.commands.fix import OverlapError, fix
+from model_audit.outputs import write_fix
+from model_audit.results.fix import FixConfig
 from model_audit.core.layers import layer_groups
 TRAIN = SAMPLES / "digits-train.safetensors"
 PROBE = SAMPLES / "digits-probe.safetensors"
@@ -314,7 +316,7 @@ def test_net_and_controls_come_with_exact_mcnemar_tests(repaired):
         assert v["p_value"] == mcnemar_exact(v["only_flagged_right"], v["only_control_right"])
         assert (c["name"] in d["verdict"]["beat_significantly"]) == (
             c["flagged_beat_it"] and v["p_value"] < 0.05)
-    from model_audit.commands.fix import format_fix
+    from model_audit.outputs import format_fix
     text = format_fix(result)
     assert "p(net)" in text and "paired McNemar test" in text
 

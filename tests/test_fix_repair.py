@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 from conftest import SAMPLES, save_like, snapshot
 from model_audit.cli import cli
-from model_audit.commands.fix import NO_REPAIR_EXIT, FixConfig, fix
+from model_audit.commands.fix import NO_REPAIR_EXIT, fix
+from model_audit.results.fix import FixConfig
 from model_audit.commands.fix.train import Teacher
 from model_audit.commands.fix.validate import MIN_VALIDATION, holdout
 from model_audit.core.stats import mcnemar_exact

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import snapshot, write_tensor_probe
 from model_audit.cli import cli
 from model_audit.errors import ConfigError
-from model_audit.commands.policy import EXAMPLE_POLICY, load_policy
+from model_audit.policy import EXAMPLE_POLICY, load_policy
 def run(args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 

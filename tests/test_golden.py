@@ -84,7 +84,8 @@ def test_golden_ranks_are_separated_by_far_more_than_the_tolerance():
 
 def test_the_files_read_back_into_typed_results(outputs):
     """audit.json -> AuditRecord and compare.json -> CompareResult, field by field."""
-    from model_audit.commands.compare import CompareResult, compare
+    from model_audit.commands.compare import compare
+    from model_audit.results.compare import CompareResult
     from model_audit.io.records import AuditRecord
 
     audit = json.loads((outputs / "sgd" / "audit.json").read_text())
@@ -103,7 +104,7 @@ def test_the_files_read_back_into_typed_results(outputs):
 
 
 def test_a_file_of_the_wrong_kind_is_refused_by_name(outputs):
-    from model_audit.commands.compare import CompareResult
+    from model_audit.results.compare import CompareResult
     from model_audit.errors import ConfigError
     from model_audit.io.records import AuditRecord, SanityRecord
 

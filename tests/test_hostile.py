@@ -497,7 +497,7 @@ def no_work(monkeypatch):
         monkeypatch.setattr(cli_mod, name, forbidden)
     for module, name in ((scan_mod, "scan"), (compare_mod, "compare"), (AuditRecord, "read"),
                          (gate_mod, "check_gate"),
-                         (importlib.import_module("model_audit.commands.policy"), "load_policy"),
+                         (importlib.import_module("model_audit.policy"), "load_policy"),
                          (ckpt_mod, "load_checkpoint")):
         monkeypatch.setattr(module, name, forbidden)
 

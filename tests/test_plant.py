@@ -14,8 +14,8 @@ from model_audit.core.layers import layer_groups
 from model_audit.core.calibrate import accuracy, calibrate, changed_tensors
 from model_audit.core.plant import DEFECTS, applicable, resolve_defects
 from model_audit.io.probe import BatchCache, open_probe
-from model_audit.commands.sanity import (MethodSummary, SanityCase, chance_levels, rank_stats,
-                                summarize)
+from model_audit.core.scoring import MethodSummary, chance_levels, rank_stats
+from model_audit.results.sanity import SanityCase, summarize
 
 
 @pytest.fixture(scope="module")

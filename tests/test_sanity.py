@@ -193,7 +193,7 @@ def test_a_sanity_file_that_is_not_one_is_bad_input(tmp_path, sgd_checkpoint, di
 
 def test_min_sanity_top1_must_be_a_fraction(tmp_path):
     from model_audit.errors import ConfigError
-    from model_audit.commands.policy import load_policy
+    from model_audit.policy import load_policy
     pol = tmp_path / "p.toml"
     pol.write_text("[policy]\nmin_sanity_top1 = 2\n")
     with pytest.raises(ConfigError, match="min_sanity_top1 must be between 0 and 1"):
@@ -290,8 +290,9 @@ def test_a_named_method_ranks_and_flags(tmp_path, sgd_checkpoint, digits_probe):
 
 def test_method_auto_runs_sanity_first_without_evidence(tmp_path):
     from conftest import SAMPLES
-    from model_audit.commands.sanity import SanityConfig, scan_with_best_method
-    from model_audit.commands.scan import ScanConfig
+    from model_audit.commands.sanity import scan_with_best_method
+    from model_audit.results.sanity import SanityConfig
+    from model_audit.results.scan import ScanConfig
 
     result, ran = scan_with_best_method(
         SAMPLES / "digits-sgd.safetensors", SAMPLES / "digits-probe.safetensors",

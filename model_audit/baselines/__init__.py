@@ -6,12 +6,13 @@ images and the same groups, the scores that established methods give, so a repor
 how far they agree (:func:`agreement`). It is the only part of the package that imports
 captum (its public API only: ``captum.attr``).
 
-Modules: this one holds the registry (:data:`BASELINES`) and the orchestration
-(:func:`compute_baselines`, :func:`prepare_layers`); one module per family computes the
-methods: :mod:`.gradient` (gradient x activation, activation), :mod:`.path` (integrated
-gradients, conductance, internal influence), :mod:`.rgn` (Auto-RGN); :mod:`.ranking` holds
-:func:`agreement` and :mod:`._utils` the helpers they share. Import the public names from this
-package.
+Modules: this one holds the orchestration (:func:`compute_baselines`, :func:`prepare_layers`);
+:mod:`.registry` the registry (:data:`BASELINES`, :func:`~.registry.register_baseline`); one
+module per family computes and registers the methods: :mod:`.gradient` (gradient x
+activation, activation), :mod:`.path` (conductance, integrated gradients, internal influence),
+:mod:`.rgn` (Auto-RGN); :mod:`.ranking` holds :func:`agreement` and :mod:`._utils` the helpers
+they share. Adding a baseline is writing one registered function in a family module. Import
+the public names from this package.
 
 Baselines (:data:`BASELINES`)
 -----------------------------
@@ -83,23 +84,23 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
+from . import gradient, path, rgn
 from .. import distributed
 from .._progress import progress_bar
 from ..core.layers import LayerGroup
 from ..errors import ConfigError
 from ._utils import (BaselineError, _abs_sum, _call_counts, _check_settings, _count_images,
                      _Counter, _group_module, _len, _protect, _shares)
-from .gradient import activation_totals, grad_x_activation_totals
-from .path import (_shared_path_totals, conductance_totals, integrated_gradients_totals,
-                   internal_influence_totals)
+from .path import _shared_path_totals
 from .ranking import Agreement, agreement
-from .rgn import _auto_rgn, auto_rgn_settings
+from .registry import BASELINES, BaselineSpec
+from .rgn import auto_rgn_settings
 
 __all__ = [
     "BASELINES", "DEFAULT_BASELINES", "Agreement", "BaselineError", "BaselineResult",
@@ -109,71 +110,13 @@ __all__ = [
     "_Counter", "_abs_sum", "_shared_path_totals",
 ]
 
+#: The families register their baselines when imported: this order is the registry's.
+_FAMILIES = (gradient, path, rgn)
+
 TARGET_DOC = "true label of each misclassified image (logit of that class)"
 REDUCTION_DOC = ("per group: mean over images of sum(|attribution|) over the group module's "
                  "output elements, normalised to shares summing to 1 over the groups")
 
-
-@dataclass(frozen=True)
-class BaselineSpec:
-    """A registered baseline: what it computes, whether it is cheap, and the function doing it.
-
-    ``compute`` of a layer method (``captum_class`` set) returns, for one batch, each group's
-    per-image sums of ``|attribution|``: ``compute(forward, layers, x, y, n_steps,
-    internal_batch_size) -> {group index: tensor}`` (e.g.
-    :func:`.gradient.grad_x_activation_totals`). ``compute`` of Auto-RGN, the parameter method
-    (``captum_class`` None), returns the raw value of every group over all the batches
-    (:func:`.rgn._auto_rgn`).
-    """
-
-    name: str
-    title: str
-    cheap: bool                 # part of the default set: one pass over the errors
-    uses_steps: bool            # costs n_steps passes per image (path methods)
-    captum_class: Optional[str]  # None: computed without captum
-    description: str
-    compute: Callable[..., Any] = field(repr=False, compare=False)
-    #: evaluates the network at scaled inputs ``a * x`` (a path from zeros in input space):
-    #: impossible for integer inputs such as token ids
-    scales_input: bool = False
-
-    @property
-    def needs_layer(self) -> bool:
-        """A layer method: attributes to the output of the group's module."""
-        return self.captum_class is not None
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"name": self.name, "title": self.title, "cheap": self.cheap,
-                "uses_steps": self.uses_steps, "captum_class": self.captum_class,
-                "description": self.description}
-
-
-BASELINES: Dict[str, BaselineSpec] = {
-    "grad_x_activation": BaselineSpec(
-        "grad_x_activation", "Gradient x Activation", True, False, "LayerGradientXActivation",
-        "gradient of the true-class logit w.r.t. the group's output, times that output",
-        grad_x_activation_totals),
-    "activation": BaselineSpec(
-        "activation", "Activation", True, False, "LayerActivation",
-        "magnitude of the group's output (no target)", activation_totals),
-    "conductance": BaselineSpec(
-        "conductance", "Layer Conductance", False, True, "LayerConductance",
-        "conductance of the group's output for the true-class logit (Dhamdhere et al. 2018)",
-        conductance_totals, scales_input=True),
-    "integrated_gradients": BaselineSpec(
-        "integrated_gradients", "Layer Integrated Gradients", False, True,
-        "LayerIntegratedGradients",
-        "integrated gradients of the true-class logit along the group's output (Sundararajan "
-        "et al. 2017)", integrated_gradients_totals),
-    "internal_influence": BaselineSpec(
-        "internal_influence", "Internal Influence", False, True, "InternalInfluence",
-        "gradient of the true-class logit w.r.t. the group's output, integrated along the input "
-        "path (Leino et al. 2018)", internal_influence_totals, scales_input=True),
-    "auto_rgn": BaselineSpec(
-        "auto_rgn", "Auto-RGN", True, False, None,
-        "relative gradient norm ||g||/||w|| of the misclassified images' loss per group "
-        "(surgical fine-tuning, Lee et al. 2023)", _auto_rgn),
-}
 
 #: The cheap default set: one forward and one backward pass over the misclassified images each.
 DEFAULT_BASELINES: Tuple[str, ...] = ("grad_x_activation", "auto_rgn")

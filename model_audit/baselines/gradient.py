@@ -18,8 +18,13 @@ import torch
 from torch import nn
 
 from ._utils import _abs_sum
+from .registry import register_baseline
 
 
+@register_baseline("grad_x_activation", "Gradient x Activation", cheap=True, uses_steps=False,
+                   captum_class="LayerGradientXActivation",
+                   description="gradient of the true-class logit w.r.t. the group's output, "
+                               "times that output")
 def grad_x_activation_totals(forward: Callable[..., torch.Tensor], layers: Dict[int, nn.Module],
                              x: torch.Tensor, y: torch.Tensor, n_steps: int,
                              internal_batch_size: int) -> Dict[int, torch.Tensor]:
@@ -29,6 +34,9 @@ def grad_x_activation_totals(forward: Callable[..., torch.Tensor], layers: Dict[
     return {i: _abs_sum(a) for i, a in zip(idx, attrs)}
 
 
+@register_baseline("activation", "Activation", cheap=True, uses_steps=False,
+                   captum_class="LayerActivation",
+                   description="magnitude of the group's output (no target)")
 def activation_totals(forward: Callable[..., torch.Tensor], layers: Dict[int, nn.Module],
                       x: torch.Tensor, y: torch.Tensor, n_steps: int,
                       internal_batch_size: int) -> Dict[int, torch.Tensor]:

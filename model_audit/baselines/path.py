@@ -37,6 +37,8 @@ import torch
 from torch import nn
 
 from ._utils import _abs_sum, _forward_hooks, _tensors
+from .registry import register_baseline
+
 
 def _gauss_legendre_alphas(n: int) -> List[float]:
     """The ``n`` Gauss-Legendre points on [0, 1] (captum's ``gausslegendre`` alphas)."""
@@ -48,6 +50,28 @@ def _gauss_legendre_step_sizes(n: int) -> List[float]:
     return (0.5 * np.polynomial.legendre.leggauss(n)[1]).tolist()
 
 
+def _one_pass_per_point(name: str) -> Callable[..., Dict[int, torch.Tensor]]:
+    """The registered function of a method that takes every group in one backward pass per
+    path point (:func:`_shared_path_totals`): per-image |attribution| sums of one batch."""
+    def totals(forward: Callable[..., torch.Tensor], layers: Dict[int, nn.Module],
+               x: torch.Tensor, y: torch.Tensor, n_steps: int,
+               internal_batch_size: int) -> Dict[int, torch.Tensor]:
+        return _shared_path_totals(name, forward, layers, x, y, n_steps, internal_batch_size)
+    totals.__name__ = totals.__qualname__ = f"{name}_totals"
+    return totals
+
+
+conductance_totals = register_baseline(
+    "conductance", "Layer Conductance", cheap=False, uses_steps=True,
+    captum_class="LayerConductance", scales_input=True,
+    description="conductance of the group's output for the true-class logit (Dhamdhere et al. "
+                "2018)")(_one_pass_per_point("conductance"))
+
+
+@register_baseline("integrated_gradients", "Layer Integrated Gradients", cheap=False,
+                   uses_steps=True, captum_class="LayerIntegratedGradients",
+                   description="integrated gradients of the true-class logit along the group's "
+                               "output (Sundararajan et al. 2017)")
 def integrated_gradients_totals(forward: Callable[..., torch.Tensor],
                                 layers: Dict[int, nn.Module], x: torch.Tensor, y: torch.Tensor,
                                 n_steps: int, internal_batch_size: int) -> Dict[int, torch.Tensor]:
@@ -59,20 +83,11 @@ def integrated_gradients_totals(forward: Callable[..., torch.Tensor],
         for i, module in layers.items()}
 
 
-def conductance_totals(forward: Callable[..., torch.Tensor], layers: Dict[int, nn.Module],
-                       x: torch.Tensor, y: torch.Tensor, n_steps: int,
-                       internal_batch_size: int) -> Dict[int, torch.Tensor]:
-    """Per-image |layer conductance| sums of one batch, every group in one pass per point."""
-    return _shared_path_totals("conductance", forward, layers, x, y, n_steps,
-                               internal_batch_size)
-
-
-def internal_influence_totals(forward: Callable[..., torch.Tensor], layers: Dict[int, nn.Module],
-                              x: torch.Tensor, y: torch.Tensor, n_steps: int,
-                              internal_batch_size: int) -> Dict[int, torch.Tensor]:
-    """Per-image |internal influence| sums of one batch, every group in one pass per point."""
-    return _shared_path_totals("internal_influence", forward, layers, x, y, n_steps,
-                               internal_batch_size)
+internal_influence_totals = register_baseline(
+    "internal_influence", "Internal Influence", cheap=False, uses_steps=True,
+    captum_class="InternalInfluence", scales_input=True,
+    description="gradient of the true-class logit w.r.t. the group's output, integrated along "
+                "the input path (Leino et al. 2018)")(_one_pass_per_point("internal_influence"))
 
 
 def _shared_path_totals(name: str, forward: Callable[..., torch.Tensor],

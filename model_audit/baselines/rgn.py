@@ -34,8 +34,12 @@ from .._progress import progress_bar
 from ..core.layers import LayerGroup
 from ..core.replay import summed_gradients
 from ._utils import _Counter, _len
+from .registry import register_baseline
 
 
+@register_baseline("auto_rgn", "Auto-RGN", cheap=True, uses_steps=False, captum_class=None,
+                   description="relative gradient norm ||g||/||w|| of the misclassified images' "
+                               "loss per group (surgical fine-tuning, Lee et al. 2023)")
 def _auto_rgn(net: nn.Module, groups: Sequence[LayerGroup], batches: Iterable, device: str,
               counter: _Counter, n: int, progress: bool,
               grad_sq: Optional[Dict[str, float]] = None) -> np.ndarray:

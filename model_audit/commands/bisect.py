@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -35,6 +34,7 @@ from ..core.evaluate import evaluate
 from ..core.layers import LayerGroup
 from ..errors import AuditError
 from ..io.probe import ProbeSet
+from ..results.compare import Regression, Swap
 
 #: Pairs of groups are measured when no single group recovers more than this share of the
 #: regression, among this many groups that recover the most alone.
@@ -43,68 +43,6 @@ PAIRS_BELOW, PAIR_CANDIDATES = 0.5, 6
 
 class BisectError(AuditError):
     """The two checkpoints cannot be bisected (not the same architecture)."""
-
-
-@dataclass(frozen=True)
-class Swap:
-    """The candidate with the baseline's tensors of ``groups``: what it recovers and loses."""
-
-    groups: Tuple[str, ...]
-    recovered: int      # regression images right again
-    lost_fixes: int     # the candidate's new fixes wrong again
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"name": "+".join(self.groups), "groups": list(self.groups),
-                "recovered": self.recovered, "lost_fixes": self.lost_fixes}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Swap":
-        return cls(tuple(d["groups"]), int(d["recovered"]), int(d["lost_fixes"]))
-
-
-@dataclass(frozen=True)
-class Regression:
-    """The regression set of two releases and what swapping each group back recovers."""
-
-    n: int                      # probe images
-    regressed: int              # baseline right, candidate wrong
-    new_fixes: int              # baseline wrong, candidate right
-    groups: Tuple[Swap, ...]    # one per group, the most recovered first
-    pairs: Tuple[Swap, ...] = ()
-
-    @property
-    def best(self) -> Optional[Swap]:
-        """The single group that recovers the most of the regression (None without one)."""
-        return self.groups[0] if self.groups and self.regressed else None
-
-    def share(self, swap: Swap) -> Optional[float]:
-        return swap.recovered / self.regressed if self.regressed else None
-
-    def summary(self) -> str:
-        """One line: the group that recovers the most, with its share (for the gate)."""
-        if not self.regressed:
-            return (f"no regression: every probe image the baseline gets right the candidate "
-                    f"gets right too ({self.new_fixes} new fixes)")
-        best = self.best
-        text = (f"{self.regressed} probe images regressed; putting back the baseline's "
-                f"{best.groups[0]} recovers {best.recovered} ({100 * self.share(best):.0f}%) "
-                f"and loses {best.lost_fixes} of the candidate's {self.new_fixes} new fixes")
-        if self.pairs:
-            pair = self.pairs[0]
-            text += (f"; no group alone recovers half: the pair {' + '.join(pair.groups)} "
-                     f"recovers {pair.recovered} ({100 * self.share(pair):.0f}%)")
-        return text
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"exact": True, "n": self.n, "regressed": self.regressed,
-                "new_fixes": self.new_fixes, "groups": [s.to_dict() for s in self.groups],
-                "pairs": [s.to_dict() for s in self.pairs], "summary": self.summary()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Regression":
-        return cls(int(d["n"]), int(d["regressed"]), int(d["new_fixes"]),
-                   tuple(Swap.from_dict(s) for s in d["groups"]),
-                   tuple(Swap.from_dict(s) for s in d.get("pairs", ())))
 
 
 def check_swappable(baseline: nn.Module, candidate: nn.Module) -> None:

@@ -24,127 +24,27 @@ Example:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, Mapping, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
 from ..core.layers import layer_groups
 from ..io.records import AuditRecord
-from .bisect import BisectError, Regression, bisect
-from ..io.files import SCHEMA_VERSION, header, read_result, atomic_write_files, json_bytes, refuse_inputs
-from ..core.attribution import bootstrap_counts, flag_rule, resampled_scores
-from ..errors import AuditError, ConfigError
+from .bisect import BisectError, bisect
+from ..results.compare import Regression
+from ..core.attribution import METRIC_NAME, bootstrap_counts, flag_rule, resampled_scores
+from ..errors import AuditError
 from ..core.stats import (hypergeom_sf, jaccard, kendall_tau_b, overlap_coefficient,
                     percentile_interval, spearman, top_k)
-from ..errors import OutputError
-from ..render.html import render_compare_report
-
+from ..results.compare import CompareConfig, CompareResult
+from ..results.scan import ScanResult
 
 
 class CompareError(AuditError):
     """The two scans cannot be compared (different architectures or layer groups)."""
 
 
-@dataclass(frozen=True)
-class CompareConfig:
-    """Options of a comparison."""
-
-    allow_partial: bool = False   # compare only the groups both scans have
-    resamples: int = 1000         # bootstrap resamples (0: no intervals)
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.resamples < 0:
-            raise ConfigError(f"resamples must be >= 0, got {self.resamples}")
-
-
-@dataclass(frozen=True)
-class CompareResult:
-    """Everything ``compare.json`` holds."""
-
-    a: Dict[str, Any]
-    b: Dict[str, Any]
-    groups: Tuple[str, ...]
-    left_out: Dict[str, List[str]]
-    flagged_a: Tuple[str, ...]
-    flagged_b: Tuple[str, ...]
-    jaccard: Optional[float]
-    overlap_coefficient: Optional[float]
-    top_k: Dict[int, float]
-    correlation: Dict[str, Dict[str, Optional[float]]]
-    chance: Dict[str, Any]
-    intervals: Dict[str, Any]
-    scores: List[Dict[str, Any]]
-    config: CompareConfig = field(default_factory=CompareConfig)
-    regression: Optional[Regression] = None   # bisection, when both models were at hand
-    regression_note: Optional[str] = None     # why there is none
-
-    @property
-    def intersection(self) -> Tuple[str, ...]:
-        return tuple(g for g in self.groups if g in self.flagged_a and g in self.flagged_b)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {
-            **header(),
-            "a": self.a, "b": self.b,
-            "groups": list(self.groups), "left_out": self.left_out,
-            "flagged": {"a": list(self.flagged_a), "b": list(self.flagged_b),
-                        "both": list(self.intersection)},
-            "jaccard": self.jaccard, "overlap_coefficient": self.overlap_coefficient,
-            "top_k_overlap": {str(k): v for k, v in self.top_k.items()},
-            "correlation": self.correlation, "chance": self.chance,
-            "intervals": self.intervals, "scores": self.scores,
-            "config": {"allow_partial": self.config.allow_partial,
-                       "resamples": self.config.resamples, "seed": self.config.seed},
-            "regression": (self.regression.to_dict() if self.regression is not None
-                           else {"note": self.regression_note}),
-        }
-
-    @property
-    def new_flags(self) -> Tuple[str, ...]:
-        """Groups B flags and A does not (for the gate: newly flagged since the baseline)."""
-        return tuple(g for g in self.flagged_b if g not in self.flagged_a)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CompareResult":
-        """A ``compare.json`` read back (:meth:`read`), or ``to_dict()``'s output."""
-        config = d.get("config") or {}
-        return cls(dict(d["a"]), dict(d["b"]), tuple(d["groups"]),
-                   {k: list(v) for k, v in d["left_out"].items()},
-                   tuple(d["flagged"]["a"]), tuple(d["flagged"]["b"]),
-                   d["jaccard"], d["overlap_coefficient"],
-                   {int(k): v for k, v in d["top_k_overlap"].items()},
-                   {k: dict(v) for k, v in d["correlation"].items()}, dict(d["chance"]),
-                   dict(d["intervals"]), [dict(s) for s in d["scores"]],
-                   CompareConfig(bool(config.get("allow_partial", False)),
-                                 int(config.get("resamples", 0)), int(config.get("seed", 0))),
-                   *_regression_from(d.get("regression")))
-
-    @classmethod
-    def read(cls, path: Union[str, os.PathLike]) -> "CompareResult":
-        """Read and check a ``compare.json`` written by ``compare``.
-
-        Raises:
-            ConfigError: missing, unreadable, or not a compare.json of this schema version.
-        """
-        what = "a compare.json written by model-audit compare"
-        data = read_result(path, what, ("a", "b", "groups", "flagged", "correlation", "scores"))
-        try:
-            return cls.from_dict(data)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ConfigError(f"{path} is not {what}: {type(exc).__name__} {exc}") from exc
-
-
-def _regression_from(d: Optional[Mapping[str, Any]]
-                     ) -> Tuple[Optional[Regression], Optional[str]]:
-    if not d:
-        return None, None
-    return (Regression.from_dict(d), None) if "regressed" in d else (None, d.get("note"))
-
-
-def _record(scan: Any) -> AuditRecord:
+def _record(scan: Union[ScanResult, AuditRecord]) -> AuditRecord:
     """The typed audit of a ScanResult, an AuditRecord, a path to ``audit.json`` or an audit dict."""
     if isinstance(scan, AuditRecord):
         return scan
@@ -187,7 +87,8 @@ def _stats(names: Sequence[str], sa: Sequence[float], sb: Sequence[float],
             "spearman": spearman(sa, sb), "kendall": kendall_tau_b(sa, sb)}
 
 
-def compare(a: Any, b: Any, config: CompareConfig = CompareConfig()) -> CompareResult:
+def compare(a: Union[ScanResult, AuditRecord], b: Union[ScanResult, AuditRecord],
+            config: CompareConfig = CompareConfig()) -> CompareResult:
     """Compare two scans (ScanResult, AuditRecord, audit dict or path to ``audit.json``).
 
     Raises:
@@ -202,7 +103,7 @@ def compare(a: Any, b: Any, config: CompareConfig = CompareConfig()) -> CompareR
     fb = {n for n in rb.flagged if n in shared}
     point = _stats(shared, sa, sb, fa, fb)
     correlation: Dict[str, Dict[str, Optional[float]]] = {
-        "replay_reduction": {"spearman": point["spearman"], "kendall": point["kendall"]}}
+        METRIC_NAME: {"spearman": point["spearman"], "kendall": point["kendall"]}}
     for name in sorted(set(ra.baselines) & set(rb.baselines)):
         ba = [_or_nan(ra.layer(n).baselines.get(name)) for n in shared]
         bb = [_or_nan(rb.layer(n).baselines.get(name)) for n in shared]
@@ -222,7 +123,8 @@ def compare(a: Any, b: Any, config: CompareConfig = CompareConfig()) -> CompareR
                          regression, note)
 
 
-def _bisection(a: Any, b: Any, ra: AuditRecord, rb: AuditRecord, config: CompareConfig
+def _bisection(a: Union[ScanResult, AuditRecord], b: Union[ScanResult, AuditRecord],
+               ra: AuditRecord, rb: AuditRecord, config: CompareConfig
                ) -> Tuple[Optional[Regression], Optional[str]]:
     """The regression bisection of B against A (:mod:`.bisect`) when both scans hold their
     models and were made on the same probe; else why not.
@@ -319,17 +221,3 @@ def _bootstrap(ra_: AuditRecord, rb_: AuditRecord, shared: Sequence[str],
     return info
 
 
-def write_compare(result: CompareResult, out_dir: Union[str, os.PathLike],
-                  inputs: Sequence[Union[str, os.PathLike]] = ()) -> Dict[str, Path]:
-    """Write ``compare.json`` and ``report.html`` into ``out_dir`` (atomically, both or neither)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} exists and is not a directory")
-    refuse_inputs([out], inputs, "; choose another directory")
-    data = result.to_dict()
-    html = render_compare_report(data)
-    paths = {"compare": out / "compare.json", "report": out / "report.html"}
-    # both files or neither: a full disk leaves the old pair as it was
-    atomic_write_files([(paths["compare"], json_bytes(data)),
-                        (paths["report"], html.encode("utf-8"))])
-    return paths

@@ -25,71 +25,25 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
-from ..commands.compare import CompareConfig, CompareResult, compare
-from ..commands.sanity import SanityConfig
-from ..commands.sanity import sanity as run_sanity
-from ..commands.scan import ScanConfig, scan
-from ..io.records import AuditRecord, SanityRecord
-from ..io.tensors import read_tensors
-from ..render.junit import junit_xml
-from ..render.markdown import markdown_summary
-from .policy import Policy
-from ..io.files import atomic_write_files, header, json_bytes, refuse_inputs
+from ..core.attribution import METRIC_NAME
 from ..core.layers import layer_groups
 from ..errors import CheckpointError, EmptyInputError
-from ..render.html import render_gate_report, reopen_probe
-
-EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_NOTHING = 0, 1, 2, 3
-EXIT_CODES = {EXIT_PASS: "all checks passed", EXIT_FAIL: "a check failed",
-              EXIT_BAD_INPUT: "bad input or internal error", EXIT_NOTHING: "nothing was audited"}
-
-@dataclass(frozen=True)
-class Check:
-    """One check: ``passed`` is None when it did not run (and the gate says why)."""
-
-    name: str
-    passed: Optional[bool]
-    value: Any
-    limit: Any
-    message: str
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"name": self.name, "passed": self.passed, "value": self.value,
-                "limit": self.limit, "message": self.message}
-
-
-@dataclass(frozen=True)
-class GateResult:
-    """The verdict and every check; ``audit`` is the scan, when one ran."""
-
-    checks: Tuple[Check, ...]
-    exit_code: int
-    policy: Policy
-    checkpoint: str
-    audit: Optional[AuditRecord] = None
-    comparison: Optional[CompareResult] = None
-    seconds: float = 0.0
-    error: Optional[str] = None
-
-    @property
-    def verdict(self) -> str:
-        return {EXIT_PASS: "pass", EXIT_FAIL: "fail", EXIT_NOTHING: "nothing audited"}.get(
-            self.exit_code, "error")
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {**header(),
-                "checkpoint": self.checkpoint, "verdict": self.verdict,
-                "exit_code": self.exit_code, "meaning": EXIT_CODES[self.exit_code],
-                "policy": {k: (list(v) if isinstance(v, tuple) else v)
-                           for k, v in self.policy.__dict__.items()},
-                "checks": [c.to_dict() for c in self.checks],
-                "failed": [c.name for c in self.checks if c.passed is False],
-                "error": self.error, "seconds": round(self.seconds, 3),
-                "comparison": self.comparison.to_dict() if self.comparison else None}
+from ..io.records import AuditRecord, SanityRecord
+from ..io.tensors import read_tensors, sha256_file
+from ..models.checkpoint import load_checkpoint
+from ..policy import Policy
+from ..results.compare import CompareConfig, CompareResult
+from ..results.gate import EXIT_FAIL, EXIT_NOTHING, EXIT_PASS, Check, GateResult
+from ..results.sanity import SanityConfig
+from ..results.scan import ScanConfig, ScanResult
+from .bisect import BisectError, bisect
+from .compare import compare
+from .sanity import sanity as run_sanity
+from .scan import scan
 
 
 def _format_of(path: Path) -> str:
@@ -126,7 +80,7 @@ class _Run:
 
 def check_gate(checkpoint: Union[str, os.PathLike], probe: Union[str, os.PathLike],
                policy: Policy, *, baseline: Optional[Union[str, os.PathLike]] = None,
-               scan_config: Any = None, progress: bool = False,
+               scan_config: Optional[ScanConfig] = None, progress: bool = False,
                sanity: Optional[Union[str, os.PathLike]] = None) -> GateResult:
     """Run the policy's checks on a checkpoint and its scan.
 
@@ -167,16 +121,10 @@ def check_gate(checkpoint: Union[str, os.PathLike], probe: Union[str, os.PathLik
     return run.done(EXIT_FAIL if failed else EXIT_PASS, audit, comparison)
 
 
-def _bisect_against(base: AuditRecord, scanned: Any, comparison: CompareResult
+def _bisect_against(base: AuditRecord, scanned: ScanResult, comparison: CompareResult
                     ) -> CompareResult:
     """The comparison with the regression bisection against the baseline release, when its
     checkpoint is where its audit.json says, unchanged (same sha256), of the same groups."""
-    from dataclasses import replace
-
-    from ..models.checkpoint import load_checkpoint
-    from ..io.tensors import sha256_file
-    from .bisect import BisectError, bisect
-
     where = base.checkpoint
     if not where or not Path(where).is_file() or sha256_file(Path(where)) != base.sha256:
         return replace(comparison, regression_note=(
@@ -196,7 +144,7 @@ def _bisect_against(base: AuditRecord, scanned: Any, comparison: CompareResult
     return replace(comparison, regression=regression)
 
 
-def audit_names(scanned: Any) -> Tuple[str, ...]:
+def audit_names(scanned: ScanResult) -> Tuple[str, ...]:
     return tuple(layer.name for layer in scanned.layers)
 
 
@@ -309,7 +257,7 @@ def _baseline_checks(checks: List[Check], policy: Policy, base: Optional[AuditRe
         checks.append(Check("min_overlap", ok, value, policy.min_overlap,
                             f"Jaccard overlap of the flagged sets {value:.3f}"))
     if policy.min_rank_correlation is not None:
-        rho = cmp.correlation["replay_reduction"]["spearman"]
+        rho = cmp.correlation[METRIC_NAME]["spearman"]
         ok = rho is not None and rho >= policy.min_rank_correlation
         checks.append(Check("min_rank_correlation", ok, rho, policy.min_rank_correlation,
                             f"Spearman correlation of the scores {rho:.3f}" if rho is not None
@@ -321,28 +269,3 @@ def _baseline_checks(checks: List[Check], policy: Policy, base: Optional[AuditRe
 # Outputs
 
 
-def write_gate(result: GateResult, out_dir: Union[str, os.PathLike], *,
-               junit: Optional[Union[str, os.PathLike]] = None,
-               summary: Optional[Union[str, os.PathLike]] = None,
-               inputs: Tuple[Union[str, os.PathLike], ...] = ()) -> Dict[str, Path]:
-    """Write gate.json, report.html (and audit.json when a scan ran), JUnit and Markdown,
-    all or none of them (atomically)."""
-    out = Path(out_dir)
-    targets = [out / "gate.json"] + [Path(p) for p in (junit, summary) if p is not None]
-    refuse_inputs(targets + [out], inputs, "")
-    paths: Dict[str, Path] = {"gate": out / "gate.json", "report": out / "report.html"}
-    data = result.to_dict()
-    audit = result.audit.to_dict() if result.audit is not None else None
-    html = render_gate_report(data, audit, reopen_probe(audit) if audit else None)
-    files = [(paths["gate"], json_bytes(data)), (paths["report"], html.encode("utf-8"))]
-    if result.audit is not None:
-        paths["audit"] = out / "audit.json"
-        files.append((paths["audit"], json_bytes(audit)))
-    if junit is not None:
-        paths["junit"] = Path(junit)
-        files.append((paths["junit"], junit_xml(result).encode("utf-8")))
-    if summary is not None:
-        paths["summary"] = Path(summary)
-        files.append((paths["summary"], markdown_summary(result).encode("utf-8")))
-    atomic_write_files(files)  # all of them or none: a full disk leaves the old ones
-    return paths

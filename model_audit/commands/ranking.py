@@ -8,62 +8,16 @@ method ranked a planted fault's group first on this model (:meth:`Ranking.trust`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..baselines import BASELINES
 from ..core.attribution import METRIC_NAME
-from ..core.scoring import AUTO, OWN, RANDOM, MethodEvidence
+from ..core.scoring import AUTO, OWN, MethodEvidence
 from ..errors import ConfigError
 from ..io.probe import ProbeSet
 from ..models.checkpoint import LoadedCheckpoint
-
-
-@dataclass(frozen=True)
-class Ranking:
-    """What ranks and flags the groups of a scan, and how far that method is to be trusted on
-    this model (its localisation of planted faults, when sanity evidence was given)."""
-
-    method: str                     # the own metric's name or a baseline's
-    chosen_by: str                  # default | given (--method NAME) | sanity (--method auto)
-    evidence: Optional[MethodEvidence] = None
-    order: Tuple[str, ...] = ()     # the groups, the most responsible first
-
-    def trust(self) -> str:
-        """One line: the method, and its measured localisation on this model."""
-        how = {"default": "the default", "given": "as asked",
-               "sanity": "chosen by sanity on this model"}[self.chosen_by]
-        ev = self.evidence
-        if ev is None or self.method not in ev.summary:
-            return (f"ranked by {self.method} ({how}); how far it localises on this model is "
-                    "not measured: run `model-audit sanity` and pass its sanity.json with "
-                    "--sanity")
-        mine = ev.summary[self.method]
-        others = "".join(f"; {m} {_pair(v.top1, v.mrr)}" for m, v in ev.summary.items()
-                         if m not in (self.method, RANDOM))
-        return (f"ranked by {self.method} ({how}): on {mine.n} faults planted in this model it "
-                f"ranked the faulty group first in {_pct(mine.top1)} (top-1/MRR "
-                f"{_pair(mine.top1, mine.mrr)}{others}; chance {_pair(*ev.chance)})")
-
-    def to_dict(self) -> Dict[str, Any]:
-        ev = self.evidence
-        out: Dict[str, Any] = {"method": self.method, "chosen_by": self.chosen_by,
-                               "order": list(self.order), "trust": self.trust()}
-        if ev is not None:
-            out["evidence"] = {"source": ev.source, "chance": {"top1": ev.chance[0],
-                                                               "mrr": ev.chance[1]},
-                               "methods": {m: v.to_dict() for m, v in ev.summary.items()}}
-        return out
-
-
-def _pair(top1: Optional[float], mrr: Optional[float]) -> str:
-    return ("-" if top1 is None else f"{top1:.2f}") + "/" + ("-" if mrr is None else f"{mrr:.2f}")
-
-
-def _pct(value: Optional[float]) -> str:
-    return "-" if value is None else f"{100 * value:.0f}%"
 
 
 def choose_method(method: str, ev: Optional[MethodEvidence], ckpt: LoadedCheckpoint,

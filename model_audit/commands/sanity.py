@@ -20,72 +20,35 @@ Example:
 """
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import replace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from torch import nn
 
-from .. import distributed
-from ..core.scoring import (RANDOM, MethodEvidence, MethodSummary, chance_levels,
-                            group_output_units, rank_stats, scores_by_method, summarize)
-from ..render.text import sanity_text, sanity_verdict
-from ..io.files import atomic_write_files, header, json_bytes, read_result, refuse_inputs
+from ..core.scoring import RANDOM, MethodEvidence, chance_levels, group_output_units, rank_stats
+from ..results.sanity import scores_by_method, summarize
+from ..io.files import read_result
 from ..io.records import SANITY_FILE
 from ..core.attribution import METRIC_NAME
 from ..errors import ConfigError
 from ..core.layers import LayerGroup, layer_groups
 from ..core.calibrate import PlantResult, calibrate
-from ..core.plant import DEFECTS, applicable, resolve_defects
+from ..core.plant import applicable, resolve_defects
 from ..io.probe import BatchCache, ProbeSet
-import sys
-from pathlib import Path
-from tqdm import tqdm
-from ..commands.scan import ScanConfig, scan
-from ..errors import OutputError
-from ..models.checkpoint import audit_metadata, save_checkpoint
-from ..options import load_inputs, resolve_device, resolve_inputs, seed_everything
-from ..render.html import render_sanity_report
+from ..commands.scan import scan
+from ..results.scan import ScanConfig
+from ..options import resolve_device, resolve_inputs, seed_everything
 from ..baselines import resolve_baselines
 
+from ..results.sanity import NullCase, SanityCase, SanityConfig, SanityResult
+from ..models.checkpoint import LoadedCheckpoint
+from ..results.scan import ScanResult
 
 # ------------------------------------------------------------------------------------------
 # The check
-
-
-@dataclass(frozen=True)
-class SanityConfig:
-    """What to plant, where, and how to scan the damaged copies."""
-
-    defects: Tuple[str, ...] = ("noise", "reinit")
-    drop: float = 0.10               # accuracy drop every defect is calibrated to cost
-    tolerance: float = 0.01          # accepted distance of the drop from the target
-    groups: Optional[Tuple[str, ...]] = None   # None: auto (every group, or an even spread)
-    max_groups: int = 8              # auto: at most this many groups
-    repeats: int = 1                 # seeds per (group, defect): seed, seed+1, ...
-    max_evaluations: int = 14        # probe evaluations per calibration
-    scan: Any = None                 # a ScanConfig (default: the scan's defaults)
-
-    def validate(self, groups: Sequence[LayerGroup]) -> None:
-        resolve_defects(self.defects)
-        if not 0 < self.drop < 1:
-            raise ConfigError(f"--drop must be in (0, 1), got {self.drop}")
-        if self.repeats < 1:
-            raise ConfigError(f"--repeats must be >= 1, got {self.repeats}")
-        if len(groups) < 2:
-            raise ConfigError(
-                f"the model has a single layer group ({groups[0].name if groups else 'none'}): "
-                "there is nothing to localise; use --granularity block or module")
-        if self.groups is not None:
-            names = [g.name for g in groups]
-            unknown = [g for g in self.groups if g not in names]
-            if unknown:
-                raise ConfigError(f"unknown group {', '.join(map(repr, unknown))}; valid: "
-                                  f"{', '.join(names)}")
-            if not self.groups:
-                raise ConfigError("no group given; valid: auto or a comma-separated list of "
-                                  f"{', '.join(names)}")
 
 
 def select_groups(groups: Sequence[LayerGroup], config: SanityConfig
@@ -99,42 +62,6 @@ def select_groups(groups: Sequence[LayerGroup], config: SanityConfig
     return [groups[i] for i in picks], f"an even spread of {len(picks)} of {len(groups)}"
 
 
-@dataclass(frozen=True)
-class SanityCase:
-    """One planted defect and how each method ranked its group."""
-
-    plant: PlantResult
-    ranks: Dict[str, float]          # expected rank of the planted group, per method
-    top1: Dict[str, float]
-    reciprocal: Dict[str, float]
-    top_group: Dict[str, str]        # the group each method ranked first
-    flagged: Tuple[str, ...]         # the own metric's flagged groups on the damaged copy
-    scores: Dict[str, List[Optional[float]]]
-    seconds: float
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {**self.plant.to_dict(), "ranks": self.ranks, "top1": self.top1,
-                "reciprocal_rank": self.reciprocal, "top_group": self.top_group,
-                "flagged": list(self.flagged), "scores": self.scores,
-                "seconds": round(self.seconds, 3)}
-
-
-@dataclass(frozen=True)
-class NullCase:
-    """The unmodified model's scan: what scores and flags look like with nothing planted."""
-
-    accuracy: float
-    flagged: Tuple[str, ...]
-    scores: Dict[str, List[Optional[float]]]
-    top_group: Dict[str, str]
-    score_high: Tuple[float, ...] = ()   # the own metric's bootstrap 97.5th percentiles
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"accuracy": self.accuracy, "flagged": list(self.flagged),
-                "scores": self.scores, "top_group": self.top_group,
-                "score_high": list(self.score_high)}
-
-
 def _listed(values: np.ndarray) -> List[Optional[float]]:
     return [float(v) if np.isfinite(v) else None for v in values]
 
@@ -144,7 +71,7 @@ def _top(names: Sequence[str], values: np.ndarray) -> str:
     return names[int(np.argmax(key))]
 
 
-def case_from_scan(plant: PlantResult, result: Any, names: Sequence[str],
+def case_from_scan(plant: PlantResult, result: ScanResult, names: Sequence[str],
                    scores: Dict[str, np.ndarray], seconds: float) -> SanityCase:
     """Score one scanned damaged copy: the rank of the planted group under every method."""
     true = list(names).index(plant.group)
@@ -154,47 +81,6 @@ def case_from_scan(plant: PlantResult, result: Any, names: Sequence[str],
         top[m] = _top(names, values)
     return SanityCase(plant, ranks, top1, recip, top, tuple(result.flagged),
                       {m: _listed(v) for m, v in scores.items()}, seconds)
-
-
-@dataclass(frozen=True)
-class SanityResult:
-    """Every case, the null scan, and each method's localisation against chance."""
-
-    groups: Tuple[str, ...]          # every group of the model
-    planted_groups: Tuple[str, ...]  # the groups defects were planted in
-    selection: str                   # how they were chosen ("all", "given", an even spread)
-    defects: Tuple[str, ...]
-    drop: float
-    cases: Tuple[SanityCase, ...]
-    null: Optional[NullCase]
-    methods: Tuple[str, ...]
-    summary: Dict[str, MethodSummary]
-    chance: Tuple[float, float]
-    seconds: float
-    not_applicable: Tuple[Tuple[str, str], ...] = ()   # (group, defect) pairs skipped by rule
-    extra: Dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def unreached(self) -> Tuple[SanityCase, ...]:
-        return tuple(c for c in self.cases if not c.plant.reached)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """The content of ``sanity.json``."""
-        return {**header(),
-                "model": self.extra.get("model", {}), "probe": self.extra.get("probe", {}),
-                "groups": list(self.groups), "planted_groups": list(self.planted_groups),
-                "group_selection": self.selection, "defects": list(self.defects),
-                "drop": self.drop, "metric": self.extra.get("metric", METRIC_NAME),
-                "methods_order": list(self.methods),
-                "methods": {m: s.to_dict() for m, s in self.summary.items()},
-                "chance": {"top1": self.chance[0], "mrr": self.chance[1]},
-                "cases": [c.to_dict() for c in self.cases],
-                "not_reached": [{"group": c.plant.group, "defect": c.plant.defect,
-                                 "seed": c.plant.seed, "drop": c.plant.drop}
-                                for c in self.unreached],
-                "not_applicable": [{"group": g, "defect": d} for g, d in self.not_applicable],
-                "null": self.null.to_dict() if self.null else None,
-                "seconds": round(self.seconds, 3), "options": self.extra.get("options", {})}
 
 
 # Progress callback: (cases done, cases in all, the case just finished or None).
@@ -215,7 +101,7 @@ def plan_cases(model: nn.Module, groups: Sequence[LayerGroup], config: SanityCon
     return cases, skipped
 
 
-def run_cases(ckpt: Any, probe: ProbeSet, groups: Sequence[LayerGroup],
+def run_cases(ckpt: LoadedCheckpoint, probe: ProbeSet, groups: Sequence[LayerGroup],
               plan: Sequence[Tuple[LayerGroup, str, int]], config: SanityConfig, *,
               device: str, on_case: Optional[ProgressFn] = None,
               units: Optional[np.ndarray] = None,
@@ -266,7 +152,8 @@ def run_cases(ckpt: Any, probe: ProbeSet, groups: Sequence[LayerGroup],
     return cases, null
 
 
-def sanity(checkpoint: Any, probe: Any, config: SanityConfig = SanityConfig(), *,
+def sanity(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
+           probe: Union[str, os.PathLike, ProbeSet], config: SanityConfig = SanityConfig(), *,
            on_case: Optional[ProgressFn] = None,
            on_damaged: Optional[Callable[[PlantResult, nn.Module], None]] = None,
            on_plan: Optional[Callable[[Dict[str, Any]], None]] = None) -> SanityResult:
@@ -321,81 +208,6 @@ def sanity(checkpoint: Any, probe: Any, config: SanityConfig = SanityConfig(), *
 # Output: the terminal table, sanity.json, report.html
 
 
-def format_sanity(data: Dict[str, Any]) -> str:
-    """The terminal text of ``sanity.json`` (tables and the verdict)."""
-    return sanity_text(data, sanity_verdict(data))
-
-
-def write_sanity(result: SanityResult, out_dir: Any, *, inputs: Sequence[Any] = ()
-                 ) -> Dict[str, Any]:
-    """Write ``sanity.json`` and ``report.html`` into ``out_dir`` (both or neither)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} exists and is not a directory")
-    paths = {"sanity": out / "sanity.json", "report": out / "report.html"}
-    refuse_inputs([out, *paths.values()], inputs, "")
-    data = result.to_dict()
-    atomic_write_files([(paths["sanity"], json_bytes(data)),
-                        (paths["report"], render_sanity_report(data).encode("utf-8"))])
-    return paths
-
-
-def run_sanity_cli(checkpoint: Any, probe: Any, config: SanityConfig, *,
-                   keep_damaged: Any = None, progress: bool = False,
-                   say: Optional[Callable[[str], None]] = None) -> SanityResult:
-    """:func:`sanity` with what the command line adds: the cost up front, a progress bar with
-    an ETA, and ``--keep-damaged`` (each damaged copy saved as ``.safetensors``)."""
-    bar: List[Any] = []
-    keep = Path(keep_damaged) if keep_damaged is not None else None
-    if keep is not None and keep.exists() and not keep.is_dir():
-        raise OutputError(f"--keep-damaged {keep} exists and is not a directory")
-    scan_config: ScanConfig = config.scan or ScanConfig()
-    scan_config.validate()
-    with distributed.agree():
-        ckpt, probe_set, warnings = load_inputs(checkpoint, probe, scan_config.options)
-    if say:
-        for warning in warnings:
-            say(f"warning: {warning}")
-    meta = {**ckpt.metadata, **audit_metadata(ckpt.arch, ckpt.num_classes,
-                                              normalize=scan_config.options.normalize
-                                              or ckpt.normalize, classes=ckpt.classes)}
-
-    def on_plan(cost: Dict[str, Any]) -> None:
-        if say:
-            say(f"sanity: {cost['cases']} planted cases in {len(cost['groups'])} groups "
-                f"({cost['selection']}: {', '.join(cost['groups'])}) + the unmodified model: "
-                f"{cost['scans']} scans of {cost['probe_images_per_scan']} probe images and up "
-                f"to {cost['evaluations_at_most']} probe evaluations to calibrate the defects")
-        if progress and sys.stderr.isatty():
-            bar.append(tqdm(total=cost["cases"], desc="sanity", file=sys.stderr,
-                            dynamic_ncols=True))
-
-    def on_case(done: int, total: int, case: Optional[SanityCase]) -> None:
-        if bar:
-            bar[0].update(1)
-
-    def on_damaged(plant: PlantResult, model: nn.Module) -> None:
-        if keep is None:
-            return
-        target = keep / f"{plant.group}-{plant.defect}-s{plant.seed}.safetensors"
-        planted = {"model_audit.planted": f"{plant.defect} in {plant.group}, severity "
-                                          f"{plant.severity:.4g}, seed {plant.seed}"}
-        distributed.on_main(_keep, model, target, {**meta, **planted})
-
-    try:
-        return sanity(ckpt, probe_set, config, on_case=on_case, on_plan=on_plan,
-                      on_damaged=on_damaged)
-    finally:
-        if bar:
-            bar[0].close()
-
-
-def _keep(model: nn.Module, target: Path, metadata: Dict[str, str]) -> None:
-    """Save a damaged copy (``--keep-damaged``), creating its directory."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model.state_dict(), target, metadata=metadata)
-
-
 def evidence_of(result: SanityResult, source: str = "sanity") -> MethodEvidence:
     """The localisation evidence of a sanity run, for ``ScanConfig(method="auto")``."""
     model, probe = result.extra.get("model", {}), result.extra.get("probe", {})
@@ -404,7 +216,7 @@ def evidence_of(result: SanityResult, source: str = "sanity") -> MethodEvidence:
                           str(result.extra.get("metric", METRIC_NAME)), source)
 
 
-def read_evidence(path: Any) -> MethodEvidence:
+def read_evidence(path: Union[str, os.PathLike]) -> MethodEvidence:
     """The evidence of a ``sanity.json`` file (``scan --sanity``), read as the gate reads one
     (:func:`~model_audit.io.files.read_result`).
 
@@ -418,7 +230,8 @@ def read_evidence(path: Any) -> MethodEvidence:
         raise ConfigError(f"{path} is not {SANITY_FILE} ({type(exc).__name__}: {exc})") from None
 
 
-def scan_with_best_method(checkpoint: Any, probe: Any, config: ScanConfig,
+def scan_with_best_method(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
+                          probe: Union[str, os.PathLike, ProbeSet], config: ScanConfig,
                           sanity_config: Optional[SanityConfig] = None, *,
                           progress: bool = False,
                           run_sanity: Callable[..., SanityResult] = sanity,
@@ -442,7 +255,7 @@ def scan_with_best_method(checkpoint: Any, probe: Any, config: ScanConfig,
     return scan(checkpoint, probe, chosen, progress=progress), result
 
 
-def method_names(scan_config: Any) -> Tuple[str, ...]:
+def method_names(scan_config: ScanConfig) -> Tuple[str, ...]:
     """The methods a sanity check reports: the own metric, each baseline, random."""
     return (scan_config.metric, *resolve_baselines(list(scan_config.baselines)), RANDOM)
 
@@ -453,5 +266,5 @@ def expected_cost(n_cases: int, probe_size: int, max_evaluations: int) -> Dict[s
             "evaluations_at_most": n_cases * max_evaluations + 1}
 
 
-__all__ = ["SanityConfig", "SanityResult", "SanityCase", "NullCase", "MethodSummary", "sanity",
-           "rank_stats", "chance_levels", "summarize", "scores_by_method", "DEFECTS"]
+__all__ = ["sanity", "run_cases", "plan_cases", "select_groups", "case_from_scan", "evidence_of",
+           "read_evidence", "scan_with_best_method"]

@@ -13,162 +13,29 @@ import os
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from .. import distributed
-from ..core.attribution import (METRIC_NAME, NET_METRIC_NAME, Attribution, GroupReductions, attribute,
-                          group_net_reductions, group_reductions, net_positions)
-from ..baselines import (BASELINES, DEFAULT_BASELINES, Agreement, BaselineResult,
-                         resolve_baselines)
+from ..core.attribution import (NET_METRIC_NAME, Attribution, GroupReductions, attribute,
+                                group_net_reductions, group_reductions, net_positions)
+from ..baselines import BASELINES, Agreement, BaselineResult, resolve_baselines
 from ..models.checkpoint import LoadedCheckpoint
-from ..io.records import AuditRecord, LayerScore
-from ..io.files import atomic_write_files, header, json_bytes, refuse_inputs
-from ..errors import ConfigError, OutputError, ReplayError
+from ..io.records import LayerScore
+from ..errors import ReplayError
 from ..core.evaluate import EvaluationResult, evaluate, fast_layout
 from ..core.layers import LayerGroup, layer_groups
-from ..options import AuditOptions, resolve_device, resolve_inputs, seed_everything
+from ..options import resolve_device, resolve_inputs, seed_everything
 from ..io.probe import BatchCache, ProbeSet
 from ..core.replay import ReplayConfig, ReplayResult, replay
-from ..core.scoring import AUTO, OWN, MethodEvidence
-from .ranking import Ranking, choose_method, ranked
+from .ranking import choose_method, ranked
+from ..results.scan import Ranking
 from ..baselines import agreement, compute_baselines
-from ..render.html import render_scan_report
 
-METRIC_DOC = ("score = share of the misclassified images' cross-entropy removed when the group "
-              "alone takes its beta-scheduled replay displacement")
-NET_METRIC_DOC = ("score = share of the loss of the misclassified images and twice as many "
-                  "correctly classified ones removed when the group alone takes its "
-                  "beta-scheduled replay displacement, scaled by the best of 1, 4, 16, 64")
-#: The own metric's formulations (``--metric``); see the README's method section.
-METRICS = {METRIC_NAME: METRIC_DOC, NET_METRIC_NAME: NET_METRIC_DOC}
-FLAG_RULE_DOC = ("flagged when score > max(parameter share, 1 / number of groups), or when "
-                 "the group has the highest score (above 0)")
-
-
-@dataclass(frozen=True)
-class ScanConfig:
-    """Everything a scan needs besides its two inputs."""
-
-    options: AuditOptions = field(default_factory=AuditOptions)
-    replay: ReplayConfig = field(default_factory=ReplayConfig)
-    bootstrap: int = 200        # bootstrap resamples for the flag frequency (0: off)
-    baselines: Tuple[str, ...] = DEFAULT_BASELINES   # Captum/Auto-RGN baselines beside the metric
-    baseline_steps: int = 50    # n_steps of the path methods (conductance, IG, influence)
-    metric: str = METRIC_NAME   # the own metric's formulation: replay_reduction | net_reduction
-    method: str = OWN           # what ranks and flags: own | a baseline's name | auto
-    evidence: Optional[MethodEvidence] = None   # sanity evidence of this checkpoint and probe
-
-    def validate(self) -> None:
-        self.options.validate()
-        self.replay.validate()
-        if self.metric not in METRICS:
-            raise ConfigError(f"unknown metric {self.metric!r}; valid: {', '.join(METRICS)}")
-        if self.bootstrap < 0:
-            raise ConfigError(f"bootstrap resamples must be >= 0, got {self.bootstrap}")
-        resolve_baselines(list(self.baselines))
-        if self.baseline_steps < 2:
-            raise ConfigError(f"baseline steps must be >= 2, got {self.baseline_steps}")
-        if self.method not in (OWN, AUTO) and self.method not in BASELINES:
-            raise ConfigError(f"unknown method {self.method!r}; valid: {OWN} (the tool's "
-                              f"metric), {AUTO} (the best on this model, from sanity evidence) "
-                              f"or a baseline: {', '.join(BASELINES)}")
-        if self.method == AUTO and self.evidence is None:
-            raise ConfigError("--method auto ranks with the method that localised best on this "
-                              "model: give --sanity SANITY_JSON (written by `model-audit sanity` "
-                              "on this checkpoint and probe), or let the CLI run sanity first "
-                              "(scan --method auto without --sanity)")
-
-
-@dataclass(frozen=True)
-class ScanResult:
-    """The result of a scan; ``to_dict()`` is the content of ``audit.json``."""
-
-    checkpoint: LoadedCheckpoint
-    probe: ProbeSet
-    evaluation: EvaluationResult
-    layers: Tuple[LayerScore, ...]
-    replay: Optional[ReplayResult]
-    config: ScanConfig
-    device: str
-    timing: Dict[str, float]
-    passes: Dict[str, int]
-    warnings: Tuple[str, ...] = ()
-    reductions: Optional[GroupReductions] = None
-    baselines: Dict[str, BaselineResult] = field(default_factory=dict)
-    agreement: Dict[str, Agreement] = field(default_factory=dict)
-    metric_positions: Optional[Tuple[int, ...]] = None   # rows of ``reductions`` (net metric)
-    ranking: Optional[Ranking] = None
-
-    @property
-    def flagged(self) -> Tuple[str, ...]:
-        return tuple(layer.name for layer in self.layers if layer.flagged)
-
-    def record(self) -> AuditRecord:
-        """This scan as ``audit.json`` holds it: what compare, gate and fix read."""
-        return AuditRecord.from_dict(self.to_dict())
-
-    def cost(self) -> Dict[str, Dict[str, Any]]:
-        """Wall time and passes of the own metric (replay + attribution) and each baseline."""
-        own_s = self.timing.get("replay_s", 0.0) + self.timing.get("attribution_s", 0.0)
-        own_fwd = self.passes["forward_images"] - self.evaluation.n
-        costs = {METRIC_NAME: {"seconds": round(own_s, 4), "forward_images": own_fwd,
-                               "backward_images": self.passes["backward_images"],
-                               "relative_to_own": 1.0}}
-        for name, b in self.baselines.items():
-            costs[name] = {"seconds": round(b.seconds, 4), "forward_images": b.forward_images,
-                           "backward_images": b.backward_images,
-                           "relative_to_own": round(b.seconds / own_s, 4) if own_s > 0 else None}
-        return costs
-
-    def to_dict(self) -> Dict[str, Any]:
-        ev = self.evaluation
-        misclassified = [
-            {"index": p, "source_index": int(self.probe.indices[p]), "label": int(ev.labels[p]),
-             "prediction": int(ev.predictions[p]), "confidence": float(ev.confidences[p])}
-            for p in ev.misclassified]
-        model = self.checkpoint.to_dict()
-        return {
-            **header(),
-            "model": model,
-            "probe": {**self.probe.describe(), **ev.to_dict()},
-            "metric": {"name": self.config.metric, "definition": METRICS[self.config.metric],
-                       "flag_rule": FLAG_RULE_DOC},
-            "granularity": self.config.options.granularity,
-            "layers": [layer.to_dict() for layer in self.layers],
-            "flagged": list(self.flagged),
-            "ranking": self.ranking.to_dict() if self.ranking else None,
-            "replay": {**self.config.replay.to_dict(),
-                       **(self.replay.to_dict() if self.replay else {"n": 0, "steps": []})},
-            "damping": [s.to_dict() for s in self.replay.steps] if self.replay else [],
-            "bootstrap": {"resamples": self.config.bootstrap, "seed": self.config.options.seed},
-            "baselines": {name: {k: v for k, v in b.to_dict().items() if k not in ("scores", "raw")}
-                          for name, b in self.baselines.items()},
-            "agreement": {name: a.to_dict() for name, a in self.agreement.items()},
-            "cost": self.cost(),
-            "misclassified": misclassified,
-            # r[i, g] per image (rows follow "index": the misclassified images, and for the
-            # net reduction also the sampled correct ones): lets `compare` bootstrap over probe
-            # samples from two audit.json files.
-            "per_image": {
-                "index": list(self.metric_positions) if self.metric_positions is not None
-                else [m["index"] for m in misclassified],
-                "reduction": ([[float(f"{v:.6g}") for v in row]
-                               for row in self.reductions.matrix.tolist()]
-                              if self.reductions is not None else []),
-            },
-            "timing": self.timing,
-            "passes": self.passes,
-            "seed": self.config.options.seed,
-            "device": self.device,
-            "options": self.config.options.to_dict(),
-            "warnings": list(self.warnings),
-        }
-
+from ..results.scan import ScanConfig, ScanResult
 
 def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
          probe: Union[str, os.PathLike, ProbeSet], config: ScanConfig = ScanConfig(), *,
@@ -397,19 +264,3 @@ def _layer_scores(groups: List[LayerGroup], found: _Found,
         for i, g in enumerate(groups))
 
 
-def write_scan(result: ScanResult, out_dir: Union[str, os.PathLike]) -> Dict[str, Path]:
-    """Write ``audit.json`` and ``report.html`` into ``out_dir`` (atomically, both or neither)."""
-    out = Path(out_dir)
-    inputs = (Path(result.checkpoint.path), Path(result.probe.source))
-    refuse_inputs([out], inputs, "; choose another directory")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} exists and is not a directory")
-    paths = {"audit": out / "audit.json", "report": out / "report.html"}
-    refuse_inputs(paths.values(), inputs)
-    data = result.to_dict()
-    html = render_scan_report(data, result.probe)
-    # Both files are written in full before either replaces an old one: a full disk or an
-    # unwritable directory leaves the previous audit.json and report.html as they were.
-    atomic_write_files([(paths["audit"], json_bytes(data)),
-                        (paths["report"], html.encode("utf-8"))])
-    return paths

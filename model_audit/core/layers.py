@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from torch import nn
 
 from ..errors import ConfigError
+from ..models import pretrained_dir, timm_models
 
 GRANULARITIES = ("group", "block", "module")
 
@@ -91,8 +92,6 @@ def _source_units(model: nn.Module, granularity: str
                   ) -> Optional[List[Tuple[str, List[str], List[str]]]]:
     """The grouping a model's own library defines, where it has one: timm's stem, stages and
     head (``group``) or blocks (``block``); None for every other model."""
-    from ..models import pretrained_dir, timm_models
-
     if timm_models.is_timm_model(model):
         return timm_models.timm_units(model, coarse=granularity == "group")
     if pretrained_dir.is_hf_model(model):

@@ -20,6 +20,10 @@ its shape, fixed for the case so that the damage grows smoothly with ``s``):
   ``mean = m0 + s * sqrt(v0 + eps) * z1`` and ``var = v0 * exp(s * z2)`` (``s`` in [0, 64]);
   only for groups with BatchNorm layers.
 
+Each defect is one function registered with :func:`register_defect` (its severity range,
+where it applies): it draws the case's damage once, as a direction or a log-scale per tensor,
+and the severity scales it. Adding a defect is writing one such function.
+
 Only the chosen group's tensors change (parameters, or for ``bnstats`` its running statistics);
 the caller's model is never modified. :func:`~model_audit.core.calibrate.changed_tensors`
 checks this.
@@ -41,8 +45,8 @@ Example:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -51,29 +55,78 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..core.layers import LayerGroup
+@dataclass
+class Damage:
+    """What a defect changes in the working copy: each tensor's undamaged value, and either a
+    direction (``t = t0 + s * d``) or a log-scale (``t = t0 * exp(s * z)``) per tensor."""
+
+    base: Dict[str, torch.Tensor] = field(default_factory=dict)
+    direction: Dict[str, torch.Tensor] = field(default_factory=dict)
+    log_scale: Dict[str, torch.Tensor] = field(default_factory=dict)
+    details: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlantCase:
+    """What a defect's function is given: the caller's model (never modified), the working copy
+    to damage, the group, the case's seeded generator and the labelswap settings."""
+
+    model: nn.Module
+    work: nn.Module
+    group: LayerGroup
+    seed: int
+    gen: torch.Generator
+    swap: Optional[SwapData] = None
+    device: str = "cpu"
+    swap_steps: int = 30
+    swap_batch: int = 32
+    swap_lr: float = 1e-2
+
+    def floats(self) -> Dict[str, torch.Tensor]:
+        """The group's floating-point parameters in the working copy, as they are."""
+        state = self.work.state_dict()
+        return {p: state[p].detach().clone() for p in self.group.parameter_names
+                if state[p].is_floating_point()}
+
+
+def _has_float_parameters(model: nn.Module, group: LayerGroup) -> bool:
+    params = dict(model.named_parameters())
+    return any(params[p].is_floating_point() and params[p].numel() for p in group.parameter_names)
+
+
 @dataclass(frozen=True)
 class DefectSpec:
-    """A registered defect: its severity range and what it does."""
+    """A registered defect: its severity range, what it does, where it applies, and the
+    function that draws its damage (:func:`register_defect`)."""
 
     name: str
     bounded: bool          # severity in [0, 1]; otherwise [0, MAX_SEVERITY], searched upward
     start: float           # first trial severity of the upward search (unbounded defects)
     description: str
+    damage: Callable[[PlantCase], Damage] = field(repr=False, compare=False)
+    applies: Callable[[nn.Module, LayerGroup], bool] = field(
+        default=_has_float_parameters, repr=False, compare=False)
+    needs: str = "floating-point parameters"   # what a group must have (for the message)
 
 
 #: Largest severity the upward search of an unbounded defect tries.
 MAX_SEVERITY = 64.0
 
-DEFECTS: Dict[str, DefectSpec] = {
-    "noise": DefectSpec("noise", False, 0.25,
-                        "Gaussian weight noise relative to each tensor's RMS"),
-    "reinit": DefectSpec("reinit", True, 1.0,
-                         "interpolation toward a fresh random initialisation"),
-    "labelswap": DefectSpec("labelswap", True, 1.0,
-                            "the group alone fine-tuned on two classes with swapped labels"),
-    "bnstats": DefectSpec("bnstats", False, 0.5,
-                          "shifted running statistics of the group's BatchNorm layers"),
-}
+#: The defects, in the order ``all`` lists them; :func:`register_defect` adds one.
+DEFECTS: Dict[str, DefectSpec] = {}
+
+
+def register_defect(name: str, *, bounded: bool, start: float, description: str,
+                    applies: Callable[[nn.Module, LayerGroup], bool] = _has_float_parameters,
+                    needs: str = "floating-point parameters"
+                    ) -> Callable[[Callable[[PlantCase], Damage]], Callable[[PlantCase], Damage]]:
+    """Register a defect: a function from a :class:`PlantCase` to its :class:`Damage`, drawn
+    once per case (the severity only scales it). Adding a defect is writing one such function.
+    """
+    def register(fn: Callable[[PlantCase], Damage]) -> Callable[[PlantCase], Damage]:
+        DEFECTS[name] = DefectSpec(name, bounded, start, description, fn, applies, needs)
+        return fn
+    return register
 
 
 def resolve_defects(spec: Any) -> Tuple[str, ...]:
@@ -110,10 +163,7 @@ def _batchnorms(model: nn.Module, group: LayerGroup) -> List[Tuple[str, nn.Modul
 
 def applicable(model: nn.Module, group: LayerGroup, defect: str) -> bool:
     """Whether ``defect`` can be planted in ``group`` (``bnstats`` needs BatchNorm layers)."""
-    if defect == "bnstats":
-        return bool(_batchnorms(model, group))
-    params = dict(model.named_parameters())
-    return any(params[p].is_floating_point() and params[p].numel() for p in group.parameter_names)
+    return DEFECTS[defect].applies(model, group)
 
 
 def _generator(seed: int, *keys: str) -> torch.Generator:
@@ -202,6 +252,57 @@ def _labelswap_direction(model: nn.Module, group: LayerGroup, data: SwapData, *,
     return {n: (p.detach() - base[n]).cpu() for n, p in work.named_parameters() if n in chosen}
 
 
+# ------------------------------------------------------------------------------------------
+# The defects (registry order: noise, reinit, labelswap, bnstats)
+
+
+@register_defect("noise", bounded=False, start=0.25,
+                 description="Gaussian weight noise relative to each tensor's RMS")
+def _noise(case: PlantCase) -> Damage:
+    base = case.floats()
+    return Damage(base, {p: t0.pow(2).mean().sqrt() * torch.randn(t0.shape, generator=case.gen)
+                         .to(t0) for p, t0 in base.items()})
+
+
+@register_defect("reinit", bounded=True, start=1.0,
+                 description="interpolation toward a fresh random initialisation")
+def _reinit(case: PlantCase) -> Damage:
+    base = case.floats()
+    fresh = _fresh_init(case.model, case.group, case.seed)
+    return Damage(base, {p: fresh[p].to(t0) - t0 for p, t0 in base.items()})
+
+
+@register_defect("labelswap", bounded=True, start=1.0,
+                 description="the group alone fine-tuned on two classes with swapped labels")
+def _labelswap(case: PlantCase) -> Damage:
+    base = case.floats()
+    if case.swap is None:
+        raise ConfigError("the labelswap defect needs data to fine-tune on")
+    delta = _labelswap_direction(case.model, case.group, case.swap, seed=case.seed,
+                                 steps=case.swap_steps, batch_size=case.swap_batch,
+                                 lr=case.swap_lr, device=case.device)
+    return Damage(base, {p: delta[p].to(t0) for p, t0 in base.items()},
+                  details={"pair": list(case.swap.pair), "steps": case.swap_steps,
+                           "lr": case.swap_lr, "batch_size": case.swap_batch})
+
+
+@register_defect("bnstats", bounded=False, start=0.5,
+                 description="shifted running statistics of the group's BatchNorm layers",
+                 applies=lambda model, group: bool(_batchnorms(model, group)),
+                 needs="BatchNorm layer")
+def _bnstats(case: PlantCase) -> Damage:
+    damage = Damage()
+    for name, m in _batchnorms(case.work, case.group):
+        mean, var = m.running_mean.detach().clone(), m.running_var.detach().clone()
+        damage.base[f"{name}.running_mean"] = mean
+        damage.base[f"{name}.running_var"] = var
+        z1 = torch.randn(mean.shape, generator=case.gen).to(mean)
+        z2 = torch.randn(var.shape, generator=case.gen).to(var)
+        damage.direction[f"{name}.running_mean"] = (var + m.eps).sqrt() * z1
+        damage.log_scale[f"{name}.running_var"] = z2
+    return damage
+
+
 class Planter:
     """Plants one defect in one group of a working copy of ``model`` at any severity.
 
@@ -216,48 +317,16 @@ class Planter:
         if defect not in DEFECTS:
             resolve_defects(defect)
         if not applicable(model, group, defect):
-            raise ConfigError(f"the {defect} defect does not apply to group {group.name!r}"
-                              + (" (it has no BatchNorm layer)" if defect == "bnstats" else ""))
+            raise ConfigError(f"the {defect} defect does not apply to group {group.name!r} "
+                              f"(it has no {DEFECTS[defect].needs})")
         self.group, self.defect, self.seed = group, defect, seed
         self.spec = DEFECTS[defect]
-        self.details: Dict[str, Any] = {}
         self.model = copy.deepcopy(model).to(device).eval()
-        state = self.model.state_dict()
-        gen = _generator(seed, defect, group.name)
-        self._base: Dict[str, torch.Tensor] = {}
-        self._direction: Dict[str, torch.Tensor] = {}
-        self._log_scale: Dict[str, torch.Tensor] = {}
-        if defect == "bnstats":
-            for name, m in _batchnorms(self.model, group):
-                mean, var = m.running_mean.detach().clone(), m.running_var.detach().clone()
-                self._base[f"{name}.running_mean"] = mean
-                self._base[f"{name}.running_var"] = var
-                z1 = torch.randn(mean.shape, generator=gen).to(mean)
-                z2 = torch.randn(var.shape, generator=gen).to(var)
-                self._direction[f"{name}.running_mean"] = (var + m.eps).sqrt() * z1
-                self._log_scale[f"{name}.running_var"] = z2
-            return
-        floats = [p for p in group.parameter_names if state[p].is_floating_point()]
-        for p in floats:
-            self._base[p] = state[p].detach().clone()
-        if defect == "noise":
-            for p in floats:
-                t0 = self._base[p]
-                rms = t0.pow(2).mean().sqrt()
-                self._direction[p] = rms * torch.randn(t0.shape, generator=gen).to(t0)
-        elif defect == "reinit":
-            fresh = _fresh_init(model, group, seed)
-            for p in floats:
-                self._direction[p] = fresh[p].to(self._base[p]) - self._base[p]
-        elif defect == "labelswap":
-            if swap is None:
-                raise ConfigError("the labelswap defect needs data to fine-tune on")
-            delta = _labelswap_direction(model, group, swap, seed=seed, steps=swap_steps,
-                                         batch_size=swap_batch, lr=swap_lr, device=device)
-            for p in floats:
-                self._direction[p] = delta[p].to(self._base[p])
-            self.details = {"pair": list(swap.pair), "steps": swap_steps, "lr": swap_lr,
-                            "batch_size": swap_batch}
+        damage = self.spec.damage(PlantCase(model, self.model, group, seed,
+                                            _generator(seed, defect, group.name), swap, device,
+                                            swap_steps, swap_batch, swap_lr))
+        self._base, self._direction = damage.base, damage.direction
+        self._log_scale, self.details = damage.log_scale, damage.details
 
     def apply(self, severity: float) -> nn.Module:
         """The working copy with the defect at ``severity`` (the same object every call)."""

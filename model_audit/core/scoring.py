@@ -2,12 +2,13 @@
 
 Used by ``model-audit sanity`` (faults planted by :mod:`model_audit.core.plant`) and by the
 localisation benchmark: the rank of the planted group under each method, top-1, MRR and
-their chance levels, and the per-group scores of every method from one scan.
+their chance levels, and the evidence a scan reads to choose its method. The summaries over
+planted cases and the per-method scores of a scan are in :mod:`model_audit.results.sanity`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,9 +19,6 @@ from .layers import LayerGroup
 
 #: The random ranking's name among the methods (the chance level every method must beat).
 RANDOM = "random"
-
-if TYPE_CHECKING:  # sanity's cases are scored here; sanity imports this module
-    from ..commands.sanity import SanityCase
 
 
 # ------------------------------------------------------------------------------------------
@@ -123,38 +121,6 @@ class MethodEvidence:
                    source)
 
 
-def summarize(cases: Sequence["SanityCase"], methods: Sequence[str],
-              own: str = METRIC_NAME) -> Dict[str, MethodSummary]:
-    """Top-1 and MRR per method over the cases whose defect reached its target drop.
-
-    The spread is the standard deviation of the per-seed means (when there are several seeds);
-    the flag hit and flagged-set size are reported for the own metric ``own``.
-    """
-    used = [c for c in cases if c.plant.reached]
-    out: Dict[str, MethodSummary] = {}
-    seeds = sorted({c.plant.seed for c in used})
-    for m in methods:
-        rows = [c for c in used if m in c.top1]
-        if not rows:
-            out[m] = MethodSummary(None, None, 0)
-            continue
-        top1 = float(np.mean([c.top1[m] for c in rows]))
-        mrr = float(np.mean([c.reciprocal[m] for c in rows]))
-        sd_t = sd_m = None
-        if len(seeds) > 1:
-            by_seed = [[c for c in rows if c.plant.seed == s] for s in seeds]
-            by_seed = [b for b in by_seed if b]
-            sd_t = float(np.std([np.mean([c.top1[m] for c in b]) for b in by_seed], ddof=1))
-            sd_m = float(np.std([np.mean([c.reciprocal[m] for c in b]) for b in by_seed],
-                                ddof=1))
-        hit = size = None
-        if m == own:
-            hit = float(np.mean([c.plant.group in c.flagged for c in rows]))
-            size = float(np.mean([len(c.flagged) for c in rows]))
-        out[m] = MethodSummary(top1, mrr, len(rows), sd_t, sd_m, hit, size)
-    return out
-
-
 # ------------------------------------------------------------------------------------------
 # Per-case scores
 
@@ -186,31 +152,5 @@ def group_output_units(model: nn.Module, groups: Sequence[LayerGroup], x: torch.
         for h in hooks:
             h.remove()
     return units
-
-
-def scores_by_method(result: Any, *, units: Optional[np.ndarray] = None,
-                     random_seed: int = 0) -> Dict[str, np.ndarray]:
-    """Every method's per-group scores from one :class:`~model_audit.commands.scan.ScanResult`.
-
-    The own metric (named after the scan's ``metric``) and its size-normalised variants
-    (``<metric>_per_param``: mean loss reduction per parameter of the group;
-    ``<metric>_per_sqrt_param``: per square root of its parameter count), each
-    baseline that ran, its per-output-unit form (``<name>_per_unit``) when ``units`` is given,
-    and ``random`` (seeded uniform scores).
-    """
-    params = np.array([layer.params for layer in result.layers], dtype=np.float64)
-    reduction = np.array([layer.reduction for layer in result.layers], dtype=np.float64)
-    own = result.config.metric
-    out: Dict[str, np.ndarray] = {
-        own: np.array([layer.score for layer in result.layers], dtype=np.float64),
-        f"{own}_per_param": reduction / params,
-        f"{own}_per_sqrt_param": reduction / np.sqrt(params),
-    }
-    for name, b in result.baselines.items():
-        out[name] = np.asarray(b.scores, dtype=np.float64)
-        if units is not None and name != "auto_rgn" and len(b.raw) == len(units):
-            out[f"{name}_per_unit"] = np.asarray(b.raw, dtype=np.float64) / units
-    out[RANDOM] = np.random.default_rng(random_seed).random(len(params))
-    return out
 
 

@@ -14,7 +14,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .. import __version__
+from .._version import __version__
 from ..environment import describe as describe_environment
 from ..errors import ConfigError, OutputError
 

@@ -35,7 +35,10 @@ import torch
 from torch import nn
 
 from ..errors import ArchitectureError, CheckpointError
-from ..io.tensors import META_PREFIX, sha256_file, validate_safetensors_header
+from ..io.tensors import (META_PREFIX, read_tensors, sha256_file, strip_wrapper_prefixes,
+                          validate_safetensors_header)
+from . import timm_models
+from .loaded import LoadedCheckpoint, load_state
 
 HF_PREFIX = "hf:"
 CONFIG = "config.json"
@@ -84,9 +87,6 @@ def load_model_dir(path: os.PathLike, *, arch: Optional[str] = None,
 
 def _load_timm_dir(path: Path, config: Dict[str, Any], arch: Optional[str],
                    num_classes: Optional[int]) -> Any:
-    from . import checkpoint, timm_models
-    from ..io.tensors import read_tensors, strip_wrapper_prefixes
-
     named = timm_models.PREFIX + str(config["architecture"])
     if arch is not None and arch != named:
         raise ArchitectureError(f"{path}/{CONFIG} says the model is {named}, not {arch!r}: "
@@ -95,8 +95,8 @@ def _load_timm_dir(path: Path, config: Dict[str, Any], arch: Optional[str],
     raw, metadata = read_tensors(weights)
     if num_classes is None and isinstance(config.get("num_classes"), int):
         num_classes = int(config["num_classes"])
-    loaded = checkpoint._load(weights, strip_wrapper_prefixes(raw), metadata, named,
-                              num_classes, None)
+    loaded = load_state(weights, strip_wrapper_prefixes(raw), metadata, named,
+                        num_classes, None)
     cfg = config.get("pretrained_cfg") or {}
     normalize, input_size = timm_models.preprocessing_from_cfg(cfg)
     labels = config.get("label_names")
@@ -192,7 +192,6 @@ def _model_class(path: Path, config: Dict[str, Any]) -> Tuple[str, Any]:
 
 def _load_transformers_dir(path: Path, config: Dict[str, Any], arch: Optional[str],
                            num_classes: Optional[int]) -> Any:
-    from .checkpoint import LoadedCheckpoint
 
     name, cls = _model_class(path, config)
     named = HF_PREFIX + name

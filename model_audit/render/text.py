@@ -1,20 +1,20 @@
 """Terminal text of the commands: tables (tabulate) and one way of writing a missing number.
 
-Each function takes a command's typed result and returns the text the CLI prints; nothing
-here prints or exits.
+Every function takes the JSON form of a command's result (its ``to_dict()``: what
+``audit.json``, ``compare.json``, ``gate.json``, ``sanity.json`` and ``fix.json`` hold) and
+returns the text the CLI prints, so the same text can be made again from the files alone;
+nothing here prints or exits.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence
 
 from tabulate import tabulate
 
 from ..core.attribution import METRIC_NAME
 from ..core.scoring import RANDOM
 
-if TYPE_CHECKING:  # the commands import this module to render: types only, no cycle at run time
-    from ..commands.compare import CompareResult
-    from ..commands.scan import ScanResult
+Data = Mapping[str, Any]
 
 
 def probe_unit(probe: Mapping[str, Any]) -> str:
@@ -50,94 +50,92 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
                     disable_numparse=True, colalign=align)
 
 
-def scan_table(result: "ScanResult") -> str:
+def scan_table(data: Data) -> str:
     """Per group: parameter share, score with its interval, flag frequency, flagged."""
-    rows = [(layer.name, f"{100 * layer.share:.2f}", f"{layer.score:.3f}",
-             f"{layer.score_interval[0]:.3f}-{layer.score_interval[1]:.3f}",
-             f"{layer.flag_frequency:.2f}", "FLAGGED" if layer.flagged else "")
-            for layer in result.layers]
+    rows = [(layer["name"], f"{100 * layer['share']:.2f}", f"{layer['score']:.3f}",
+             f"{layer['score_interval'][0]:.3f}-{layer['score_interval'][1]:.3f}",
+             f"{layer['flag_frequency']:.2f}", "FLAGGED" if layer["flagged"] else "")
+            for layer in data["layers"]]
     return text_table(("group", "params %", "score", "95% interval", "flag freq", "flagged"),
                       rows)
 
 
-def baselines_table(result: "ScanResult") -> str:
+def baselines_table(data: Data) -> str:
     """Per-group baseline shares, then each baseline's agreement with the own metric and cost."""
-    names = list(result.agreement)
-    rows = [(layer.name, f"{layer.score:.3f}", *(num(layer.baselines.get(n)) for n in names))
-            for layer in result.layers]
-    cost = result.cost()
-    agree = result.agreement
+    agree = data["agreement"]
+    names = list(agree)
+    rows = [(layer["name"], f"{layer['score']:.3f}",
+             *(num(layer["baselines"].get(n)) for n in names)) for layer in data["layers"]]
+    cost = data["cost"]
     rows += [("", "", *("" for _ in names)), ("agreement", "", *("" for _ in names)),
-             ("spearman", "", *(num(agree[n].spearman, ".2f") for n in names)),
-             ("kendall", "", *(num(agree[n].kendall, ".2f") for n in names)),
-             ("top-k overlap", "", *(num(agree[n].topk_overlap, ".2f") for n in names)),
-             ("seconds", num(cost["replay_reduction"]["seconds"], ".2f"),
+             ("spearman", "", *(num(agree[n]["spearman"], ".2f") for n in names)),
+             ("kendall", "", *(num(agree[n]["kendall"], ".2f") for n in names)),
+             ("top-k overlap", "", *(num(agree[n]["topk_overlap"], ".2f") for n in names)),
+             ("seconds", num(cost[METRIC_NAME]["seconds"], ".2f"),
               *(num(cost[n]["seconds"], ".2f") for n in names))]
     return ("baselines (shares of each method; score = own metric):\n"
             + text_table(("group", "score", *names), rows))
 
 
-def scan_summary(result: "ScanResult") -> str:
+def scan_summary(data: Data) -> str:
     """The line before the table: model, probe size, accuracy and errors."""
-    ev = result.evaluation
-    return (f"{result.checkpoint.arch}: {result.checkpoint.parameters:,} parameters; probe "
-            f"{ev.n} {result.probe.unit}, accuracy {100 * ev.accuracy:.2f}% "
-            f"({len(ev.misclassified)} misclassified)")
+    model, probe = data["model"], data["probe"]
+    return (f"{model['arch']}: {model['parameters']:,} parameters; probe "
+            f"{probe['n']} {probe_unit(probe)}, accuracy {100 * probe['accuracy']:.2f}% "
+            f"({len(data['misclassified'])} misclassified)")
 
 
-def compare_text(result: "CompareResult") -> str:
+def compare_text(data: Data) -> str:
     """The comparison: scores side by side, overlap against chance, rank correlations."""
     def interval(key: str) -> str:
-        iv = result.intervals.get(key)
+        iv = data["intervals"].get(key)
         return f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else ""
 
     rows = [(s["name"], f"{s['params']:,}", f"{s['score_a']:.3f}", f"{s['score_b']:.3f}",
              "yes" if s["flagged_a"] else "", "yes" if s["flagged_b"] else "")
-            for s in result.scores]
-    ch = result.chance
-    corr = result.correlation["replay_reduction"]
+            for s in data["scores"]]
+    ch, flagged = data["chance"], data["flagged"]
+    corr = data["correlation"][METRIC_NAME]
     lines = [
         text_table(("group", "params", "score A", "score B", "flag A", "flag B"), rows),
-        f"A: {result.a['source']}  flagged: {', '.join(result.flagged_a) or 'none'}",
-        f"B: {result.b['source']}  flagged: {', '.join(result.flagged_b) or 'none'}",
+        f"A: {data['a']['source']}  flagged: {', '.join(flagged['a']) or 'none'}",
+        f"B: {data['b']['source']}  flagged: {', '.join(flagged['b']) or 'none'}",
         f"overlap: {ch['observed_overlap']} of {ch['groups']} groups; "
-        f"Jaccard {num(result.jaccard)}{interval('jaccard')}; overlap coefficient "
-        f"{num(result.overlap_coefficient)}{interval('overlap_coefficient')}",
+        f"Jaccard {num(data['jaccard'])}{interval('jaccard')}; overlap coefficient "
+        f"{num(data['overlap_coefficient'])}{interval('overlap_coefficient')}",
         f"chance: expected overlap {ch['expected_overlap']:.2f}; "
         f"P(overlap >= {ch['observed_overlap']} by chance) = {ch['p_value']:.3g}",
         f"rank correlation of scores: Spearman {num(corr['spearman'])}{interval('spearman')}, "
         f"Kendall {num(corr['kendall'])}{interval('kendall')}",
-        "top-k overlap: " + ", ".join(f"k={k}: {v:.2f}" for k, v in result.top_k.items()),
+        "top-k overlap: " + ", ".join(f"k={k}: {v:.2f}"
+                                      for k, v in data["top_k_overlap"].items()),
     ]
     lines += [f"baseline {name}: Spearman {num(c['spearman'])}, Kendall {num(c['kendall'])}"
-              for name, c in result.correlation.items() if name != "replay_reduction"]
-    left = result.left_out
+              for name, c in data["correlation"].items() if name != METRIC_NAME]
+    left = data["left_out"]
     if left["a_only"] or left["b_only"]:
         lines.append(f"left out: only in A {', '.join(left['a_only']) or '-'}; "
                      f"only in B {', '.join(left['b_only']) or '-'}")
-    lines += _regression_lines(result)
+    lines += _regression_lines(data["regression"])
     return "\n".join(lines)
 
 
-def _regression_lines(result: "CompareResult") -> List[str]:
+def _regression_lines(reg: Optional[Data]) -> List[str]:
     """The regression bisection of B against A: per group, what A's tensors recover."""
-    reg = result.regression
-    if reg is None:
-        return [f"regression bisection: {result.regression_note}"] if result.regression_note \
-            else []
-    lines = [f"regression (exact; A = baseline, B = candidate): {reg.summary()}"]
-    if reg.regressed:
-        rows = [(s.groups[0], str(s.recovered), f"{100 * s.recovered / reg.regressed:.0f}%",
-                 str(s.lost_fixes)) for s in reg.groups]
-        rows += [(" + ".join(s.groups), str(s.recovered),
-                  f"{100 * s.recovered / reg.regressed:.0f}%", str(s.lost_fixes))
-                 for s in reg.pairs[:3]]
+    if not reg or "summary" not in reg:
+        note = (reg or {}).get("note")
+        return [f"regression bisection: {note}"] if note else []
+    lines = [f"regression (exact; A = baseline, B = candidate): {reg['summary']}"]
+    if reg["regressed"]:
+        rows = [(" + ".join(s["groups"]), str(s["recovered"]),
+                 f"{100 * s['recovered'] / reg['regressed']:.0f}%", str(s["lost_fixes"]))
+                for s in list(reg["groups"]) + list(reg.get("pairs", []))[:3]]
         lines.append(text_table(("A's tensors put back", "recovered", "share",
                                  "fixes lost"), rows))
     return lines
 
 
-def sanity_text(data: Dict[str, Any], verdict: str) -> str:
+def sanity_text(data: Data, verdict: str) -> str:
     """The terminal table of ``sanity.json``: per case the planted group's rank under each
     method, then per method top-1 and MRR beside chance."""
     methods = list(data["methods_order"])
@@ -169,7 +167,7 @@ def sanity_text(data: Dict[str, Any], verdict: str) -> str:
     return "\n".join(lines)
 
 
-def sanity_verdict(data: Dict[str, Any]) -> str:
+def sanity_verdict(data: Data) -> str:
     """One sentence: which method localised the planted faults best on this model."""
     methods = [m for m in data["methods_order"]
                if m != RANDOM and data["methods"][m]["mrr"] is not None]
@@ -196,7 +194,7 @@ def p_value(value: Optional[float]) -> str:
     return f"{value:.2g}" if value >= 0.001 else "<0.001"
 
 
-def fix_text(data: Dict[str, Any]) -> str:
+def fix_text(data: Data) -> str:
     """The repair: the selection and every control (fixed, broken, net, its p-value, cost),
     then the verdict. ``data`` is ``FixResult.to_dict()``."""
     sel = data["selection"]
@@ -228,7 +226,7 @@ def fix_text(data: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _target_lines(data: Dict[str, Any]) -> List[str]:
+def _target_lines(data: Data) -> List[str]:
     t = data.get("target")
     if not t:
         return []
@@ -241,7 +239,7 @@ def _target_lines(data: Dict[str, Any]) -> List[str]:
             f"{t['net']:+d}"]
 
 
-def _fix_outcome_lines(data: Dict[str, Any]) -> List[str]:
+def _fix_outcome_lines(data: Data) -> List[str]:
     """Validation's verdict, and whether the checkpoint was written."""
     val, out = data.get("validation") or {}, data["output"]
     if not val:
@@ -262,7 +260,7 @@ def _fix_outcome_lines(data: Dict[str, Any]) -> List[str]:
     return lines
 
 
-def _fix_verdict_lines(data: Dict[str, Any]) -> List[str]:
+def _fix_verdict_lines(data: Data) -> List[str]:
     sel, verdict = data["selection"], data["verdict"]
     lines = [f"p(net): exact McNemar test of fixed vs broken; the net is "
              f"{'' if verdict.get('net_significant') else 'NOT '}distinguishable from churn "

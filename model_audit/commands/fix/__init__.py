@@ -57,7 +57,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -67,28 +67,21 @@ from torch import nn
 from ... import distributed
 from ...core.evaluate import EvaluationResult, evaluate, fast_layout
 from ...core.layers import LayerGroup, layer_groups
-from ...core.schedules import SCHEDULES
-from ...errors import ConfigError, OutputError, ProbeError
-from ...io.files import atomic_write_files, json_bytes, refuse_inputs
+from ...errors import ConfigError, ProbeError
 from ...io.probe import BatchCache, ProbeSet
 from ...models.checkpoint import LoadedCheckpoint
-from ...options import AuditOptions, load_inputs, open_probe_for, resolve_device, seed_everything
-from ...render.html import render_fix_report
-from ...render.text import fix_text
-from .result import SIGNIFICANCE_LEVEL, FixResult, RepairRun, verdict
+from ...options import load_inputs, open_probe_for, resolve_device, seed_everything
 from .select import check_overlap, control_groups, resolve_selection
-from .target import Target, parse_target, resolve_target
-from .train import (PRESERVE_TEMPERATURE, RepairDiverged, Teacher, batch_plan, retrain,
-                    retrained_names)
-from .validate import CHECKPOINTS, Trajectory, check_share, holdout
+from .target import parse_target, resolve_target
+from .train import RepairDiverged, Teacher, batch_plan, retrain, retrained_names
+from .validate import CHECKPOINTS, Trajectory, holdout
 from .write import check_output_path, repair_metadata, write_repaired
+from ...results.fix import SIGNIFICANCE_LEVEL, FixConfig, FixResult, RepairRun
+from ...results.repair import Target
 
-__all__ = ["BATCHNORM_MODES", "CONTROLS", "NO_REPAIR_EXIT", "SIGNIFICANCE_LEVEL", "FixConfig",
-           "FixResult", "OverlapError", "RepairDiverged", "RepairRun", "batch_plan",
-           "check_overlap", "fix", "format_fix", "retrain", "verdict", "write_fix"]
+__all__ = ["NO_REPAIR_EXIT", "OverlapError", "RepairDiverged", "batch_plan", "check_overlap", "fix",
+           "retrain"]
 
-CONTROLS = ("all", "random", "rgn")
-BATCHNORM_MODES = ("frozen", "train")
 #: Warn when the repair data's error rate is below the probe's divided by this (the model was
 #: probably trained on the repair data).
 FIT_RATIO = 3.0
@@ -98,85 +91,6 @@ NO_REPAIR_EXIT = 3
 
 class OverlapError(ProbeError):
     """The probe and the repair data share images."""
-
-
-@dataclass(frozen=True)
-class FixConfig:
-    """Options of a repair (the model/probe options live in ``options``)."""
-
-    options: AuditOptions = field(default_factory=AuditOptions)
-    layers: Union[str, Tuple[str, ...]] = "auto"   # "auto" or group names
-    steps: Optional[int] = 200          # optimizer steps (or give epochs)
-    epochs: Optional[float] = None      # passes over the repair data (overrides steps)
-    batch_size: int = 64                # images per step
-    wrong_fraction: Optional[float] = None  # share of each batch drawn from the errors;
-                                        # None ("natural"): sample the repair data uniformly
-    lr: float = 0.01                    # peak learning rate (cosine to 0)
-    schedule: str = "beta"              # momentum: beta | hybrid | constant
-    batchnorm: str = "train"            # frozen: all BN in eval mode; train: BN layers of the
-                                        # retrained groups normalise with batch statistics and
-                                        # update their running statistics
-    controls: Tuple[str, ...] = CONTROLS
-    allow_overlap: bool = False
-    train_limit: Optional[int] = None   # class-stratified subset of the repair data
-    validation: float = 0.2             # share of the repair data held out to judge the repair
-    preserve: float = 1.0               # weight of the preservation term (0: off); 1 measured
-                                        # best of 0, 1, 3 (bench/RESULTS.md, "fix: repair
-                                        # settings", 2026-12-07)
-    target: Tuple[str, ...] = ()        # "TRUE:PRED" confusions, or ("auto",)
-    target_fraction: float = 0.25       # with a target: share of each batch from its instances
-                                        # (0.5, 0.25, 0.125 measured: bench/RESULTS.md,
-                                        # "targeted repair", 2026-12-07)
-    max_break: Optional[float] = None   # break budget: a kept state breaks at most this share
-                                        # of the validation images the original gets right
-    guard: bool = True                  # with a target: as many of the predicted class's right
-                                        # images in each batch (the positive set)
-    write_anyway: bool = False          # write the best trained state even when not accepted
-    evaluate_last: bool = False         # also evaluate each run's last state on the probe
-
-    def validate(self) -> None:
-        self.options.validate()
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
-        unknown = [c for c in self.controls if c not in CONTROLS]
-        if unknown:
-            raise ConfigError(f"unknown control(s) {', '.join(unknown)}; valid: "
-                              f"{', '.join(CONTROLS)}, or none")
-        if self.epochs is None and (self.steps is None or self.steps < 1):
-            raise ConfigError("give steps >= 1 or epochs > 0")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
-        if self.batch_size < 2:
-            raise ConfigError(f"batch size must be >= 2, got {self.batch_size}")
-        if self.batchnorm not in BATCHNORM_MODES:
-            raise ConfigError(f"unknown batchnorm mode {self.batchnorm!r}; valid: "
-                              f"{', '.join(BATCHNORM_MODES)}")
-        if self.wrong_fraction is not None and not 0.0 <= self.wrong_fraction <= 1.0:
-            raise ConfigError(f"wrong fraction must be between 0 and 1 (or natural), got "
-                              f"{self.wrong_fraction}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"learning rate must be > 0, got {self.lr}")
-        check_share(self.validation)
-        if not (math.isfinite(self.preserve) and self.preserve >= 0):
-            raise ConfigError(f"the preservation weight must be >= 0, got {self.preserve}")
-        if self.max_break is not None and not 0.0 <= self.max_break < 1.0:
-            raise ConfigError(f"the break budget must be in [0, 1) (a share of the images the "
-                              f"model gets right, e.g. 0.005), got {self.max_break}")
-        if not 0.0 < self.target_fraction <= 1.0:
-            raise ConfigError(f"the target fraction must be in (0, 1], got {self.target_fraction}")
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"layers": self.layers if isinstance(self.layers, str) else list(self.layers),
-                "steps": self.steps, "epochs": self.epochs, "batch_size": self.batch_size,
-                "wrong_fraction": self.wrong_fraction, "batchnorm": self.batchnorm,
-                "lr": self.lr, "schedule": self.schedule, "controls": list(self.controls),
-                "allow_overlap": self.allow_overlap, "train_limit": self.train_limit,
-                "validation": self.validation, "preserve": self.preserve,
-                "preserve_temperature": PRESERVE_TEMPERATURE, "target": list(self.target),
-                "target_fraction": self.target_fraction, "guard": self.guard,
-                "max_break": self.max_break,
-                "write_anyway": self.write_anyway,
-                "evaluate_last": self.evaluate_last, "options": self.options.to_dict()}
 
 
 def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
@@ -439,22 +353,3 @@ class _Repair:
                              len(self.plan), 0.0, self.before, self.before, str(exc), disjoint)
 
 
-def write_fix(result: FixResult, out_dir: Union[str, os.PathLike]) -> Dict[str, Path]:
-    """Write ``fix.json`` and ``report.html`` into ``out_dir`` (atomically, both or neither)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} exists and is not a directory")
-    data = result.to_dict()
-    html = render_fix_report(data, result.probe)
-    paths = {"fix": out / "fix.json", "report": out / "report.html"}
-    inputs = tuple(Path(p) for p in (result.checkpoint.path, result.train_source,
-                                     result.probe.source))
-    refuse_inputs(paths.values(), inputs)
-    atomic_write_files([(paths["fix"], json_bytes(data)),
-                        (paths["report"], html.encode("utf-8"))])
-    return paths
-
-
-def format_fix(result: FixResult) -> str:
-    """The readable summary the CLI prints."""
-    return fix_text(result.to_dict())

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -19,10 +19,9 @@ from ...errors import ConfigError
 from ...io.probe import BatchCache, ProbeSet
 from ...io.records import AuditRecord
 from ...models.checkpoint import LoadedCheckpoint
-from ..scan import ScanConfig, scan
-
-if TYPE_CHECKING:  # annotations only: the package imports this module
-    from . import FixConfig
+from ..scan import scan
+from ...results.scan import ScanConfig
+from ...results.fix import FixConfig
 
 #: A disjoint random control is used when its parameter share is within this relative
 #: distance of the selection's; otherwise the control falls back to whole groups.

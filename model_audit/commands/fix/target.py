@@ -11,33 +11,15 @@ of the probe images right before that are wrong after).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from ...core.evaluate import EvaluationResult
 from ...errors import ConfigError
+from ...results.repair import Target
 
 AUTO = "auto"
-
-
-@dataclass(frozen=True)
-class Target:
-    """The confusions a repair targets, as class indices: ``pairs`` of (true, predicted)."""
-
-    pairs: Tuple[Tuple[int, int], ...]
-    auto: bool = False
-
-    def mask(self, labels: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
-        """Which images are in one of the confusions (label TRUE, prediction PRED)."""
-        out = torch.zeros(len(labels), dtype=torch.bool)
-        for t, p in self.pairs:
-            out |= (labels == t) & (predictions == p)
-        return out
-
-    def names(self, classes: Sequence[str]) -> List[str]:
-        return [f"{classes[t]}:{classes[p]}" for t, p in self.pairs]
 
 
 def _class_index(text: str, classes: Sequence[str], spec: str) -> int:
@@ -132,32 +114,3 @@ def resolve_target(specs: Sequence[str], classes: Sequence[str], repair: Evaluat
     return Target(tuple((t, p) for _, t, p in named))
 
 
-def target_summary(target: Target, classes: Sequence[str], before: EvaluationResult,
-                   after: EvaluationResult) -> Dict[str, Any]:
-    """fix.json's ``target``: the confusion's probe counts before and after, the repair rate
-    on its probe instances and the break rate on the probe images right before."""
-    inside = target.mask(before.labels, before.predictions)
-    right_before = before.predictions == before.labels
-    right_after = after.predictions == after.labels
-    n_inside, n_right = int(inside.sum()), int(right_before.sum())
-    pairs = []
-    for t, p in target.pairs:
-        one = Target(((t, p),))
-        was = one.mask(before.labels, before.predictions)
-        pairs.append({"true": classes[t], "pred": classes[p], "probe_before": int(was.sum()),
-                      "probe_after": int(one.mask(after.labels, after.predictions).sum()),
-                      "repaired": int((was & right_after).sum())})
-    fixed = int((~right_before & right_after).sum())
-    broken = int((right_before & ~right_after).sum())
-    single = len(pairs) == 1
-    return {
-        "true": pairs[0]["true"] if single else [q["true"] for q in pairs],
-        "pred": pairs[0]["pred"] if single else [q["pred"] for q in pairs],
-        "auto": target.auto,
-        "probe_before": n_inside,
-        "probe_after": int(target.mask(after.labels, after.predictions).sum()),
-        "repair_rate": (int((inside & right_after).sum()) / n_inside) if n_inside else None,
-        "break_rate": (int((right_before & ~right_after).sum()) / n_right) if n_right else None,
-        "net": fixed - broken,
-        "pairs": pairs,
-    }

@@ -11,7 +11,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -26,9 +26,8 @@ from ...core.schedules import MomentumScheduler
 from ...errors import ConfigError
 from ...io.probe import ProbeSet
 from .validate import Trajectory
-
-if TYPE_CHECKING:  # annotations only: the package imports this module
-    from . import FixConfig
+from ...results.fix import PRESERVE_TEMPERATURE
+from ...results.fix import FixConfig
 
 
 class RepairDiverged(ConfigError):
@@ -139,11 +138,6 @@ def retrained_names(model: nn.Module, groups: Sequence[LayerGroup], selected: Se
     buffers (BatchNorm statistics), in the model's order."""
     mine = {n for g in groups if g.name in selected for n in g.parameter_names + g.buffer_names}
     return [k for k in model.state_dict() if k in mine]
-
-
-#: Temperature of the preservation term (Hinton et al. 2015; Li and Hoiem's learning without
-#: forgetting uses 2).
-PRESERVE_TEMPERATURE = 2.0
 
 
 @dataclass(frozen=True)

@@ -12,22 +12,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional, Sequence, Set, Tuple
+from typing import Dict, Optional, Sequence, Set, Tuple
 
 import torch
 from safetensors.torch import save
 from torch import nn
 
-from ... import __version__
+from ..._version import __version__
 from ...core.layers import LayerGroup
 from ...errors import OutputError
 from ...io.files import atomic_write_bytes, atomic_write_files, refuse_inputs
 from ...io.tensors import META_PREFIX, read_tensors, sha256_file, strip_wrapper_prefixes
 from ...models.checkpoint import LoadedCheckpoint, audit_metadata
 from ...models.registry import is_factory_spec
-
-if TYPE_CHECKING:  # annotations only: the package imports this module
-    from . import FixConfig
+from ...results.fix import FixConfig
 
 
 def check_output_path(output: Path, inputs: Sequence[Path]) -> None:

@@ -3,205 +3,48 @@
 Each command parses its options, makes one library call and prints. Every
 :class:`~model_audit.errors.AuditError` becomes a one-paragraph message on stderr and exit 2.
 
-(Over the ~400 lines a module should have: most of this file is the five commands' click
-option declarations and their help texts, which belong next to the commands; the command
-bodies stay a few lines each, and the text they print comes from :mod:`model_audit.render`.)
+Most of this module is the commands' click option declarations and their help texts, which
+belong next to the commands; the command bodies stay a few lines each. What the commands share
+(the group, the model options) is in :mod:`.group`; the files they write and the text they
+print come from :mod:`model_audit.outputs`.
 """
 from __future__ import annotations
 
-import os
-import sys
-import traceback
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import click
 
-from . import __version__, distributed
-from .baselines import resolve_baselines
-from .commands.compare import CompareConfig, write_compare
-from .commands.compare import compare as run_compare
-from .commands.fix import BATCHNORM_MODES, NO_REPAIR_EXIT, FixConfig, format_fix, write_fix
-from .commands.fix import fix as run_fix
-from .commands.gate import check_gate, write_gate
-from .commands.policy import EXAMPLE_POLICY, load_policy
-from .render.markdown import markdown_summary
-from .commands.sanity import (SanityConfig, format_sanity, read_evidence, run_sanity_cli,
-                              scan_with_best_method, write_sanity)
-from .commands.scan import METRICS, ScanConfig, write_scan
-from .commands.scan import scan as run_scan
-from .config import load_defaults
-from .core.layers import GRANULARITIES
-from .core.plant import resolve_defects
-from .core.replay import ReplayConfig
-from .core.schedules import SCHEDULES
-from .errors import AuditError, OutputError
-from .io.files import WRITTEN, atomic_write_bytes, overwritten_input
-from .io.records import AuditRecord
-from .models import timm_models
-from .models.registry import available_architectures
-from .options import DEVICES, AuditOptions
-from .render import text
-from .render.html import render_directory
-
-COMMANDS_WITH_MODEL = ("scan", "compare", "gate", "fix", "sanity")
-
-
-def _fail(message: str, exit_code: int = 2) -> click.ClickException:
-    """A ClickException that prints ``Error: message`` and exits with ``exit_code``."""
-    err = click.ClickException(message)
-    err.exit_code = exit_code
-    return err
-
-
-class AuditGroup(click.Group):
-    """Turns AuditError into a clean message and exit code 2, anywhere in a command.
-
-    Before a command does any work, an output (``--out`` and the files written in it,
-    ``--junit``, ``--summary``, ``--output``) that is one of the command's input paths, also
-    through a symlink or a hard link, is refused. Ctrl-C prints what was written (normally
-    nothing: outputs are written at the end, atomically) and exits 130, without a traceback.
-    """
-
-    #: Parameters naming what a command writes; every other path parameter is an input.
-    OUTPUT_PARAMS = ("out", "junit", "summary", "output", "keep_damaged")
-    #: Files the commands write inside their ``--out`` directory.
-    OUT_FILES = ("audit.json", "report.html", "gate.json", "compare.json", "fix.json",
-                 "sanity.json")
-    #: The commands' default ``--out`` under ``reports/`` (from their input names' stems).
-    DEFAULT_OUT = {"scan": "{checkpoint}", "gate": "gate-{checkpoint}",
-                   "compare": "compare-{a}-vs-{b}", "fix": "fix-{checkpoint}",
-                   "sanity": "sanity-{checkpoint}"}
-
-    class Command(click.Command):
-        """A command that refuses outputs that are its inputs before it runs."""
-
-        def invoke(self, ctx: click.Context) -> Any:
-            AuditGroup.refuse_outputs_over_inputs(ctx)
-            # under torchrun: join the process group; rank 0 prints, the others are quiet
-            with distributed.session(ctx.params.get("device") or "auto") as dctx:
-                _quiet_unless_main(dctx)
-                return super().invoke(ctx)
-
-    command_class = Command
-
-    @classmethod
-    def refuse_outputs_over_inputs(cls, ctx: click.Context) -> None:
-        if ctx.params.get("init"):  # `gate --init` writes only --policy, never over a file
-            return
-        paths = {k: v for k, v in ctx.params.items() if isinstance(v, Path)}
-        inputs = {k: v for k, v in paths.items() if k not in cls.OUTPUT_PARAMS}
-        if "out" in ctx.params and paths.get("out") is None and ctx.info_name in cls.DEFAULT_OUT:
-            try:
-                stems = {k: v.stem for k, v in inputs.items()}
-                paths["out"] = Path("reports") / cls.DEFAULT_OUT[ctx.info_name].format(**stems)
-            except KeyError:  # an input the default is made from is missing: the command says so
-                pass
-        for name in cls.OUTPUT_PARAMS:
-            target = paths.get(name)
-            if target is None:
-                continue
-            targets = [target] + ([target / f for f in cls.OUT_FILES] if name == "out" else [])
-            clash = overwritten_input(targets, inputs.values())
-            if clash is not None:
-                path, src = clash
-                src_name = next(k for k, v in inputs.items() if v == src)
-                kind = (": not a directory"
-                        if name == "out" and path == target and not path.is_dir() else "")
-                raise OutputError(
-                    f"refusing to write {path} (--{name.replace('_', '-')}{kind}): it "
-                    f"is the {src_name} input {src}; choose another output path. "
-                    "Nothing was done.")
-
-    def invoke(self, ctx: click.Context) -> Any:
-        before = len(WRITTEN)
-        try:
-            return super().invoke(ctx)
-        except AuditError as exc:
-            raise _fail(str(exc), exc.exit_code) from None
-        except KeyboardInterrupt:
-            written = WRITTEN[before:]
-            what = ("nothing was written" if not written else
-                    f"only {', '.join(written)} had been written")
-            click.echo(f"\ninterrupted: {what}", err=True)
-            ctx.exit(130)
-
-
-def _quiet_unless_main(dctx: distributed.Context) -> None:
-    """A rank other than 0 prints nothing from here on: its stdout and stderr go to os.devnull
-    for the rest of the process (the error message of a failed command, printed after this
-    block, included: rank 0 prints the same); the traceback of an unexpected error still
-    reaches its real stderr."""
-    if not dctx.is_main:
-        rank = dctx.rank
-
-        def hook(kind: Any, value: Any, tb: Any) -> None:
-            sys.__stderr__.write(f"[model-audit rank {rank}] ")
-            traceback.print_exception(kind, value, tb, file=sys.__stderr__)
-
-        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process
-        sys.excepthook = hook
-
-
-def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """The options that choose the model and the probe, the same in every command."""
-    options = [
-        click.option("--probe", type=click.Path(path_type=Path), default=None,
-                     help="Probe set: an ImageFolder directory, or a .safetensors file with "
-                          "labels and images (N,C,H,W) or inputs (N,...: any other data)."),
-        click.option("--arch", default=None,
-                     help="Architecture: a torchvision name (resnet18), a CIFAR-stem ResNet "
-                          "(resnet18-cifar), timm:NAME or package.module:factory. Default: "
-                          "the checkpoint's metadata or model directory, else the one "
-                          "architecture its keys and shapes match."),
-        click.option("--num-classes", type=int, default=None,
-                     help="Outputs of the head. Default: metadata, else the head's weight."),
-        click.option("--normalize", default=None,
-                     help="cifar10 | imagenet | none | MEAN,STD. Default: the checkpoint's "
-                          "metadata, else its timm or image-processor config, else none."),
-        click.option("--resize", default=None,
-                     help="Resize images to N or HxW (default: the input size of its timm or "
-                          "image-processor config, else keep)."),
-        click.option("--limit", type=int, default=None,
-                     help="Use a class-stratified random subset of N probe images (seeded)."),
-        click.option("--seed", type=int, default=0, show_default=True,
-                     help="Seed of the subset, the bootstrap and everything random."),
-        click.option("--device", default="auto", show_default=True,
-                     help=f"{' | '.join(DEVICES)} (auto: cuda when available)."),
-        click.option("--granularity", type=click.Choice(GRANULARITIES), default="group",
-                     show_default=True, help="Layer groups: top-level groups, blocks or modules."),
-        click.option("--batch-size", type=int, default=128, show_default=True,
-                     help="Images per forward/backward pass (bounds memory)."),
-        click.option("--workers", type=int, default=None,
-                     help="DataLoader processes decoding probe images ahead of the model "
-                          "(default: up to 4 for an image folder, 0 for a tensor file)."),
-        click.option("--quiet", "-q", is_flag=True, default=False,
-                     help="No progress bars and no warnings; only the result."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def _audit_options(kw: dict) -> AuditOptions:
-    return AuditOptions(arch=kw["arch"], num_classes=kw["num_classes"],
-                        normalize=kw["normalize"], resize=kw["resize"], limit=kw["limit"],
-                        seed=kw["seed"], device=kw["device"], granularity=kw["granularity"],
-                        batch_size=kw["batch_size"], workers=kw["workers"])
-
-
-def _need_probe(probe: Optional[Path]) -> Path:
-    if probe is None:
-        raise click.UsageError(
-            "no probe set given: pass --probe PATH (an ImageFolder directory or a .safetensors "
-            "file with images and labels), or set probe = \"PATH\" under [tool.model-audit] in "
-            "./pyproject.toml (or in ./model-audit.toml)")
-    return probe
-
-
-def _progress(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
+from .. import distributed
+from .._version import __version__
+from ..baselines import resolve_baselines
+from ..commands.compare import compare as run_compare
+from ..commands.fix import NO_REPAIR_EXIT
+from ..commands.fix import fix as run_fix
+from ..commands.gate import check_gate
+from ..commands.sanity import read_evidence, scan_with_best_method
+from ..commands.scan import scan as run_scan
+from ..config import load_defaults
+from ..core.plant import resolve_defects
+from ..core.replay import ReplayConfig
+from ..core.schedules import SCHEDULES
+from ..errors import AuditError, OutputError
+from ..io.files import atomic_write_bytes
+from ..io.records import AuditRecord
+from ..models import timm_models
+from ..models.registry import available_architectures
+from ..outputs import (format_compare, format_fix, format_gate, format_sanity, format_scan,
+                      run_sanity_cli, write_compare, write_fix, write_gate, write_sanity,
+                      write_scan)
+from ..policy import EXAMPLE_POLICY, load_policy
+from ..render.html import render_directory
+from ..results.compare import CompareConfig
+from ..results.fix import BATCHNORM_MODES, FixConfig
+from ..results.sanity import SanityConfig
+from ..results.scan import METRICS, ScanConfig
+from .group import (COMMANDS_WITH_MODEL, AuditGroup, audit_options, fail, model_options, need_probe,
+                    show_progress)
 
 
 @click.group(cls=AuditGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -216,7 +59,7 @@ def cli(ctx: click.Context) -> None:
     try:
         defaults = load_defaults()
     except AuditError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
+        raise fail(str(exc), exc.exit_code) from None
     if defaults:
         ctx.default_map = {name: defaults for name in COMMANDS_WITH_MODEL}
 
@@ -264,8 +107,8 @@ def scan(checkpoint: Path, out: Optional[Path], bootstrap: int, replay_steps: in
     Prints a table (group, parameter share, score, flag frequency, flagged) and writes
     OUT/audit.json and OUT/report.html (and OUT/sanity/ when --method auto ran sanity).
     """
-    probe = _need_probe(kw["probe"])
-    config = ScanConfig(options=_audit_options(kw),
+    probe = need_probe(kw["probe"])
+    config = ScanConfig(options=audit_options(kw),
                         replay=ReplayConfig(steps=replay_steps, lr=replay_lr,
                                             schedule=replay_schedule),
                         bootstrap=bootstrap, baselines=resolve_baselines(baselines),
@@ -276,12 +119,12 @@ def scan(checkpoint: Path, out: Optional[Path], bootstrap: int, replay_steps: in
     if config.method == "auto" and config.evidence is None:
         say = None if kw["quiet"] else (lambda m: click.echo(m, err=True))
         result, ran_sanity = scan_with_best_method(
-            checkpoint, probe, config, progress=_progress(kw["quiet"]),
-            run_sanity=partial(run_sanity_cli, progress=_progress(kw["quiet"]), say=say),
+            checkpoint, probe, config, progress=show_progress(kw["quiet"]),
+            run_sanity=partial(run_sanity_cli, progress=show_progress(kw["quiet"]), say=say),
             source=str(out / "sanity"))
     else:
         config.validate()
-        result = run_scan(checkpoint, probe, config, progress=_progress(kw["quiet"]))
+        result = run_scan(checkpoint, probe, config, progress=show_progress(kw["quiet"]))
     paths = distributed.on_main(write_scan, result, out)
     if ran_sanity is not None:
         distributed.on_main(write_sanity, ran_sanity, out / "sanity",
@@ -289,14 +132,7 @@ def scan(checkpoint: Path, out: Optional[Path], bootstrap: int, replay_steps: in
     if not kw["quiet"]:
         for warning in result.warnings:
             click.echo(f"warning: {warning}", err=True)
-        click.echo(text.scan_summary(result))
-    click.echo(text.scan_table(result))
-    click.echo(f"flagged: {', '.join(result.flagged) if result.flagged else 'none'}")
-    if result.ranking is not None and (result.ranking.evidence is not None
-                                       or result.ranking.chosen_by != "default"):
-        click.echo(result.ranking.trust())
-    if result.agreement:
-        click.echo(text.baselines_table(result))
+    click.echo(format_scan(result, summary=not kw["quiet"]))
     if not kw["quiet"]:
         click.echo(f"wrote {paths['audit']} and {paths['report']} "
                    f"({result.timing['total_s']:.1f} s on {result.device})")
@@ -306,8 +142,8 @@ def _scan_or_load(path: Path, kw: dict, progress: bool) -> Any:
     """An ``audit.json`` is read as it is; a checkpoint is scanned with the shared options."""
     if path.suffix.lower() == ".json":
         return AuditRecord.read(path)
-    probe = _need_probe(kw["probe"])
-    return run_scan(path, probe, ScanConfig(options=_audit_options(kw)), progress=progress)
+    probe = need_probe(kw["probe"])
+    return run_scan(path, probe, ScanConfig(options=audit_options(kw)), progress=progress)
 
 
 @cli.command()
@@ -332,11 +168,11 @@ def compare(a: Path, b: Path, out: Optional[Path], allow_partial: bool, resample
     config = CompareConfig(allow_partial=allow_partial, resamples=resamples, seed=kw["seed"])
     config.validate()
     out = out if out is not None else Path("reports") / f"compare-{a.stem}-vs-{b.stem}"
-    progress = _progress(kw["quiet"])
+    progress = show_progress(kw["quiet"])
     scans = [_scan_or_load(a, kw, progress), _scan_or_load(b, kw, progress)]
     result = run_compare(scans[0], scans[1], config)
     paths = distributed.on_main(write_compare, result, out, inputs=(a, b))
-    click.echo(text.compare_text(result))
+    click.echo(format_compare(result))
     if not kw["quiet"]:
         click.echo(f"wrote {paths['compare']} and {paths['report']}")
 
@@ -379,20 +215,20 @@ def gate(checkpoint: Optional[Path], policy: Optional[Path], baseline: Optional[
     if policy is None:
         raise click.UsageError("give --policy POLICY.toml (`model-audit gate --init` writes one)")
     rules = load_policy(policy)
-    probe = _need_probe(kw["probe"])
+    probe = need_probe(kw["probe"])
     out = out if out is not None else Path("reports") / f"gate-{checkpoint.stem}"
     try:
         result = check_gate(checkpoint, probe, rules, baseline=baseline,
-                            scan_config=ScanConfig(options=_audit_options(kw)),
-                            progress=_progress(kw["quiet"]), sanity=sanity_file)
+                            scan_config=ScanConfig(options=audit_options(kw)),
+                            progress=show_progress(kw["quiet"]), sanity=sanity_file)
         distributed.on_main(write_gate, result, out, junit=junit, summary=summary,
                             inputs=tuple(p for p in (checkpoint, probe, policy, baseline,
                                                      sanity_file) if p))
     except AuditError:
         raise
     except Exception as exc:  # an internal error must not look like a pass or a failed check
-        raise _fail(f"internal error: {type(exc).__name__}: {exc}") from exc
-    click.echo(markdown_summary(result).rstrip())
+        raise fail(f"internal error: {type(exc).__name__}: {exc}") from exc
+    click.echo(format_gate(result).rstrip())
     click.get_current_context().exit(result.exit_code)
 
 
@@ -408,7 +244,7 @@ def _wrong_fraction(text: str) -> Optional[float]:
     try:
         return float(text)
     except ValueError:
-        raise _fail(f"--wrong-fraction must be a number between 0 and 1 or 'natural', got "
+        raise fail(f"--wrong-fraction must be a number between 0 and 1 or 'natural', got "
                     f"{text!r}") from None
 
 
@@ -486,10 +322,10 @@ def fix(checkpoint: Path, train: Path, output: Path, layers: str, audit: Optiona
     OUT/fix.json and OUT/report.html. Exit 3: no repair beat the original, nothing written
     but fix.json and report.html.
     """
-    probe = _need_probe(kw["probe"])
+    probe = need_probe(kw["probe"])
     names = [c.strip() for c in controls.split(",") if c.strip()]
     config = FixConfig(
-        options=_audit_options(kw),
+        options=audit_options(kw),
         layers="auto" if layers.strip() == "auto" else tuple(
             n.strip() for n in layers.split(",") if n.strip()),
         steps=steps, epochs=epochs, batch_size=fix_batch_size,
@@ -502,7 +338,7 @@ def fix(checkpoint: Path, train: Path, output: Path, layers: str, audit: Optiona
     config.validate()
     out = out if out is not None else Path("reports") / f"fix-{checkpoint.stem}"
     result = run_fix(checkpoint, train, probe, output, config, audit=audit,
-                     progress=_progress(kw["quiet"]))
+                     progress=show_progress(kw["quiet"]))
     paths = distributed.on_main(write_fix, result, out)
     if not kw["quiet"]:
         for warning in result.warnings:
@@ -521,7 +357,7 @@ def _sanity_methods(text: str) -> Tuple[str, ...]:
     try:
         return resolve_baselines([t for t in items if t.lower() != "own"])
     except AuditError as exc:
-        raise _fail(f"{exc} (and own, the tool's metric, always included)") from None
+        raise fail(f"{exc} (and own, the tool's metric, always included)") from None
 
 
 @cli.command()
@@ -560,17 +396,17 @@ def sanity(checkpoint: Path, defects: str, drop: float, tolerance: float, groups
     each method. Prints per method top-1 and MRR beside chance, and writes OUT/sanity.json and
     OUT/report.html. The checkpoint is never written.
     """
-    probe = _need_probe(kw["probe"])
+    probe = need_probe(kw["probe"])
 
     config = SanityConfig(
         defects=resolve_defects(defects), drop=drop, tolerance=tolerance, repeats=repeats,
         groups=None if groups.strip().lower() == "auto"
         else tuple(g.strip() for g in groups.split(",") if g.strip()),
-        scan=ScanConfig(options=_audit_options(kw), baselines=_sanity_methods(methods),
+        scan=ScanConfig(options=audit_options(kw), baselines=_sanity_methods(methods),
                         metric=metric))
     out = out if out is not None else Path("reports") / f"sanity-{checkpoint.stem}"
     result = run_sanity_cli(checkpoint, probe, config, keep_damaged=keep_damaged,
-                            progress=_progress(kw["quiet"]),
+                            progress=show_progress(kw["quiet"]),
                             say=None if kw["quiet"] else (lambda m: click.echo(m, err=True)))
     paths = distributed.on_main(write_sanity, result, out, inputs=(checkpoint, probe))
     data = result.to_dict()

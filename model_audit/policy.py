@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
-from ..errors import ConfigError
-from ..io.files import read_toml
+from .errors import ConfigError
+from .io.files import read_toml
 
 FORMATS = ("safetensors", "pt")
 
