@@ -1,5 +1,5 @@
 """What the benchmarks share: the reference checkpoints, the command-line options every CIFAR
-bench takes, the machine and commit of a result, appending to RESULTS.md, and the one
+bench takes, the machine and commit of a result, appending to the day's log (bench/log/DATE.md), and the one
 training loop (:func:`train_steps`) with its optimizers and batches.
 
 The CIFAR-10 subsets come from :mod:`bench.cifar`.
@@ -26,19 +26,18 @@ from model_audit.errors import ConfigError
 from . import cifar
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_RESULTS = ROOT / "bench" / "RESULTS.md"
+#: Where a run's raw section goes: the day's log (UTC). bench/RESULTS.md holds one current table
+#: per question, kept by hand from these logs.
+DEFAULT_RESULTS = ROOT / "bench" / "log" / f"{datetime.now(timezone.utc):%Y-%m-%d}.md"
 ARCH = "resnet18-cifar"
 NUM_CLASSES = 10
 #: The constant heavy-ball momentum of the "sgd" baseline method.
 CONSTANT_MOMENTUM = 0.9
 
-RESULTS_HEADER = """# Benchmark results
+RESULTS_HEADER = """# Benchmark log
 
-Appended by `python -m bench scan` (see `bench/scan_bench.py`): the wall time of the full
-`model_audit.commands.scan.scan(...)` library call on a 1000-image CIFAR-10 test probe and a briefly
-trained `resnet18-cifar`, next to the floor, one plain forward+backward pass over the same
-probe at the same batch size. Numbers are from one run each; the load average shows whether
-the machine was busy.
+The raw sections of `python -m bench` runs, as each run appended them (command, commit,
+machine, output). `bench/RESULTS.md` holds the current table for each question.
 """
 
 
@@ -89,7 +88,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where to run (auto: cuda when available) [default: auto]")
     parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS,
                         help="Markdown file the result section is appended to "
-                             "[default: bench/RESULTS.md]")
+                             "[default: bench/log/DATE.md, today in UTC]")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where the checkpoints and CIFAR subsets are kept (outside the "
                              "repository) [default: ~/.cache/model-audit-bench]")

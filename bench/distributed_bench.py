@@ -20,7 +20,7 @@ side in one run, ``--repeats`` times each, alternating:
   memory (images decoded per batch, in DataLoader workers)?
 
 ``--checkpoint``/``--probe``/``--train`` run it on other inputs (the tests use the digits
-samples). Appends a Markdown section to ``bench/RESULTS.md``.
+samples). Appends a Markdown section to the day's log, ``bench/log/DATE.md``.
 """
 from __future__ import annotations
 

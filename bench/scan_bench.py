@@ -22,7 +22,7 @@
 
 4. prints a Markdown section (ratio scan/floor against the goal of 1.3, the scan's time
    against 60 s, its own timing breakdown, machine, commit, date, exact command) and appends
-   it to ``bench/RESULTS.md`` (or ``--out FILE``).
+   it to the day's log, ``bench/log/DATE.md`` (or ``--out FILE``).
 
 The data is ``../shared/data/cifar10-jpeg.tar.gz`` next to the repository (``--data``).
 """

@@ -23,7 +23,7 @@ images, the state it keeps, nothing changed when no state beat the original): th
 groups (``layers="auto"``: a scan of the shifted repair images), each group alone (the
 oracle; the first residual stage and the last layer among them), the full fine-tune and
 Auto-RGN's choice. The scan's rank of the oracle's best group is reported per shift.
-Appends a Markdown section to ``bench/RESULTS.md``.
+Appends a Markdown section to the day's log, ``bench/log/DATE.md``.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@
 * **transformers**: tiny configs of several ``*ForImageClassification`` families, saved with
   ``save_pretrained`` (and an image-processor config), scanned as directories.
 
-Appends a Markdown table to ``bench/RESULTS.md``.
+Appends a Markdown table to the day's log, ``bench/log/DATE.md``.
 """
 from __future__ import annotations
 

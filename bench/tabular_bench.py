@@ -14,7 +14,7 @@ then through the CLI:
 * ``fix`` of the SGD model's flagged groups on the repair rows against the controls (all
   groups, random, Auto-RGN) with the same budget: fixed, broken, net on the probe.
 
-Appends a Markdown section to ``bench/RESULTS.md``.
+Appends a Markdown section to the day's log, ``bench/log/DATE.md``.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ eval mode only blows its activations up), save ``model.state_dict()`` as safeten
 heads included, no module versions), then ``model-audit scan`` it through the CLI on 6 random
 images of the smallest size it takes, twice: once with ``--arch`` and once without (the
 architecture guessed from keys and shapes). Records exit codes, the guess, seconds and peak
-memory, and appends a Markdown table to ``bench/RESULTS.md``. The suite tests one variant per
+memory, and appends a Markdown table to the day's log (``bench/log/DATE.md``). The suite tests one variant per
 family (``tests/test_torchvision_families.py``); this covers the large ones too.
 """
 from __future__ import annotations

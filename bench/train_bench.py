@@ -27,7 +27,7 @@ Checkpoints (``train/<run>.safetensors``, with the tool's metadata) and per-epoc
 (``train/<run>.json``) stay in the cache directory, outside the repository. The defaults are
 the full claim (``resnet18-cifar``, all 50,000 training images, 30 epochs) on a GPU and a
 reduced scale on a CPU (``tiny-resnet``, 1,000 images per class, 15 epochs, lower targets),
-and the section written to ``bench/RESULTS.md`` says which.
+and the section the run appends to its log says which.
 """
 from __future__ import annotations
 

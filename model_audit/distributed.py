@@ -17,7 +17,7 @@ Outside torchrun (``WORLD_SIZE`` unset or 1) every function here is the single-p
 identity, and nothing touches torch.distributed. A notebook that set up the process group
 itself gets the same sharding: :func:`current` adopts an initialised default group.
 
-Example:
+Examples:
     >>> from model_audit import distributed
     >>> with distributed.session("auto"):  # doctest: +SKIP
     ...     result = scan("model.safetensors", "probe/")

@@ -6,7 +6,7 @@ says what produced it: library versions, the CPU kernels torch chose
 (``torch.backends.cpu.get_cpu_capability()``), the intra-op thread count, the CUDA devices, the
 memory layout, and the torchrun world (size and backend) of a distributed run.
 
-Example:
+Examples:
     >>> env = describe()
     >>> env["distributed"]["world_size"] >= 1 and env["threads"] >= 1
     True

@@ -90,7 +90,7 @@ def cli(ctx: click.Context) -> None:
               help="The own metric: replay_reduction (loss removed from the errors by each "
                    "group's replay step) or net_reduction (loss removed from the errors and "
                    "from correct images, each group's step scaled at its best); see the "
-                   "README's method section.")
+                   "documentation's method page (docs/method.md).")
 @click.option("--method", default="own", show_default=True,
               help="What ranks and flags the groups: own (the tool's metric), a baseline's "
                    "name (e.g. auto_rgn), or auto: the method that localised planted faults "

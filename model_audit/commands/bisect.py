@@ -17,7 +17,7 @@ two checkpoints on this probe: no sampling and no approximation. The interaction
 groups are what the pairs show: a regression that needs two groups back shows in no single
 one.
 
-Example:
+Examples:
     >>> regression = bisect(baseline_model, candidate_model, groups, probe)  # doctest: +SKIP
     >>> regression.best.groups, regression.best.recovered, regression.regressed  # doctest: +SKIP
 """

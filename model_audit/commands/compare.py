@@ -17,7 +17,7 @@ Uncertainty, so that "100% overlap" can be judged:
   ``X = |A & B|`` would be hypergeometric: ``E[X] = |A| |B| / G`` over ``G`` shared groups,
   and ``P(X >= observed)`` is the probability of an overlap at least as large by chance.
 
-Example:
+Examples:
     >>> result = compare("sgd/audit.json", "adam/audit.json")  # doctest: +SKIP
     >>> result.jaccard, result.chance["p_value"]  # doctest: +SKIP
 """

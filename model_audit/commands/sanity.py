@@ -13,7 +13,7 @@ with ``t - 1`` others counts ``1/t`` of a top-1 hit, and its reciprocal rank is 
 ``1/p`` over the tied positions ``p``. So a method that scores every group equally gets
 exactly the chance level. A group a method cannot score (NaN) ranks after every scored one.
 
-Example:
+Examples:
     >>> from model_audit.commands.sanity import sanity, SanityConfig
     >>> result = sanity("model.safetensors", "probe/", SanityConfig())  # doctest: +SKIP
     >>> result.summary["replay_reduction"].top1  # doctest: +SKIP

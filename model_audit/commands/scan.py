@@ -1,6 +1,6 @@
 """``scan``: evaluate, replay, attribute, flag. The library call behind ``model-audit scan``.
 
-Example:
+Examples:
     >>> from model_audit import scan, ScanConfig, AuditOptions
     >>> result = scan("model.safetensors", "probe/",  # doctest: +SKIP
     ...               ScanConfig(options=AuditOptions(arch="resnet18-cifar", normalize="cifar10")))

@@ -1,6 +1,6 @@
 """Evaluate a model on a probe set: predictions, per-sample loss, accuracy, the errors.
 
-Example:
+Examples:
     >>> result = evaluate(ckpt.model, probe, device="cpu")  # doctest: +SKIP
     >>> result.accuracy, len(result.misclassified)  # doctest: +SKIP
 """

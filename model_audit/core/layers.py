@@ -20,7 +20,7 @@ and its head; ``block`` splits each of those one level further.
 Parameters owned directly by a module that is split (e.g. a ViT's ``class_token``) form a group
 of their own, named after the parameter, so every parameter belongs to exactly one group.
 
-Example:
+Examples:
     >>> from model_audit.models.registry import build_model
     >>> [g.name for g in layer_groups(build_model("resnet18-cifar", 10))]
     ['conv1', 'bn1', 'layer1', 'layer2', 'layer3', 'layer4', 'fc']

@@ -38,7 +38,7 @@ the target between two severities the search can tell apart (e.g. ``fc`` moved t
 fresh init: nothing, then far more than the target), is reported as not reached
 (``reached=False``) with the closest drop it found: never skipped.
 
-Example:
+Examples:
     >>> planted = calibrate(model, probe, group, "noise", drop=0.10)  # doctest: +SKIP
     >>> planted.result.drop, planted.model  # doctest: +SKIP
 """

@@ -11,7 +11,7 @@ underdamped (the momentum is larger than critical: oscillation), ``zeta > 1`` ov
 (smaller than critical: sluggish), ``zeta == 1`` critical. The beta schedule gives ``zeta = 1``
 by construction except where the momentum is clipped.
 
-Example:
+Examples:
     >>> round(beta_momentum(0.01), 4)
     0.8
     >>> damping_regime(0.9, 0.1)
@@ -59,7 +59,7 @@ def beta_momentum(lr: float, max_momentum: float = DEFAULT_MAX_MOMENTUM) -> floa
     Raises:
         ConfigError: for a negative or non-finite learning rate or a bad clip.
 
-    Example:
+    Examples:
         >>> [round(beta_momentum(a), 2) for a in (0.1, 0.01, 0.0025)]
         [0.37, 0.8, 0.9]
     """
@@ -90,7 +90,7 @@ def hybrid_momentum(
     :class:`MomentumScheduler` once the crossover happened) keeps the constant even if a
     warm restart raises the learning rate again.
 
-    Example:
+    Examples:
         >>> round(hybrid_momentum(0.01), 2), hybrid_momentum(0.0001)
         (0.8, 0.9)
     """
@@ -120,7 +120,7 @@ def damping_regime(
     ``critical`` when ``|zeta - 1| <= tolerance``; otherwise ``underdamped`` for ``zeta < 1``
     and ``overdamped`` for ``zeta > 1``.
 
-    Example:
+    Examples:
         >>> damping_regime(beta_momentum(0.01), 0.01), damping_regime(0.5, 0.0001)
         ('critical', 'overdamped')
     """
@@ -212,7 +212,7 @@ class MomentumScheduler:
     Raises:
         ConfigError: when the optimizer has neither ``momentum`` nor ``betas``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> p = torch.nn.Parameter(torch.zeros(1))
         >>> opt = torch.optim.SGD([p], lr=0.01, momentum=0.0)

@@ -28,7 +28,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
     """``scipy.stats.spearmanr`` over the finite pairs; None where it is undefined (fewer than
     3 finite pairs, or a constant vector: scipy would warn and return NaN).
 
-    Example:
+    Examples:
         >>> spearman([1, 2, 3, 4], [10, 20, 30, 40])
         1.0
     """
@@ -42,7 +42,7 @@ def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
     """``scipy.stats.kendalltau`` (tau-b, ties corrected) over the finite pairs; None where it
     is undefined (as :func:`spearman`).
 
-    Example:
+    Examples:
         >>> kendall_tau_b([1, 2, 3], [3, 2, 1])
         -1.0
     """
@@ -75,7 +75,7 @@ def hypergeom_sf(x: int, total: int, a: int, b: int) -> float:
     the one-sided p-value of an overlap at least this large by chance
     (``scipy.stats.hypergeom``).
 
-    Example:
+    Examples:
         >>> round(hypergeom_sf(2, 7, 2, 2), 4)   # both of 2 flags among 7 groups: 1 / C(7, 2)
         0.0476
     """
@@ -91,7 +91,7 @@ def mcnemar_exact(b: int, c: int, alternative: str = "two-sided") -> float:
     churn?), for two repairs of the same model on the same images, and one-sided
     (``alternative="greater"``: are there more fixes than breaks?) for fix's validation.
 
-    Example:
+    Examples:
         >>> round(mcnemar_exact(9, 1), 4), mcnemar_exact(5, 5)
         (0.0215, 1.0)
     """
@@ -130,7 +130,7 @@ def max_sign_flip_p(differences: np.ndarray, observed: Optional[float] = None, *
     ``permutation_type="samples"`` computes the same (tested) but holds every resample of the
     whole matrix in memory at once: tens of seconds for 1,000 images and 8 states.
 
-    Example:
+    Examples:
         >>> max_sign_flip_p(np.array([[1], [1], [1]]))   # 3 fixes, no break: 1 flip in 8
         0.125
     """

@@ -16,7 +16,7 @@ Pixel values are scaled to [0, 1], then normalised with ``(x - mean) / std``
 (:func:`parse_normalize`). Images are resized only when ``resize`` is given. Nothing is held
 in memory beyond one batch: images are decoded when a batch is asked for.
 
-Example:
+Examples:
     >>> probe = open_probe("cifar10/test", channels=3, normalize="cifar10", limit=1000)  # doctest: +SKIP
     >>> for positions, x, y in probe.batches(256): ...  # doctest: +SKIP
 """

@@ -29,7 +29,7 @@ class TensorFileProbe(ProbeSet):
     """``.safetensors`` with ``labels`` and ``images`` or ``inputs``; rows sliced per batch
     (memory-mapped). ``kind`` is ``"tensors"`` for images and ``"inputs"`` for other data.
 
-    Example:
+    Examples:
         >>> probe = TensorFileProbe(Path("rows.safetensors"), channels=3,  # doctest: +SKIP
         ...                         normalization=parse_normalize("none"), resize=None)
         >>> probe.is_image, probe.input_shape, probe.load([0]).dtype  # doctest: +SKIP

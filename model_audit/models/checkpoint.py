@@ -10,7 +10,7 @@ the safetensors files it produces (``model_audit.arch``, ``model_audit.num_class
 architectures: a ``package.module:factory`` spec imports code, so it is accepted from the
 command line only, never from a file.
 
-Example:
+Examples:
     >>> from model_audit.models.checkpoint import load_checkpoint   # doctest: +SKIP
     >>> ckpt = load_checkpoint("model.safetensors", arch="resnet18-cifar")  # doctest: +SKIP
     >>> ckpt.num_classes, ckpt.arch  # doctest: +SKIP

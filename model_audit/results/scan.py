@@ -26,7 +26,7 @@ NET_METRIC_DOC = ("score = share of the loss of the misclassified images and twi
                   "beta-scheduled replay displacement, scaled by the best of 1, 4, 16, 64")
 
 
-#: The own metric's formulations (``--metric``); see the README's method section.
+#: The own metric's formulations (``--metric``); see docs/method.md.
 METRICS = {METRIC_NAME: METRIC_DOC, NET_METRIC_NAME: NET_METRIC_DOC}
 
 
