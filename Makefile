@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS := test,samples,timm,hf,docs
+EXTRAS := test,samples,timm,hf,docs,pandas
 # The exact versions the suite was run with (see tools/constraints.py); `make lock` refreshes it.
 CONSTRAINTS := constraints.txt
 # pytest-xdist: one worker per core, each with its share of the cores' threads (tests/conftest.py)

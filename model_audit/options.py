@@ -13,12 +13,16 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from torch import nn
 
 from .models.checkpoint import LoadedCheckpoint, load_checkpoint
 from .errors import ConfigError
 from .distributed import rank_device
 from .core.layers import GRANULARITIES
+from .io.memory import DatasetProbe, as_probe
 from .io.probe import ProbeSet, open_probe
+from .io.probe_set import stratified_positions
+from .models.module import loaded_from_module
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -131,6 +135,14 @@ def load_inputs(checkpoint: "os.PathLike[str] | str", probe: "os.PathLike[str] |
     Returns:
         The loaded checkpoint, the probe set and warnings for the user.
     """
+    ckpt, warnings = load_model(checkpoint, options)
+    probe_set, more = open_probe_for(ckpt, probe, options)
+    return ckpt, probe_set, warnings + more
+
+
+def load_model(checkpoint: "os.PathLike[str] | str", options: AuditOptions
+               ) -> Tuple[LoadedCheckpoint, List[str]]:
+    """Load a checkpoint file or model directory with ``options``; warnings for the user."""
     options.validate()
     warnings: List[str] = []
     ckpt = load_checkpoint(checkpoint, arch=options.arch, num_classes=options.num_classes)
@@ -144,25 +156,79 @@ def load_inputs(checkpoint: "os.PathLike[str] | str", probe: "os.PathLike[str] |
         warnings.append(f"{len(ckpt.left_out)} tensor(s) of {ckpt.arch}'s auxiliary heads "
                         f"(used only in training, e.g. {ckpt.left_out[0]}) were left out of "
                         "the audit")
-    probe_set, more = open_probe_for(ckpt, probe, options)
-    return ckpt, probe_set, warnings + more
+    return ckpt, warnings
 
 
 def resolve_inputs(checkpoint: Any, probe: Any, options: AuditOptions
                    ) -> Tuple[LoadedCheckpoint, ProbeSet, List[str]]:
-    """Like :func:`load_inputs`, also for a checkpoint that is already loaded.
+    """Like :func:`load_inputs`, also for a model and data already in memory.
 
-    ``checkpoint`` is a path or a :class:`LoadedCheckpoint`; with a loaded one, ``probe`` may
-    be a :class:`ProbeSet` or a path (opened with ``options`` and the checkpoint's metadata).
+    ``checkpoint`` is a path, a :class:`LoadedCheckpoint` or an ``nn.Module`` (a copy is
+    audited: :func:`~model_audit.models.module.loaded_from_module`). ``probe`` is a path
+    (opened with ``options`` and the checkpoint's metadata), a :class:`ProbeSet`, a
+    ``Dataset`` yielding ``(input, label)``, a ``DataLoader`` or a pair of tensors
+    ``(inputs, labels)`` (:class:`~model_audit.io.memory.DatasetProbe`: the dataset's own
+    transform is its normalisation).
 
     Raises:
-        ConfigError: a loaded probe with a checkpoint given as a path.
+        ConfigError: a model whose output on the probe is not one logit per class, or data
+            of another kind.
     """
-    if isinstance(checkpoint, LoadedCheckpoint):
-        if isinstance(probe, ProbeSet):
-            return checkpoint, probe, []
-        probe_set, _ = open_probe_for(checkpoint, probe, options)
-        return checkpoint, probe_set, []
-    if isinstance(probe, ProbeSet):
-        raise ConfigError("give the probe as a path when the checkpoint is a path")
-    return load_inputs(checkpoint, probe, options)
+    options.validate()
+    from_module = isinstance(checkpoint, nn.Module)
+    warnings: List[str] = []
+    if from_module:
+        checkpoint = loaded_from_module(checkpoint, normalize=options.normalize)
+    elif isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint, warnings = load_model(checkpoint, options)
+    elif not isinstance(checkpoint, LoadedCheckpoint):
+        raise ConfigError(f"the model is a {type(checkpoint).__name__}: give a checkpoint path, "
+                          "a LoadedCheckpoint or a torch.nn.Module")
+    probe_set, more = resolve_data(checkpoint, probe, options)
+    if from_module or isinstance(probe_set, DatasetProbe):
+        check_logits(checkpoint, probe_set)
+    return checkpoint, probe_set, warnings + more
+
+
+def resolve_data(ckpt: LoadedCheckpoint, data: Any, options: AuditOptions, *,
+                 limit: Optional[int] = None) -> Tuple[ProbeSet, List[str]]:
+    """A probe or repair set for ``ckpt`` from a path (:func:`open_probe_for`), a
+    :class:`ProbeSet` (as it is) or data in memory (:class:`~model_audit.io.memory.
+    DatasetProbe`, with the class-stratified subset of ``limit``, default ``options.limit``).
+    """
+    limit = options.limit if limit is None else limit
+    probe_set = as_probe(data, classes=ckpt.classes, num_classes=ckpt.num_classes)
+    if probe_set is None:
+        if not isinstance(data, (str, os.PathLike)):
+            raise ConfigError(f"the data is a {type(data).__name__}: give a path, a ProbeSet, "
+                              "a Dataset yielding (input, label), a DataLoader or a pair of "
+                              "tensors (inputs, labels)")
+        return open_probe_for(ckpt, data, options, limit=limit)
+    warnings: List[str] = []
+    if isinstance(probe_set, DatasetProbe):
+        if options.normalize or options.resize:
+            warnings.append("--normalize and --resize are ignored for an in-memory dataset: "
+                            "its own transform prepares the inputs")
+        if limit is not None:
+            probe_set = probe_set.subset(stratified_positions(probe_set.labels, limit,
+                                                              options.seed))
+    return probe_set, warnings
+
+
+def check_logits(ckpt: LoadedCheckpoint, probe: ProbeSet) -> None:
+    """ConfigError unless the model maps the probe's first input to one logit per class (a
+    float tensor of shape (1, num_classes)): a dataset yielding the wrong shape, or a module
+    whose output is not logits, is said here instead of deep inside a scan."""
+    x = probe.load([0])
+    try:
+        with torch.inference_mode():
+            out = ckpt.model.eval()(x)
+    except Exception as exc:  # the model's own code: never a traceback
+        raise ConfigError(f"the model cannot take the probe's inputs of shape "
+                          f"{tuple(x.shape[1:])}: {type(exc).__name__}: {exc}") from exc
+    if not (isinstance(out, torch.Tensor) and out.is_floating_point()
+            and tuple(out.shape) == (1, ckpt.num_classes)):
+        what = (f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor)
+                else f"a {type(out).__name__}")
+        raise ConfigError(f"the model's output on one input is {what}; a classifier gives one "
+                          f"logit per class, shape (1, {ckpt.num_classes})")

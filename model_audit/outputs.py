@@ -26,10 +26,12 @@ from .options import load_inputs
 from .render.html import (render_compare_report, render_fix_report, render_gate_report,
                           render_sanity_report, render_scan_report, reopen_probe)
 from .render.junit import junit_xml
+from .render.notebook import compare_view, fix_view, gate_view, sanity_view, scan_view
 from .render.markdown import markdown_summary
 from .render.text import (baselines_table, compare_text, fix_text, sanity_text, sanity_verdict,
                           scan_summary, scan_table)
 from .results.compare import CompareResult
+from .results.display import HTML_VIEWS
 from .results.fix import FixResult
 from .results.gate import GateResult
 from .results.sanity import SanityCase, SanityConfig, SanityResult
@@ -221,3 +223,14 @@ def format_gate(result: GateResult) -> str:
     """The gate's Markdown summary, as the CLI prints it and ``--summary`` writes it."""
     return markdown_summary(result.to_dict(),
                             result.audit.to_dict() if result.audit is not None else None)
+
+
+# The notebook views of the results (their ``_repr_html_``): registered here, where render/ is
+# at hand, for the result types of the layer below.
+HTML_VIEWS.update({
+    ScanResult: lambda r: scan_view(r.to_dict()),
+    CompareResult: lambda r: compare_view(r.to_dict()),
+    FixResult: lambda r: fix_view(r.to_dict()),
+    SanityResult: lambda r: sanity_view(r.to_dict()),
+    GateResult: lambda r: gate_view(r.to_dict()),
+})

@@ -105,7 +105,8 @@ def run_cases(ckpt: LoadedCheckpoint, probe: ProbeSet, groups: Sequence[LayerGro
               plan: Sequence[Tuple[LayerGroup, str, int]], config: SanityConfig, *,
               device: str, on_case: Optional[ProgressFn] = None,
               units: Optional[np.ndarray] = None,
-              extra: Optional[Callable[[Any, Any], Dict[str, np.ndarray]]] = None,
+              extra: Optional[Callable[[LoadedCheckpoint, ScanResult],
+                                       Dict[str, np.ndarray]]] = None,
               on_damaged: Optional[Callable[[PlantResult, nn.Module], None]] = None
               ) -> Tuple[List[SanityCase], NullCase]:
     """Plant, calibrate, scan and score every case of ``plan`` (and the null case).
@@ -235,7 +236,7 @@ def scan_with_best_method(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
                           sanity_config: Optional[SanityConfig] = None, *,
                           progress: bool = False,
                           run_sanity: Callable[..., SanityResult] = sanity,
-                          source: str = "sanity") -> Tuple[Any, SanityResult]:
+                          source: str = "sanity") -> Tuple[ScanResult, SanityResult]:
     """``scan --method auto`` without evidence: a sanity run on the checkpoint and probe
     first, then the scan ranked by the method that localised best there.
 
@@ -247,7 +248,7 @@ def scan_with_best_method(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
             the sanity result to).
 
     Returns:
-        (the :class:`~model_audit.commands.scan.ScanResult`, the :class:`SanityResult`).
+        (the :class:`~model_audit.results.scan.ScanResult`, the :class:`SanityResult`).
     """
     own = replace(config, method="own", evidence=None)
     result = run_sanity(checkpoint, probe, replace(sanity_config or SanityConfig(), scan=own))

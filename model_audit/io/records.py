@@ -1,6 +1,6 @@
 """Typed results read back from the files the tool writes.
 
-A scan hands the next stage a :class:`~model_audit.commands.scan.ScanResult` in memory; across
+A scan hands the next stage a :class:`~model_audit.results.scan.ScanResult` in memory; across
 processes the same result travels as ``audit.json``. :class:`AuditRecord` is that file read
 back: the fields compare, gate and fix use, typed, so that no module digs into another's JSON
 with string keys. ``AuditRecord.data`` keeps the whole file for what is only rendered (the

@@ -49,6 +49,8 @@ class LoadedCheckpoint:
     preprocessing_from: Optional[str] = None
     #: the weights file, when ``path`` is a model directory (``save_pretrained``)
     weights_file: Optional[str] = None
+    #: an ``nn.Module`` given in memory (:mod:`.module`): there is no file behind ``path``
+    in_memory: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
         return {"arch": self.arch, "num_classes": self.num_classes,

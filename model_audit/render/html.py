@@ -112,7 +112,10 @@ def damping_chart(steps: List[Dict[str, Any]]) -> Optional[str]:
 def thumbnail(probe: ProbeSet, position: int, size: int = 64) -> str:
     """A probe image re-encoded by the tool as a PNG ``data:`` URI (never the original bytes)."""
 
-    x = probe.load([position], normalized=False)[0].clamp(0, 1)
+    x = probe.load([position], normalized=False)[0]
+    if getattr(probe, "rescale_for_display", False):  # normalised by the dataset's transform
+        x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-12)
+    x = x.clamp(0, 1)
     arr = (x.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
     img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
     scale = max(1, size // max(img.size))

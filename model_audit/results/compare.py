@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from ..errors import ConfigError
 from ..io.files import header, read_result
+from .display import Displayable
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,8 @@ class CompareConfig:
             raise ConfigError(f"resamples must be >= 0, got {self.resamples}")
 
 
-@dataclass(frozen=True)
-class CompareResult:
+@dataclass(frozen=True, repr=False)
+class CompareResult(Displayable):
     """Everything ``compare.json`` holds."""
 
     a: Dict[str, Any]
@@ -105,6 +106,10 @@ class CompareResult:
     config: CompareConfig = field(default_factory=CompareConfig)
     regression: Optional[Regression] = None   # bisection, when both models were at hand
     regression_note: Optional[str] = None     # why there is none
+
+    def rows(self) -> List[Dict[str, Any]]:
+        """One row per shared group: parameters, both scores, both flags."""
+        return [dict(s) for s in self.scores]
 
     @property
     def intersection(self) -> Tuple[str, ...]:

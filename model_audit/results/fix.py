@@ -9,6 +9,7 @@ from functools import cached_property
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from torch import nn
 
 from ..core.evaluate import EvaluationResult
 from ..core.schedules import SCHEDULES
@@ -19,6 +20,7 @@ from ..io.probe import ProbeSet
 from ..models.checkpoint import LoadedCheckpoint
 from ..options import AuditOptions
 from .repair import Target, Validation, check_share, target_summary
+from .display import Displayable
 
 #: The controls a repair is compared with (``--controls``).
 CONTROLS = ("all", "random", "rgn")
@@ -191,8 +193,8 @@ def verdict(controls: Sequence[Dict[str, Any]], net_p_value: float,
             "net_significant": net_p_value < alpha}
 
 
-@dataclass(frozen=True)
-class FixResult:
+@dataclass(frozen=True, repr=False)
+class FixResult(Displayable):
     """The repair, its controls and the written checkpoint."""
 
     checkpoint: LoadedCheckpoint
@@ -214,6 +216,16 @@ class FixResult:
     holdout: Dict[str, Any] = field(default_factory=dict)  # the validation part
     target: Optional[Target] = None
     selection_scores: Optional[Dict[str, float]] = None  # the scan's score of every group
+    #: the repaired model (a copy; the state validation kept), when a repair was found or
+    #: written anyway; None otherwise
+    repaired: Optional[nn.Module] = field(default=None, repr=False, compare=False)
+
+    def rows(self) -> List[Dict[str, Any]]:
+        """One row per run (the selection, then each control): groups, parameters, the
+        state kept, fixed, broken, net and its McNemar p-value on the probe."""
+        keys = ("name", "groups", "params_percent", "kept_step", "accepted", "fixed", "broken",
+                "net", "net_p_value", "seconds")
+        return [{k: run.summary()[k] for k in keys} for run in (self.selection, *self.controls)]
 
     @property
     def repair_found(self) -> bool:

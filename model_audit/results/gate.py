@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..io.files import header
 from ..io.records import AuditRecord
 from ..policy import Policy
 from .compare import CompareResult
+from .display import Displayable
 
 #: The gate's exit codes (``model-audit gate``) and what each means.
 EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_NOTHING = 0, 1, 2, 3
@@ -30,8 +31,8 @@ class Check:
                 "limit": self.limit, "message": self.message}
 
 
-@dataclass(frozen=True)
-class GateResult:
+@dataclass(frozen=True, repr=False)
+class GateResult(Displayable):
     """The verdict and every check; ``audit`` is the scan, when one ran."""
 
     checks: Tuple[Check, ...]
@@ -42,6 +43,10 @@ class GateResult:
     comparison: Optional[CompareResult] = None
     seconds: float = 0.0
     error: Optional[str] = None
+
+    def rows(self) -> List[Dict[str, Any]]:
+        """One row per check: name, passed (None: not run), value, limit, message."""
+        return [c.to_dict() for c in self.checks]
 
     @property
     def verdict(self) -> str:

@@ -15,6 +15,7 @@ from ..core.scoring import RANDOM, MethodSummary
 from ..errors import ConfigError
 from ..io.files import header
 from .scan import ScanConfig, ScanResult
+from .display import Displayable
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,8 @@ class NullCase:
                 "score_high": list(self.score_high)}
 
 
-@dataclass(frozen=True)
-class SanityResult:
+@dataclass(frozen=True, repr=False)
+class SanityResult(Displayable):
     """Every case, the null scan, and each method's localisation against chance."""
 
     groups: Tuple[str, ...]          # every group of the model
@@ -104,6 +105,12 @@ class SanityResult:
     seconds: float
     not_applicable: Tuple[Tuple[str, str], ...] = ()   # (group, defect) pairs skipped by rule
     extra: Dict[str, Any] = field(default_factory=dict)
+
+    def rows(self) -> List[Dict[str, Any]]:
+        """One row per method (and chance): top-1 and MRR over the planted faults."""
+        out: List[Dict[str, Any]] = [{"method": m, **s.to_dict()} for m, s in self.summary.items()]
+        return out + [{"method": "chance", "top1": self.chance[0], "mrr": self.chance[1],
+                       "n": None}]
 
     @property
     def unreached(self) -> Tuple[SanityCase, ...]:
@@ -162,7 +169,7 @@ def summarize(cases: Sequence[SanityCase], methods: Sequence[str],
 
 def scores_by_method(result: ScanResult, *, units: Optional[np.ndarray] = None,
                      random_seed: int = 0) -> Dict[str, np.ndarray]:
-    """Every method's per-group scores from one :class:`~model_audit.commands.scan.ScanResult`.
+    """Every method's per-group scores from one :class:`~model_audit.results.scan.ScanResult`.
 
     The own metric (named after the scan's ``metric``) and its size-normalised variants
     (``<metric>_per_param``: mean loss reduction per parameter of the group;

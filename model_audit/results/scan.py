@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..baselines import BASELINES, DEFAULT_BASELINES, Agreement, BaselineResult, resolve_baselines
 from ..core.attribution import METRIC_NAME, NET_METRIC_NAME, GroupReductions
@@ -15,6 +15,7 @@ from ..io.probe import ProbeSet
 from ..io.records import AuditRecord, LayerScore
 from ..models.checkpoint import LoadedCheckpoint
 from ..options import AuditOptions
+from .display import Displayable
 
 
 METRIC_DOC = ("score = share of the misclassified images' cross-entropy removed when the group "
@@ -113,8 +114,8 @@ def _pct(value: Optional[float]) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
-@dataclass(frozen=True)
-class ScanResult:
+@dataclass(frozen=True, repr=False)
+class ScanResult(Displayable):
     """The result of a scan; ``to_dict()`` is the content of ``audit.json``."""
 
     checkpoint: LoadedCheckpoint
@@ -136,6 +137,14 @@ class ScanResult:
     @property
     def flagged(self) -> Tuple[str, ...]:
         return tuple(layer.name for layer in self.layers if layer.flagged)
+
+    def rows(self) -> List[Dict[str, Any]]:
+        """One row per layer group: parameters, score with its interval, flag frequency,
+        flagged, and each baseline's share."""
+        return [{"group": layer.name, "params": layer.params, "params_share": layer.share,
+                 "score": layer.score, "score_low": layer.score_interval[0],
+                 "score_high": layer.score_interval[1], "flag_frequency": layer.flag_frequency,
+                 "flagged": layer.flagged, **dict(layer.baselines)} for layer in self.layers]
 
     def record(self) -> AuditRecord:
         """This scan as ``audit.json`` holds it: what compare, gate and fix read."""

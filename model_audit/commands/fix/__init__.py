@@ -70,7 +70,7 @@ from ...core.layers import LayerGroup, layer_groups
 from ...errors import ConfigError, ProbeError
 from ...io.probe import BatchCache, ProbeSet
 from ...models.checkpoint import LoadedCheckpoint
-from ...options import load_inputs, open_probe_for, resolve_device, seed_everything
+from ...options import resolve_data, resolve_device, resolve_inputs, seed_everything
 from .select import check_overlap, control_groups, resolve_selection
 from .target import parse_target, resolve_target
 from .train import RepairDiverged, Teacher, batch_plan, retrain, retrained_names
@@ -93,21 +93,25 @@ class OverlapError(ProbeError):
     """The probe and the repair data share images."""
 
 
-def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
-        probe: Union[str, os.PathLike], output: Optional[Union[str, os.PathLike]],
+def fix(checkpoint: Union[str, os.PathLike, LoadedCheckpoint, nn.Module], train: Any,
+        probe: Any, output: Optional[Union[str, os.PathLike]] = None,
         config: FixConfig = FixConfig(), *, audit: Optional[Union[str, os.PathLike]] = None,
         progress: bool = False) -> FixResult:
     """Retrain only the selected layer groups on ``train``; keep the result only when it beats
     the original on a validation part of ``train``; evaluate on ``probe``; controls.
 
     Args:
-        checkpoint: the model to repair (never modified).
-        train: repair data (ImageFolder directory or tensor file), images the model was not
-            trained on; a ``config.validation`` share of it is held out.
-        probe: held-out evaluation data (must not share images with ``train``).
+        checkpoint: the model to repair (never modified): a path, a loaded checkpoint or an
+            ``nn.Module`` (``result.repaired`` is then the repaired copy).
+        train: repair data the model was not trained on (an ImageFolder directory or tensor
+            file, or in memory: a Dataset, a DataLoader or (inputs, labels)); a
+            ``config.validation`` share of it is held out.
+        probe: held-out evaluation data (must not share images with ``train``), in the same
+            forms.
         output: where to write the repaired checkpoint (``.safetensors``), or None. It is
             written only when a repair was found (``result.written``), or with
-            ``config.write_anyway``.
+            ``config.write_anyway``; ``result.repaired`` holds the repaired model then
+            either way.
         config: options.
         audit: an ``audit.json`` of this checkpoint to take the flagged groups from.
 
@@ -122,14 +126,15 @@ def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
                           "it is split over; give --fix-batch-size of at least the number of ranks")
     start = time.perf_counter()
     opts = config.options
-    inputs = [Path(checkpoint), Path(train), Path(probe)] + ([Path(audit)] if audit else [])
+    inputs = [Path(p) for p in (checkpoint, train, probe, audit)
+              if isinstance(p, (str, os.PathLike))]
     if output is not None:
         check_output_path(Path(output), inputs)  # before any work
     device = resolve_device(opts.device)
     seed_everything(opts.seed)
     with distributed.agree():  # a file one node cannot read stops every rank
-        ckpt, probe_set, warnings = load_inputs(checkpoint, probe, opts)
-        train_set, _ = open_probe_for(ckpt, train, opts, limit=config.train_limit)
+        ckpt, probe_set, warnings = resolve_inputs(checkpoint, probe, opts)
+        train_set, _ = resolve_data(ckpt, train, opts, limit=config.train_limit)
     parse_target(config.target, train_set.classes)  # a bad --target before any evaluation
     timing: Dict[str, float] = {}
     t0 = time.perf_counter()
@@ -158,10 +163,12 @@ def fix(checkpoint: Union[str, os.PathLike], train: Union[str, os.PathLike],
                              len(repair.plan), selection) if written else (None, 0))
     model.cpu()
     timing["total_s"] = time.perf_counter() - start
-    return FixResult(ckpt, probe_set, str(train), len(train_set), len(train_eval.misclassified),
+    kept = repaired.cpu() if selection.validation.accepted or config.write_anyway else None
+    return FixResult(ckpt, probe_set, train_set.source, len(train_set), len(train_eval.misclassified),
                      selection, tuple(controls), config, str(output) if output else None, sha,
                      identical, device, {k: round(v, 3) for k, v in timing.items()},
-                     tuple(warnings), source, written, data.summary(), data.target, scores)
+                     tuple(warnings), source, written, data.summary(), data.target, scores,
+                     kept)
 
 
 def _write(ckpt: LoadedCheckpoint, repaired: nn.Module, groups: Sequence[LayerGroup],

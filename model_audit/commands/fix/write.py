@@ -101,7 +101,10 @@ def write_repaired(ckpt: LoadedCheckpoint, model: nn.Module, groups: Sequence[La
     Tensors outside the retrained groups are the input file's own tensors (key, dtype and
     bytes unchanged); retrained ones are cast back to their input dtype.
     """
-    raw, _ = read_tensors(ckpt.weights_file or ckpt.path)
+    if ckpt.in_memory:  # a module given in memory: its own state (float32) is the source
+        raw = {k: v.detach().cpu() for k, v in ckpt.model.state_dict().items()}
+    else:
+        raw, _ = read_tensors(ckpt.weights_file or ckpt.path)
     key_of = {}
     for key in raw:
         stripped = strip_wrapper_prefixes({key: raw[key]})
