@@ -42,6 +42,9 @@ class AuditOptions:
     #: DataLoader processes decoding the probe (None: up to 4 for an ImageFolder; not in
     #: to_dict: it changes the speed, never the answer)
     workers: Optional[int] = None
+    #: the image and label columns of a manifest or datasets directory (None: detected)
+    image_column: Optional[str] = None
+    label_column: Optional[str] = None
 
     def validate(self) -> None:
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
@@ -60,6 +63,9 @@ class AuditOptions:
     def to_dict(self) -> Dict[str, Any]:
         data = asdict(self)
         del data["workers"]
+        for key in ("image_column", "label_column"):
+            if data[key] is None:  # only when given: older audits have neither
+                del data[key]
         return data
 
 
@@ -102,7 +108,8 @@ def open_probe_for(ckpt: LoadedCheckpoint, probe: "os.PathLike[str] | str",
     probe_set = open_probe(probe, channels=ckpt.in_channels, normalize=normalize or "none",
                            resize=resize,
                            limit=options.limit if limit is None else limit, seed=options.seed,
-                           model_classes=ckpt.classes, num_classes=ckpt.num_classes)
+                           model_classes=ckpt.classes, num_classes=ckpt.num_classes,
+                           image_column=options.image_column, label_column=options.label_column)
     probe_set.workers = options.workers
     if not probe_set.is_image:  # inputs reach the model as stored: nothing to warn about
         given = [flag for flag, value in (("--normalize", options.normalize),

@@ -423,7 +423,7 @@ def test_tensor_probe_reads_only_the_requested_images(tmp_path, monkeypatch):
 def test_not_a_probe_file(tmp_path):
     path = tmp_path / "probe.pt"
     torch.save({"images": torch.zeros(1)}, path)
-    with pytest.raises(ProbeError, match="neither a directory nor a .safetensors"):
+    with pytest.raises(ProbeError, match="neither a directory, a .safetensors tensor file nor a .csv or .parquet manifest"):
         open_probe(path)
 
 

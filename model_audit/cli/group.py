@@ -121,8 +121,16 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The options that choose the model and the probe, the same in every command."""
     options = [
         click.option("--probe", type=click.Path(path_type=Path), default=None,
-                     help="Probe set: an ImageFolder directory, or a .safetensors file with "
-                          "labels and images (N,C,H,W) or inputs (N,...: any other data)."),
+                     help="Probe set: an ImageFolder directory; a .safetensors file with "
+                          "labels and images (N,C,H,W) or inputs (N,...: any other data); a "
+                          "CSV or Parquet manifest of path,label rows; a Hugging Face "
+                          "save_to_disk directory; or torchvision:NAME:ROOT[:split]."),
+        click.option("--image-column", default=None,
+                     help="The image (path) column of a manifest or datasets directory "
+                          "(default: detected)."),
+        click.option("--label-column", default=None,
+                     help="The label column of a manifest or datasets directory (default: "
+                          "detected)."),
         click.option("--arch", default=None,
                      help="Architecture: a torchvision name (resnet18), a CIFAR-stem ResNet "
                           "(resnet18-cifar), timm:NAME or package.module:factory. Default: "
@@ -161,7 +169,8 @@ def audit_options(kw: dict) -> AuditOptions:
     return AuditOptions(arch=kw["arch"], num_classes=kw["num_classes"],
                         normalize=kw["normalize"], resize=kw["resize"], limit=kw["limit"],
                         seed=kw["seed"], device=kw["device"], granularity=kw["granularity"],
-                        batch_size=kw["batch_size"], workers=kw["workers"])
+                        batch_size=kw["batch_size"], workers=kw["workers"],
+                        image_column=kw["image_column"], label_column=kw["label_column"])
 
 
 def need_probe(probe: Optional[Path]) -> Path:

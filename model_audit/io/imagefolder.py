@@ -54,32 +54,7 @@ class ImageFolderProbe(ProbeSet):
                          channels=channels, normalization=normalization, resize=resize)
 
     def _decode(self, path: Path) -> torch.Tensor:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as img:
-                    w, h = img.size
-                    if w * h > MAX_IMAGE_PIXELS:
-                        raise ProbeError(
-                            f"{path}: {w}x{h} pixels exceeds the {MAX_IMAGE_PIXELS}-pixel limit "
-                            "(possible decompression bomb)")
-                    img.load()
-                    if img.mode == "P":
-                        img = img.convert("RGBA")
-                    if img.mode in ("I;16", "I", "F"):
-                        raise ProbeError(f"{path}: {img.mode}-mode images (16/32-bit) are not supported")
-                    img = img.convert("L" if self.channels == 1 else "RGB")
-                    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-                    x = data.view(h, w, -1).permute(2, 0, 1).float().div_(255.0)
-        except ProbeError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ProbeError(f"{path}: refused as a possible decompression bomb ({exc})") from exc
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise ProbeError(f"{path}: cannot decode image ({exc}); remove or replace the file") from exc
-        if self.channels not in (1, 3):
-            raise ProbeError(f"the model takes {self.channels}-channel input; image folders give 1 or 3")
-        return x
+        return decode_file(path, self.channels)
 
     def _load_raw(self, source_indices: Sequence[int]) -> torch.Tensor:
         images = []
@@ -100,3 +75,42 @@ class ImageFolderProbe(ProbeSet):
 
 # ------------------------------------------------------------------------------------------
 # Tensor file
+
+
+def decode_file(path: Path, channels: int) -> torch.Tensor:
+    """An image file as a float (C, H, W) tensor in [0, 1] with ``channels`` channels; a
+    ProbeError naming the file when it cannot be decoded or is too large."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return pil_to_tensor(img, channels, str(path))
+    except ProbeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ProbeError(f"{path}: refused as a possible decompression bomb ({exc})") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ProbeError(f"{path}: cannot decode image ({exc}); remove or replace the file") from exc
+
+
+def pil_to_tensor(img: Image.Image, channels: int, where: str) -> torch.Tensor:
+    """A Pillow image as a float (C, H, W) tensor in [0, 1] (gray or RGB, as the model takes).
+
+    Raises:
+        ProbeError: naming ``where``: too many pixels, a 16/32-bit mode, a model that takes
+            neither 1 nor 3 channels.
+    """
+    if channels not in (1, 3):
+        raise ProbeError(f"the model takes {channels}-channel input; images give 1 or 3")
+    w, h = img.size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ProbeError(f"{where}: {w}x{h} pixels exceeds the {MAX_IMAGE_PIXELS}-pixel limit "
+                         "(possible decompression bomb)")
+    img.load()
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("I;16", "I", "F"):
+        raise ProbeError(f"{where}: {img.mode}-mode images (16/32-bit) are not supported")
+    img = img.convert("L" if channels == 1 else "RGB")
+    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return data.view(h, w, -1).permute(2, 0, 1).float().div_(255.0)

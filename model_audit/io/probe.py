@@ -33,6 +33,8 @@ from .imagefolder import ImageFolderProbe
 from .probe_set import (IMAGE_SUFFIXES, MAX_CLASSES, MAX_IMAGE_PIXELS, NORMALIZATIONS,
                         BatchCache, Normalization, ProbeSet, parse_normalize, parse_resize,
                         stratified_positions)
+from .formats import (MANIFEST_SUFFIXES, TORCHVISION, HFDatasetProbe, ManifestProbe,
+                      TorchvisionProbe, is_hf_dataset_dir)
 from .tensorfile import TensorFileProbe
 
 __all__ = ["IMAGE_SUFFIXES", "MAX_CLASSES", "MAX_IMAGE_PIXELS", "NORMALIZATIONS", "BatchCache",
@@ -43,11 +45,14 @@ __all__ = ["IMAGE_SUFFIXES", "MAX_CLASSES", "MAX_IMAGE_PIXELS", "NORMALIZATIONS"
 def open_probe(path: os.PathLike, *, channels: int = 3, normalize: Optional[str] = None,
                resize: Optional[str] = None, limit: Optional[int] = None, seed: int = 0,
                model_classes: Optional[Sequence[str]] = None,
-               num_classes: Optional[int] = None) -> ProbeSet:
-    """Open a probe set (directory or ``.safetensors``), optionally a stratified subset.
+               num_classes: Optional[int] = None, image_column: Optional[str] = None,
+               label_column: Optional[str] = None) -> ProbeSet:
+    """Open a probe set, optionally a stratified subset.
 
     Args:
-        path: ImageFolder directory or tensor file.
+        path: an ImageFolder directory, a tensor file (``.safetensors``), a CSV or Parquet
+            manifest, a Hugging Face ``save_to_disk`` directory, or
+            ``torchvision:NAME:ROOT[:split]`` (:mod:`model_audit.io.formats`).
         channels: the model's input channels (images are converted to it).
         normalize: see :func:`parse_normalize`.
         resize: ``None`` (keep sizes) or ``N``/``HxW``.
@@ -56,33 +61,43 @@ def open_probe(path: os.PathLike, *, channels: int = 3, normalize: Optional[str]
         model_classes: the checkpoint's class names, when it has them: an ImageFolder's
             classes are then mapped onto the model's indices by name.
         num_classes: outputs of the model's head: labels must fit.
+        image_column, label_column: the columns of a manifest or a datasets directory
+            (default: detected).
 
     Raises:
         ProbeError: missing or unreadable probe, or one that does not fit the model.
     """
+    spec = str(path)
     path = Path(path)
     normalization = parse_normalize(normalize)
     size = parse_resize(resize)
-    if not path.exists():
-        raise ProbeError(f"probe {path} does not exist; give an ImageFolder directory or a "
-                         ".safetensors file with images (or non-image inputs) and labels")
-    if path.is_dir():
-        probe: ProbeSet = ImageFolderProbe(path, channels=channels, normalization=normalization,
+    columns = {"image_column": image_column, "label_column": label_column}
+    if spec.startswith(TORCHVISION):
+        probe: ProbeSet = TorchvisionProbe(spec, channels=channels, normalization=normalization,
                                            resize=size)
-        if model_classes:
-            unknown = [c for c in probe.classes if c not in model_classes]
-            if unknown:
-                raise ProbeError(
-                    f"probe {path}: classes {', '.join(unknown[:10])} are not among the model's "
-                    f"classes ({', '.join(list(model_classes)[:20])})")
-            remap = torch.tensor([list(model_classes).index(c) for c in probe.classes])
-            probe.labels = remap[probe.labels]
-            probe.classes = tuple(model_classes)
+        _map_classes(probe, model_classes, spec)
+    elif not path.exists():
+        raise ProbeError(f"probe {path} does not exist; give an ImageFolder directory, a "
+                         ".safetensors file with images (or non-image inputs) and labels, a CSV "
+                         "or Parquet manifest, a datasets directory or torchvision:NAME:ROOT")
+    elif is_hf_dataset_dir(path):
+        probe = HFDatasetProbe(path, channels=channels, normalization=normalization,
+                               resize=size, **columns)
+        _map_classes(probe, model_classes, str(path))
+    elif path.is_dir():
+        probe = ImageFolderProbe(path, channels=channels, normalization=normalization,
+                                 resize=size)
+        _map_classes(probe, model_classes, str(path))
+    elif path.suffix.lower() in MANIFEST_SUFFIXES:
+        probe = ManifestProbe(path, channels=channels, normalization=normalization,
+                              resize=size, **columns)
+        _map_classes(probe, model_classes, str(path))
     elif path.suffix.lower() == ".safetensors":
         probe = TensorFileProbe(path, channels=channels, normalization=normalization, resize=size,
                                 num_classes=num_classes)
     else:
-        raise ProbeError(f"probe {path} is neither a directory nor a .safetensors tensor file")
+        raise ProbeError(f"probe {path} is neither a directory, a .safetensors tensor file nor "
+                         "a .csv or .parquet manifest")
     if len(probe) == 0:
         raise EmptyProbeError(f"probe {path} holds no {probe.unit}")
     if num_classes is not None:
@@ -97,3 +112,19 @@ def open_probe(path: os.PathLike, *, channels: int = 3, normalize: Optional[str]
             raise ProbeError(f"--limit must be >= 1, got {limit}")
         probe = probe.subset(stratified_positions(probe.labels, limit, seed))
     return probe
+
+
+def _map_classes(probe: ProbeSet, model_classes: Optional[Sequence[str]], where: str) -> None:
+    """Put a probe's named classes onto the model's indices by name, when the model names its
+    classes (a probe's class the model does not have is an error naming the valid ones)."""
+    if (not model_classes or tuple(probe.classes) == tuple(model_classes)
+            or not getattr(probe, "named_labels", True)):  # integer labels are indices
+        return
+    unknown = [c for c in probe.classes if c not in model_classes]
+    if unknown:
+        raise ProbeError(
+            f"probe {where}: classes {', '.join(unknown[:10])} are not among the model's "
+            f"classes ({', '.join(list(model_classes)[:20])})")
+    remap = torch.tensor([list(model_classes).index(c) for c in probe.classes])
+    probe.labels = remap[probe.labels]
+    probe.classes = tuple(model_classes)
