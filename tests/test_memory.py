@@ -181,3 +181,26 @@ def test_the_example_notebook_runs():
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any("<svg" in o.get("data", {}).get("text/html", "") for o in outputs)
+
+
+def test_the_gate_takes_a_module_and_data_in_memory(module, tmp_path):
+    import copy
+
+    from model_audit import check_gate, load_policy
+    policy = load_policy(_write(tmp_path / "p.toml", "[policy]\nmin_accuracy = 0.9\n"
+                                "max_flagged = 3\n"))
+    result = check_gate(module, _tensors(PROBE), policy, scan_config=FAST)
+    checks = {c.name: c for c in result.checks}
+    assert result.exit_code == 0 and checks["file_format"].passed is None
+    assert checks["min_accuracy"].passed and checks["finite_tensors"].passed
+    broken = copy.deepcopy(module)
+    with torch.no_grad():
+        broken.fc.weight[0, 0] = float("nan")
+    failed = check_gate(broken, _tensors(PROBE), policy, scan_config=FAST)
+    assert failed.exit_code == 1
+    assert {c.name: c.passed for c in failed.checks}["finite_tensors"] is False
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path

@@ -29,6 +29,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, List, Optional, Tuple, Union
 
+from torch import nn
+
 from ..core.attribution import METRIC_NAME
 from ..core.layers import layer_groups
 from ..errors import CheckpointError, EmptyInputError
@@ -78,7 +80,7 @@ class _Run:
         return self.done(exit_code, error=error)
 
 
-def check_gate(checkpoint: Union[str, os.PathLike], probe: Union[str, os.PathLike],
+def check_gate(checkpoint: Union[str, os.PathLike, nn.Module], probe: Any,
                policy: Policy, *, baseline: Optional[Union[str, os.PathLike]] = None,
                scan_config: Optional[ScanConfig] = None, progress: bool = False,
                sanity: Optional[Union[str, os.PathLike]] = None) -> GateResult:
@@ -88,19 +90,24 @@ def check_gate(checkpoint: Union[str, os.PathLike], probe: Union[str, os.PathLik
     probe or a checkpoint without tensors gives exit code 3 (nothing audited); problems of the
     checkpoint itself are failed checks (exit 1), since refusing such a model is the gate's job.
     ``min_sanity_top1`` reads ``sanity`` (a ``sanity.json``) when given, else runs the check.
+    An ``nn.Module`` in memory (and a probe in memory: a Dataset, a DataLoader or tensors) is
+    gated the same way, except that there is no file whose format to check (``file_format``
+    is not run).
     """
-    path = Path(checkpoint)
+    in_memory = isinstance(checkpoint, nn.Module)
+    path = Path(f"<in-memory {type(checkpoint).__name__}>") if in_memory else Path(checkpoint)
+    model: Any = checkpoint if in_memory else path
     config = scan_config or ScanConfig()
     base = AuditRecord.read(baseline) if baseline is not None else None
     saved_sanity = SanityRecord.read(sanity) if sanity is not None else None
     run = _Run(policy, path)
-    if not path.is_file():
+    if not in_memory and not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    stopped = _file_checks(run)
+    stopped = _module_checks(run, checkpoint) if in_memory else _file_checks(run)
     if stopped is not None:
         return stopped
     try:
-        scanned = scan(path, probe, config, progress=progress)
+        scanned = scan(model, probe, config, progress=progress)
         audit = scanned.record()
     except EmptyInputError as exc:
         return run.stop(EXIT_NOTHING, "there is nothing to audit", str(exc))
@@ -112,7 +119,7 @@ def check_gate(checkpoint: Union[str, os.PathLike], probe: Union[str, os.PathLik
     if policy.min_sanity_top1 is not None:
         if saved_sanity is None:
             saved_sanity = SanityRecord.from_dict(
-                run_sanity(path, probe, SanityConfig(scan=config)).to_dict())
+                run_sanity(model, probe, SanityConfig(scan=config)).to_dict())
         _sanity_check(run.checks, policy, saved_sanity)
     comparison = _baseline_checks(run.checks, policy, base, audit)
     if comparison is not None:
@@ -170,6 +177,23 @@ def _file_checks(run: _Run) -> Optional[GateResult]:
     run.checks.append(Check("loads_safely", True, len(state), None,
                             f"{len(state)} tensors read "
                             f"({'weights-only' if fmt == 'pt' else 'safetensors'})"))
+    return _finite_check(run, state)
+
+
+def _module_checks(run: _Run, module: nn.Module) -> Optional[GateResult]:
+    """The checks of :func:`_file_checks` for a module in memory: no file format to check,
+    its tensors finite."""
+    state = module.state_dict()
+    run.checks.append(Check("file_format", None, "in memory", list(run.policy.formats),
+                            "not run: an nn.Module in memory has no file format (gate the "
+                            "saved file in CI)"))
+    run.checks.append(Check("loads_safely", True, len(state), None,
+                            f"{len(state)} tensors of the module in memory"))
+    return _finite_check(run, state)
+
+
+def _finite_check(run: _Run, state: Any) -> Optional[GateResult]:
+    policy = run.policy
     bad = sorted(k for k, v in state.items()
                  if v.is_floating_point() and not bool(v.isfinite().all()))
     ok = not bad or policy.allow_nonfinite
