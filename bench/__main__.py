@@ -22,6 +22,7 @@ BENCHMARKS = {
     "tabular": "a non-image model (MLP on digits rows): scan, compare, sanity, fix, 5 seeds",
     "distributed": "1 process vs torchrun ranks: time, parallel efficiency, same answer, memory",
     "localize": "ground truth: is a planted defect or a shift's best group ranked first?",
+    "rescore": "rankings combined from localize runs' scores (ensembles), scored offline",
     "shift": "repair under CIFAR-10-C corruptions and a label shift: flagged vs the per-group oracle",
     "bisect": "exact regression bisection on releases fine-tuned with a known bug in their data",
     "numerics": "the golden runs under emulated CPUs and thread counts: how far answers move",

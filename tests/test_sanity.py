@@ -263,9 +263,7 @@ def test_scan_ranks_with_the_method_that_localised_best(tmp_path, sanity_run, sg
     assert ranking["trust"] in r.output
     assert ranking["trust"] in (tmp_path / "s" / "report.html").read_text()
     # the order follows the chosen method's scores; as many flagged as the own rule flags
-    layers = {layer["name"]: layer for layer in audit["layers"]}
-    score = (lambda n: layers[n]["score"]) if best == "replay_reduction" else \
-        (lambda n: layers[n]["baselines"][best])
+    score = _method_score(audit, best)
     assert [score(n) for n in ranking["order"]] == sorted(
         (score(n) for n in ranking["order"]), reverse=True)
     plain = run(["scan", sgd_checkpoint, "--probe", digits_probe, "--out", tmp_path / "p",
@@ -275,6 +273,42 @@ def test_scan_ranks_with_the_method_that_localised_best(tmp_path, sanity_run, sg
     assert own["ranking"]["method"] == "replay_reduction" and own["ranking"]["chosen_by"] == "default"
     assert len(audit["flagged"]) == len(own["flagged"])
     assert set(audit["flagged"]) == set(ranking["order"][:len(own["flagged"])])
+
+
+def _method_score(audit, method):
+    """The per-group score ``method`` ranks an audit.json's groups by."""
+    from model_audit.core.scoring import combined_scores
+    layers = {layer["name"]: layer for layer in audit["layers"]}
+    if method == "combined":
+        names = list(layers)
+        both = combined_scores([layers[n]["score"] for n in names],
+                               [layers[n]["baselines"]["auto_rgn"] for n in names])
+        return dict(zip(names, both)).get
+    if method == "replay_reduction":
+        return lambda n: layers[n]["score"]
+    return lambda n: layers[n]["baselines"][method]
+
+
+def test_the_combined_method_ranks_by_the_own_metric_and_auto_rgn(tmp_path, sgd_checkpoint,
+                                                                   digits_probe, sanity_run):
+    r = run(["scan", sgd_checkpoint, "--probe", digits_probe, "--method", "combined",
+             "--out", tmp_path / "s", "--bootstrap", "20", "--quiet"])
+    assert r.exit_code == 0, r.output
+    audit = json.loads((tmp_path / "s" / "audit.json").read_text())
+    ranking, score = audit["ranking"], _method_score(audit, "combined")
+    assert ranking["method"] == "combined" and ranking["chosen_by"] == "given"
+    assert [score(n) for n in ranking["order"]] == sorted(
+        (score(n) for n in ranking["order"]), reverse=True)
+    k = len(audit["flagged"])  # as many as the own rule flags: its top k
+    assert k >= 1 and set(audit["flagged"]) == set(ranking["order"][:k])
+    # sanity reports it beside the own metric and the baselines, so auto can choose it
+    _, out, _ = sanity_run
+    assert "combined" in json.loads((out / "sanity.json").read_text())["methods"]
+    before = snapshot(tmp_path)
+    bad = run(["scan", sgd_checkpoint, "--probe", digits_probe, "--method", "combined",
+               "--baselines", "grad_x_activation", "--out", tmp_path / "b"])
+    assert bad.exit_code == 2 and "keep auto_rgn in --baselines" in bad.output
+    assert snapshot(tmp_path) == before
 
 
 def test_a_named_method_ranks_and_flags(tmp_path, sgd_checkpoint, digits_probe):

@@ -93,7 +93,8 @@ def cli(ctx: click.Context) -> None:
                    "documentation's method page (docs/method.md).")
 @click.option("--method", default="own", show_default=True,
               help="What ranks and flags the groups: own (the tool's metric), a baseline's "
-                   "name (e.g. auto_rgn), or auto: the method that localised planted faults "
+                   "name (e.g. auto_rgn), combined (the own metric with Auto-RGN: the "
+                   "geometric mean of their shares), or auto: the method that localised faults "
                    "best on this model, from --sanity, else from a sanity run first (costly: "
                    "the cost is said up front).")
 @click.option("--sanity", "sanity_json", type=click.Path(path_type=Path), default=None,

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..baselines import BASELINES
 from ..core.attribution import METRIC_NAME
-from ..core.scoring import AUTO, OWN, MethodEvidence
+from ..core.scoring import AUTO, COMBINED, OWN, MethodEvidence
 from ..errors import ConfigError
 from ..io.probe import ProbeSet
 from ..models.checkpoint import LoadedCheckpoint
@@ -51,6 +51,7 @@ def choose_method(method: str, ev: Optional[MethodEvidence], ckpt: LoadedCheckpo
             raise ConfigError("--method auto needs sanity evidence (--sanity SANITY_JSON)")
         usable = [n for n in BASELINES
                   if not (probe.integer_inputs and BASELINES[n].scales_input)]
+        usable += [COMBINED] if "auto_rgn" in usable else []
         return ev.best(usable), "sanity"
     if method == OWN:
         return metric, "default"

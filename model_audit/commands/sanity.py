@@ -28,7 +28,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from torch import nn
 
-from ..core.scoring import RANDOM, MethodEvidence, chance_levels, group_output_units, rank_stats
+from ..core.scoring import (COMBINED, RANDOM, MethodEvidence, chance_levels, group_output_units,
+                            rank_stats)
 from ..results.sanity import scores_by_method, summarize
 from ..io.files import read_result
 from ..io.records import SANITY_FILE
@@ -257,8 +258,11 @@ def scan_with_best_method(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
 
 
 def method_names(scan_config: ScanConfig) -> Tuple[str, ...]:
-    """The methods a sanity check reports: the own metric, each baseline, random."""
-    return (scan_config.metric, *resolve_baselines(list(scan_config.baselines)), RANDOM)
+    """The methods a sanity check reports: the own metric, each baseline, the combined method
+    (with Auto-RGN), random."""
+    baselines = resolve_baselines(list(scan_config.baselines))
+    combined = (COMBINED,) if "auto_rgn" in baselines else ()
+    return (scan_config.metric, *baselines, *combined, RANDOM)
 
 
 def expected_cost(n_cases: int, probe_size: int, max_evaluations: int) -> Dict[str, int]:

@@ -36,6 +36,7 @@ from ..results.scan import Ranking
 from ..baselines import agreement, compute_baselines
 
 from ..results.scan import ScanConfig, ScanResult
+from ..core.scoring import COMBINED, combined_scores
 
 def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
          probe: Union[str, os.PathLike, ProbeSet], config: ScanConfig = ScanConfig(), *,
@@ -84,12 +85,13 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
     passes = {"forward_images": ev.n + found.forward_images,
               "backward_images": found.backward_images}
     timing["total_s"] = time.perf_counter() - start
-    if method != config.metric and method not in found.baselines and ev.misclassified:
+    needs = "auto_rgn" if method == COMBINED else method  # the baseline it ranks by
+    if method != config.metric and needs not in found.baselines and ev.misclassified:
         warnings.append(f"{method} could not run on this probe: ranked by {config.metric}")
-        method, chosen_by = config.metric, "default"
+        method, chosen_by, needs = config.metric, "default", config.metric
     order = ranked([g.name for g in groups],
                    _method_scores(found, method, config.metric, len(groups)))
-    layers = _layer_scores(groups, found, order if method in found.baselines else None)
+    layers = _layer_scores(groups, found, order if needs in found.baselines else None)
     ranking = Ranking(method, chosen_by, config.evidence, order)
     return ScanResult(ckpt, probe, ev, layers, found.replay, config,
                       device, {k: round(v, 4) for k, v in timing.items()}, passes,
@@ -240,6 +242,8 @@ def _method_scores(found: _Found, method: str, own: str, n_groups: int) -> np.nd
     baseline that did not run)."""
     if method == own:
         return np.asarray(found.attr.scores)
+    if method == COMBINED and "auto_rgn" in found.baselines:
+        return combined_scores(found.attr.scores, found.baselines["auto_rgn"].scores)
     if method in found.baselines:
         return np.asarray(found.baselines[method].scores)
     return np.full(n_groups, -np.inf)

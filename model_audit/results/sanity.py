@@ -11,7 +11,7 @@ from ..core.attribution import METRIC_NAME
 from ..core.calibrate import PlantResult
 from ..core.layers import LayerGroup
 from ..core.plant import resolve_defects
-from ..core.scoring import RANDOM, MethodSummary
+from ..core.scoring import COMBINED, RANDOM, MethodSummary, combined_scores
 from ..errors import ConfigError
 from ..io.files import header
 from .scan import ScanConfig, ScanResult
@@ -189,5 +189,7 @@ def scores_by_method(result: ScanResult, *, units: Optional[np.ndarray] = None,
         out[name] = np.asarray(b.scores, dtype=np.float64)
         if units is not None and name != "auto_rgn" and len(b.raw) == len(units):
             out[f"{name}_per_unit"] = np.asarray(b.raw, dtype=np.float64) / units
+    if "auto_rgn" in result.baselines:
+        out[COMBINED] = combined_scores(out[own], out["auto_rgn"])
     out[RANDOM] = np.random.default_rng(random_seed).random(len(params))
     return out

@@ -8,7 +8,7 @@ from ..baselines import BASELINES, DEFAULT_BASELINES, Agreement, BaselineResult,
 from ..core.attribution import METRIC_NAME, NET_METRIC_NAME, GroupReductions
 from ..core.evaluate import EvaluationResult
 from ..core.replay import ReplayConfig, ReplayResult
-from ..core.scoring import AUTO, OWN, RANDOM, MethodEvidence
+from ..core.scoring import AUTO, COMBINED, OWN, RANDOM, MethodEvidence
 from ..errors import ConfigError
 from ..io.files import header
 from ..io.probe import ProbeSet
@@ -58,10 +58,14 @@ class ScanConfig:
         resolve_baselines(list(self.baselines))
         if self.baseline_steps < 2:
             raise ConfigError(f"baseline steps must be >= 2, got {self.baseline_steps}")
-        if self.method not in (OWN, AUTO) and self.method not in BASELINES:
+        if self.method not in (OWN, AUTO, COMBINED) and self.method not in BASELINES:
             raise ConfigError(f"unknown method {self.method!r}; valid: {OWN} (the tool's "
-                              f"metric), {AUTO} (the best on this model, from sanity evidence) "
-                              f"or a baseline: {', '.join(BASELINES)}")
+                              f"metric), {AUTO} (the best on this model, from sanity evidence), "
+                              f"{COMBINED} (the own metric with Auto-RGN) or a baseline: "
+                              f"{', '.join(BASELINES)}")
+        if self.method == COMBINED and "auto_rgn" not in resolve_baselines(list(self.baselines)):
+            raise ConfigError("--method combined ranks by the own metric and Auto-RGN together: "
+                              "keep auto_rgn in --baselines (it is in the default set)")
         if self.method == AUTO and self.evidence is None:
             raise ConfigError("--method auto ranks with the method that localised best on this "
                               "model: give --sanity SANITY_JSON (written by `model-audit sanity` "
