@@ -64,6 +64,10 @@ def candidates(own: str = "replay_reduction") -> Dict[str, Scores]:
         "reciprocal rank fusion (k=1)": lambda c, sh: 1 / (1 + _ranks(o(c))) + 1 / (1 + _ranks(r(c))),
         "max of shares (own, rgn)": lambda c, sh: np.maximum(_share(o(c)), _share(r(c))),
         "combined: geometric mean (own, rgn)": lambda c, sh: combined_scores(o(c), r(c)),
+        "alone_net (group-alone steps, net)": lambda c, sh: _vec(c, "alone_net"),
+        "alone_errors (group-alone steps)": lambda c, sh: _vec(c, "alone_errors"),
+        "geometric mean (alone_net, rgn)": lambda c, sh: combined_scores(_vec(c, "alone_net"),
+                                                                         r(c)),
     }
 
 
@@ -80,6 +84,10 @@ def score_run(path: Path) -> Dict[str, Any]:
     table: Dict[str, Dict[str, Any]] = {}
     for name, fn in candidates().items():
         top1, rr, by = [], [], {}
+        try:
+            [fn(case, shares) for case in cases[:1]]
+        except KeyError:  # a method this run did not record (an older localize run)
+            continue
         for case in cases:
             t, m = _rank_stats(fn(case, shares), groups.index(case["group"]))
             top1.append(t)
@@ -99,10 +107,11 @@ def markdown(runs: Sequence[Dict[str, Any]], command: str, commit: str) -> str:
                  f"{r['model']} ({r['cases']} cases, probe {r['probe']})" for r in runs), "",
              "| ranking | " + " | ".join(f"{r['model']} top-1 / MRR" for r in runs) + " |",
              "|---|" + "---:|" * len(runs)]
-    for name in runs[0]["table"]:
+    names = list(dict.fromkeys(n for r in runs for n in r["table"]))
+    for name in names:
         lines.append(f"| {name} | " + " | ".join(
-            f"{r['table'][name]['top1']:.2f} / {r['table'][name]['mrr']:.2f}" for r in runs)
-            + " |")
+            f"{r['table'][name]['top1']:.2f} / {r['table'][name]['mrr']:.2f}"
+            if name in r["table"] else "-" for r in runs) + " |")
     lines.append("| chance | " + " | ".join(
         f"{r['chance'][0]:.2f} / {r['chance'][1]:.2f}" for r in runs) + " |")
     for r in runs:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .models.checkpoint import LoadedCheckpoint, load_checkpoint
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError, ProbeError
 from .distributed import rank_device
 from .core.layers import GRANULARITIES
 from .io.memory import DatasetProbe, as_probe
@@ -178,8 +178,8 @@ def resolve_inputs(checkpoint: Any, probe: Any, options: AuditOptions
     transform is its normalisation).
 
     Raises:
-        ConfigError: a model whose output on the probe is not one logit per class, or data
-            of another kind.
+        ProbeError: data the model cannot take (or of another kind: ConfigError).
+        CheckpointError: a model whose output on the probe is not one logit per class.
     """
     options.validate()
     from_module = isinstance(checkpoint, nn.Module)
@@ -223,19 +223,19 @@ def resolve_data(ckpt: LoadedCheckpoint, data: Any, options: AuditOptions, *,
 
 
 def check_logits(ckpt: LoadedCheckpoint, probe: ProbeSet) -> None:
-    """ConfigError unless the model maps the probe's first input to one logit per class (a
-    float tensor of shape (1, num_classes)): a dataset yielding the wrong shape, or a module
-    whose output is not logits, is said here instead of deep inside a scan."""
+    """Whether the model maps the probe's first input to one logit per class (a float tensor
+    of shape (1, num_classes)): a dataset yielding the wrong shape (ProbeError) or a module
+    whose output is not logits (CheckpointError) is said here, not deep inside a scan."""
     x = probe.load([0])
     try:
         with torch.inference_mode():
             out = ckpt.model.eval()(x)
     except Exception as exc:  # the model's own code: never a traceback
-        raise ConfigError(f"the model cannot take the probe's inputs of shape "
-                          f"{tuple(x.shape[1:])}: {type(exc).__name__}: {exc}") from exc
+        raise ProbeError(f"the model cannot take the probe's inputs of shape "
+                         f"{tuple(x.shape[1:])}: {type(exc).__name__}: {exc}") from exc
     if not (isinstance(out, torch.Tensor) and out.is_floating_point()
             and tuple(out.shape) == (1, ckpt.num_classes)):
         what = (f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor)
                 else f"a {type(out).__name__}")
-        raise ConfigError(f"the model's output on one input is {what}; a classifier gives one "
-                          f"logit per class, shape (1, {ckpt.num_classes})")
+        raise CheckpointError(f"the model's output on one input is {what}; a classifier gives "
+                              f"one logit per class, shape (1, {ckpt.num_classes})")

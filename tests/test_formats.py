@@ -9,6 +9,7 @@ import csv
 import struct
 
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
@@ -172,3 +173,18 @@ def test_an_empty_datasets_split_and_a_bad_manifest_from_the_library(tmp_path):
     (tmp_path / "q.txt").write_text("path,label\n")
     with pytest.raises(ProbeError, match="neither a directory"):
         scan(MODEL, tmp_path / "q.txt")
+
+
+def test_fix_repairs_from_a_manifest_as_from_the_tensor_file(tmp_path):
+    """The repair data as a CSV manifest of PNGs gives the tensor file's repair."""
+    from model_audit import FixConfig, fix
+    train = load_file(ROOT / "samples" / "digits-train.safetensors")
+    manifest = _manifest((train["images"], train["labels"]), tmp_path / "train")
+    config = FixConfig(controls=(), steps=30, write_anyway=True)
+    a = fix(MODEL, ROOT / "samples" / "digits-train.safetensors", PROBE,
+            tmp_path / "a.safetensors", config)
+    b = fix(MODEL, manifest, PROBE, tmp_path / "b.safetensors", config)
+    assert (a.selection.fixed, a.selection.broken) == (b.selection.fixed, b.selection.broken)
+    assert a.train_n == b.train_n and b.train_source == str(manifest)
+    sa, sb = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)

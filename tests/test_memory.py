@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from conftest import ROOT
-from model_audit import (ConfigError, FixConfig, ProbeError, ScanConfig, compare, fix,
-                         load_checkpoint, scan)
+from model_audit import (CheckpointError, ConfigError, FixConfig, ProbeError, ScanConfig,
+                         compare, fix, load_checkpoint, scan)
 from model_audit.errors import EmptyProbeError
 from model_audit.io.memory import DATASET_TRANSFORM
 from model_audit.render.notebook import compare_view
@@ -124,7 +124,7 @@ class NotLogits(nn.Module):
 
 
 @pytest.mark.parametrize("model, data, error, message", [
-    ("sample", (torch.rand(5, 3, 8, 8), torch.zeros(5, dtype=torch.long)), ConfigError,
+    ("sample", (torch.rand(5, 3, 8, 8), torch.zeros(5, dtype=torch.long)), ProbeError,
      "cannot take the probe's inputs of shape \\(3, 8, 8\\)"),
     ("sample", (torch.rand(5, 1, 8, 8), torch.tensor([0, 1, 2, 3, 12])), ProbeError,
      "labels up to 12 but the model's head has 10 outputs"),
@@ -136,7 +136,7 @@ class NotLogits(nn.Module):
     ("sample", (torch.rand(5, 1, 8, 8), torch.zeros(4, dtype=torch.long)), ProbeError,
      "5 inputs"),
     ("sample", 42, ConfigError, "the data is a int"),
-    (NotLogits(), (torch.rand(5, 4), torch.zeros(5, dtype=torch.long)), ConfigError,
+    (NotLogits(), (torch.rand(5, 4), torch.zeros(5, dtype=torch.long)), CheckpointError,
      "output on one input is a dict"),
     (object(), (torch.rand(5, 4), torch.zeros(5, dtype=torch.long)), ConfigError,
      "the model is a object: give a checkpoint path, a LoadedCheckpoint or a torch.nn.Module"),

@@ -39,3 +39,22 @@ def test_the_readme_scan_table_is_what_the_tool_prints(tmp_path, monkeypatch):
     printed = [line.rstrip() for line in run.output.splitlines()]
     for line in shown.group(2).strip().splitlines():
         assert line.rstrip() in printed, f"the README shows {line!r}; the tool prints:\n{run.output}"
+
+
+def test_the_readme_frame_output_is_what_to_frame_gives():
+    """The DataFrame the README prints after its Python block, to 1e-5 (float32 rounding of
+    the scores is about 1e-7; pandas prints 6 digits)."""
+    from safetensors.torch import load_file
+    from model_audit import load_checkpoint, scan
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```\n( +group +score .*?)```", text, flags=re.S).group(1)
+    rows = [line.split() for line in block.strip().splitlines()[1:]]
+    model = load_checkpoint(ROOT / "samples" / "digits-sgd.safetensors").model
+    t = load_file(ROOT / "samples" / "digits-probe.safetensors")
+    frame = scan(model, ((t["images"].float() / 255 - 0.3056) / 0.3760, t["labels"])).to_frame()
+    assert [r[1] for r in rows] == list(frame["group"])
+    for r, (_, row) in zip(rows, frame.iterrows()):
+        assert [float(v) for v in r[2:5]] == pytest.approx(
+            [row["score"], row["score_low"], row["score_high"]], abs=1e-5)
+        assert r[5] == str(bool(row["flagged"]))
