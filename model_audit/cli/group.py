@@ -125,12 +125,9 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           "labels and images (N,C,H,W) or inputs (N,...: any other data); a "
                           "CSV or Parquet manifest of path,label rows; a Hugging Face "
                           "save_to_disk directory; or torchvision:NAME:ROOT[:split]."),
-        click.option("--image-column", default=None,
-                     help="The image (path) column of a manifest or datasets directory "
-                          "(default: detected)."),
-        click.option("--label-column", default=None,
-                     help="The label column of a manifest or datasets directory (default: "
-                          "detected)."),
+        *(click.option(f"--{what}-column", default=None,
+                       help=f"The {what} column of a manifest or datasets directory "
+                            "(default: detected).") for what in ("image", "label")),
         click.option("--arch", default=None,
                      help="Architecture: a torchvision name (resnet18), a CIFAR-stem ResNet "
                           "(resnet18-cifar), timm:NAME or package.module:factory. Default: "
