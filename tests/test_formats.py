@@ -175,16 +175,32 @@ def test_an_empty_datasets_split_and_a_bad_manifest_from_the_library(tmp_path):
         scan(MODEL, tmp_path / "q.txt")
 
 
-def test_fix_repairs_from_a_manifest_as_from_the_tensor_file(tmp_path):
-    """The repair data as a CSV manifest of PNGs gives the tensor file's repair."""
+@pytest.mark.parametrize("form", ["csv", "hf", "torchvision"])
+def test_fix_repairs_from_each_form_as_from_the_tensor_file(tmp_path, form):
+    """The repair data as a CSV manifest of PNGs, a datasets directory or torchvision's MNIST
+    files gives the tensor file's repair."""
     from model_audit import FixConfig, fix
-    train = load_file(ROOT / "samples" / "digits-train.safetensors")
-    manifest = _manifest((train["images"], train["labels"]), tmp_path / "train")
+    t = load_file(ROOT / "samples" / "digits-train.safetensors")
+    train = (t["images"], t["labels"])
+    if form == "csv":
+        data = _manifest(train, tmp_path / "train")
+    elif form == "hf":
+        datasets = pytest.importorskip("datasets")
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(
+            names=[str(i) for i in range(10)])})
+        datasets.Dataset.from_dict(
+            {"image": [Image.fromarray(x[0].numpy(), mode="L") for x in train[0]],
+             "label": [int(y) for y in train[1]]}, features=features).save_to_disk(
+                 str(tmp_path / "hf"))
+        data = tmp_path / "hf"
+    else:
+        _mnist(train, tmp_path / "mn")
+        data = f"torchvision:MNIST:{tmp_path / 'mn'}"
     config = FixConfig(controls=(), steps=30, write_anyway=True)
     a = fix(MODEL, ROOT / "samples" / "digits-train.safetensors", PROBE,
             tmp_path / "a.safetensors", config)
-    b = fix(MODEL, manifest, PROBE, tmp_path / "b.safetensors", config)
+    b = fix(MODEL, data, PROBE, tmp_path / "b.safetensors", config)
     assert (a.selection.fixed, a.selection.broken) == (b.selection.fixed, b.selection.broken)
-    assert a.train_n == b.train_n and b.train_source == str(manifest)
+    assert a.train_n == b.train_n and b.train_source == str(data)
     sa, sb = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
     assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
