@@ -211,7 +211,7 @@ def _alone_step(model: Any, theta: Dict[str, Any], names: Sequence[str], batches
     Armijo search (from a relative step of ALONE_RELATIVE, or the last accepted ``lr``)."""
     import torch
     from torch.func import functional_call
-    from model_audit.core.replay import summed_gradients
+    from model_audit.core.replay import per_sample_losses, summed_gradients
     work = {k: (v.detach().clone().requires_grad_(True) if k in names else v)
             for k, v in theta.items()}
     with torch.enable_grad():
@@ -229,7 +229,6 @@ def _alone_step(model: Any, theta: Dict[str, Any], names: Sequence[str], batches
         moved = dict(theta)
         for k in names:
             moved[k] = theta[k] - lr * grads[k] / n
-        from model_audit.core.replay import per_sample_losses
         new = float(per_sample_losses(model, moved, batches, device)[0].mean())
         if new <= loss - 0.5 * lr * g2:
             return moved, lr

@@ -20,8 +20,7 @@ from .errors import CheckpointError, ConfigError, ProbeError
 from .distributed import rank_device
 from .core.layers import GRANULARITIES
 from .io.memory import DatasetProbe, as_probe
-from .io.probe import ProbeSet, open_probe
-from .io.probe_set import stratified_positions
+from .io.probe import ProbeSet, limited, open_probe
 from .models.module import loaded_from_module
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -216,9 +215,7 @@ def resolve_data(ckpt: LoadedCheckpoint, data: Any, options: AuditOptions, *,
         if options.normalize or options.resize:
             warnings.append("--normalize and --resize are ignored for an in-memory dataset: "
                             "its own transform prepares the inputs")
-        if limit is not None:
-            probe_set = probe_set.subset(stratified_positions(probe_set.labels, limit,
-                                                              options.seed))
+        probe_set = limited(probe_set, limit, options.seed)
     return probe_set, warnings
 
 

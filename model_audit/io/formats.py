@@ -27,6 +27,7 @@ from PIL import Image
 
 from ..errors import EmptyProbeError, ProbeError
 from .imagefolder import decode_file, pil_to_tensor
+from .memory import declared_labels
 from .probe_set import Normalization, ProbeSet
 
 TORCHVISION = "torchvision:"
@@ -127,13 +128,9 @@ class TorchvisionProbe(ItemsProbe):
         n = len(self.dataset)
         if n == 0:
             raise EmptyProbeError(f"{spec!r}: the {split} split holds no images")
-        targets = getattr(self.dataset, "targets", None)
-        if targets is None:
-            targets = getattr(self.dataset, "labels", None)
-        if targets is None or len(targets) != n:
-            targets = [self.dataset[i][1] for i in range(n)]
-        labels = torch.as_tensor(list(targets) if not isinstance(targets, torch.Tensor)
-                                 else targets).long().reshape(n)
+        labels = declared_labels(self.dataset, n)
+        if labels is None:
+            labels = torch.tensor([int(self.dataset[i][1]) for i in range(n)])
         classes = [str(c) for c in getattr(self.dataset, "classes", [])] or \
             [str(i) for i in range(int(labels.max()) + 1)]
         super().__init__(spec, classes, labels, channels=channels, normalization=normalization,

@@ -80,16 +80,28 @@ def _item(dataset: Dataset, i: int) -> Tuple[torch.Tensor, int]:
     return x, y
 
 
-def _labels(dataset: Dataset, n: int) -> torch.Tensor:
+def declared_labels(dataset: Any, n: int) -> Optional[torch.Tensor]:
+    """The ``n`` labels a dataset declares without decoding an item: a TensorDataset's label
+    tensor, or its ``targets`` (torchvision's datasets) or ``labels`` (SVHN); None when it
+    declares none (they are then read from one pass over the items)."""
     if isinstance(dataset, TensorDataset):
         return dataset.tensors[1].long()
-    targets = getattr(dataset, "targets", None)
-    if targets is not None and len(targets) == n:
+    for name in ("targets", "labels"):
+        values = getattr(dataset, name, None)
+        if values is None or len(values) != n:
+            continue
         try:
-            return torch.as_tensor(list(targets) if not isinstance(targets, torch.Tensor)
-                                   else targets).long().reshape(n)
+            return torch.as_tensor(list(values) if not isinstance(values, torch.Tensor)
+                                   else values).long().reshape(n)
         except (TypeError, ValueError, RuntimeError):
-            pass
+            continue
+    return None
+
+
+def _labels(dataset: Dataset, n: int) -> torch.Tensor:
+    declared = declared_labels(dataset, n)
+    if declared is not None:
+        return declared
     return torch.tensor([_item(dataset, i)[1] for i in range(n)], dtype=torch.long)
 
 

@@ -39,7 +39,7 @@ from .tensorfile import TensorFileProbe
 
 __all__ = ["IMAGE_SUFFIXES", "MAX_CLASSES", "MAX_IMAGE_PIXELS", "NORMALIZATIONS", "BatchCache",
            "ImageFolderProbe", "Normalization", "ProbeSet", "TensorFileProbe", "open_probe",
-           "parse_normalize", "parse_resize", "stratified_positions"]
+           "limited", "parse_normalize", "parse_resize", "stratified_positions"]
 
 
 def open_probe(path: os.PathLike, *, channels: int = 3, normalize: Optional[str] = None,
@@ -107,11 +107,17 @@ def open_probe(path: os.PathLike, *, channels: int = 3, normalize: Optional[str]
                 f"probe {path} has labels up to {top} ({len(probe.classes)} classes) but the "
                 f"model's head has {num_classes} outputs; use a probe of the model's classes "
                 "(or the right checkpoint)")
-    if limit is not None:
-        if limit < 1:
-            raise ProbeError(f"--limit must be >= 1, got {limit}")
-        probe = probe.subset(stratified_positions(probe.labels, limit, seed))
-    return probe
+    return limited(probe, limit, seed)
+
+
+def limited(probe: ProbeSet, limit: Optional[int], seed: int) -> ProbeSet:
+    """A class-stratified random subset of ``limit`` items (seeded); the probe itself without
+    a limit."""
+    if limit is None:
+        return probe
+    if limit < 1:
+        raise ProbeError(f"--limit must be >= 1, got {limit}")
+    return probe.subset(stratified_positions(probe.labels, limit, seed))
 
 
 def _map_classes(probe: ProbeSet, model_classes: Optional[Sequence[str]], where: str) -> None:
