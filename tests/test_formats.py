@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, SESSION_THREADS
 from model_audit import ProbeError, ScanConfig, scan
 from model_audit.cli import cli
 from model_audit.errors import EmptyProbeError
@@ -34,6 +34,7 @@ def digits():
 def reference(digits, tmp_path_factory):
     """The scan of the same N images from a tensor file (lossless: 8-bit gray PNGs)."""
     from safetensors.torch import save_file
+    torch.set_num_threads(SESSION_THREADS)  # made before the per-test thread fixture
     path = tmp_path_factory.mktemp("ref") / "probe.safetensors"
     save_file({"images": digits[0].contiguous(), "labels": digits[1].contiguous()}, str(path),
               metadata={"classes": '["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]'})

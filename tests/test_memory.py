@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from conftest import ROOT
+from conftest import ROOT, SESSION_THREADS
 from model_audit import (CheckpointError, ConfigError, FixConfig, ProbeError, ScanConfig,
                          compare, fix, load_checkpoint, scan)
 from model_audit.errors import EmptyProbeError
@@ -37,6 +37,9 @@ def module():
 
 @pytest.fixture(scope="module")
 def from_files():
+    # a module fixture is made before the per-test thread fixture: use the tests' thread
+    # count, so that the file and the in-memory scans are computed alike
+    torch.set_num_threads(SESSION_THREADS)
     return scan(MODEL, PROBE, FAST)
 
 
