@@ -68,6 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--defects", default="all", help="defects to plant [default: all]")
     parser.add_argument("--groups", default=None, help="groups to plant in [default: all]")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per case [default: 3]")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="the planted cases' first seed (seeds FIRST..FIRST+SEEDS-1), to "
+                             "add seeds to an earlier run [default: 0]")
+    parser.add_argument("--candidates", choices=("all", "alone"), default="all",
+                        help="candidate formulations computed beside the scan: all, or only "
+                             "replay_reduction and the group-alone ones (faster) [default: all]")
     parser.add_argument("--drop", type=float, default=0.10,
                         help="accuracy drop of every planted defect [default: 0.10]")
     parser.add_argument("--tolerance", type=float, default=0.01,
@@ -200,6 +206,27 @@ def candidate_scores(ckpt: Any, result: Any) -> Dict[str, np.ndarray]:
     return out
 
 
+def alone_candidates(ckpt: Any, result: Any) -> Dict[str, np.ndarray]:
+    """``--candidates alone``: the group-alone scores and ``replay_reduction`` (when the scan's
+    own metric is another), without the net-reduction ablations."""
+    from model_audit.core.attribution import group_reductions, scores_from_reductions
+    from model_audit.core.layers import layer_groups
+    from model_audit.io.probe import BatchCache
+    if result.replay is None:
+        return {}
+    out: Dict[str, np.ndarray] = {}
+    if result.config.metric != "replay_reduction":
+        opts = result.config.options
+        groups = layer_groups(ckpt.model, opts.granularity)
+        err = BatchCache(result.probe, result.evaluation.misclassified, opts.batch_size)
+        r = group_reductions(ckpt.model, err, result.replay.displacement, groups,
+                             device=result.device)
+        out["replay_reduction"] = scores_from_reductions(r.matrix.numpy().mean(axis=0))
+    out.update(alone_scores(ckpt, result))
+    out.pop(result.config.metric, None)
+    return out
+
+
 #: Group-alone steps (candidate ``alone_*``): gradient steps of one group at a time on the
 #: errors, each with an Armijo step search that starts at a relative step of ALONE_RELATIVE.
 ALONE_STEPS, ALONE_RELATIVE, ALONE_HALVINGS = 3, 0.1, 12
@@ -295,7 +322,7 @@ def run_planted(args, ckpt_path, probe_path, arch, normalize) -> Dict[str, Any]:
                           groups=tuple(args.groups.split(",")) if args.groups else None)
     config.validate(groups)
     chosen, _ = select_groups(groups, config)
-    plan, skipped = plan_cases(ckpt.model, chosen, config, 0)
+    plan, skipped = plan_cases(ckpt.model, chosen, config, args.first_seed)
     units = group_output_units(ckpt.model, groups, probe.load([0]))
     print(f"localize: {len(plan)} planted cases + the null case on {len(probe)} probe images "
           f"({len(groups)} groups; not applicable: {len(skipped)})", flush=True)
@@ -305,14 +332,17 @@ def run_planted(args, ckpt_path, probe_path, arch, normalize) -> Dict[str, Any]:
         p = case.plant
         print(f"  [{done}/{total}] {p.group:>8} {p.defect:<9} seed {p.seed}: severity "
               f"{p.severity:.3g}, drop {100 * p.drop:.1f}{'' if p.reached else ' (NOT reached)'}"
-              f"; rank {case.ranks['replay_reduction']:.1f} (replay_reduction), "
-              f"{case.ranks['net_reduction']:.1f} (net_reduction), flagged "
+              f"; rank " + ", ".join(f"{case.ranks[m]:.1f} ({m})" for m in
+                                      ("replay_reduction", "net_reduction", "alone_net")
+                                      if m in case.ranks)
+              + ", flagged "
               f"{','.join(case.flagged)} "
               f"({case.seconds:.0f} s, {time.perf_counter() - start:.0f} s in all)", flush=True)
 
     cases, null = run_cases(ckpt, probe, groups, plan, config,
                             device=scan_config.options.device, on_case=report, units=units,
-                            extra=candidate_scores)
+                            extra=alone_candidates if args.candidates == "alone"
+                            else candidate_scores)
     methods = list(cases[0].scores) if cases else []
     shares = np.array([g.share for g in groups])
     own = scan_config.metric
