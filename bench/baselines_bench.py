@@ -176,7 +176,7 @@ def _reference_lines(reference: Dict[str, Any], results: List[Dict[str, Any]]) -
              f"captum one layer at a time / shared pass: **{captum_pi / shared_pi:.1f}x**."]
     for r in results:
         a = r["audit"]
-        own = a["cost"].get("replay_reduction")
+        own = a["cost"].get(a["metric"]["name"])
         errors = a["probe"]["misclassified"]
         if own and errors:
             own_pi = own["seconds"] / errors

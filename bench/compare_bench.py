@@ -180,7 +180,7 @@ def run_checkpoints(args: argparse.Namespace) -> int:
                      "scores": [{x["name"]: x["score"] for x in a["layers"]} for a in audits],
                      "jaccard": d["jaccard"], "jaccard_ci": d["intervals"].get("jaccard"),
                      "both": d["flagged"]["both"], "p_value": d["chance"]["p_value"],
-                     "spearman": d["correlation"]["replay_reduction"]["spearman"],
+                     "spearman": d["correlation"]["score"]["spearman"],
                      "spearman_ci": d["intervals"].get("spearman"),
                      "seconds": [a["timing"]["total_s"] for a in audits]})
         print(f"  {label}: {rows[-1]['flagged'][0]} vs {rows[-1]['flagged'][1]}, Jaccard "
@@ -277,7 +277,7 @@ def run_training(args: argparse.Namespace) -> int:
                      "jaccard": d["jaccard"], "jaccard_ci": d["intervals"].get("jaccard"),
                      "overlap": d["overlap_coefficient"], "both": d["flagged"]["both"],
                      "p_value": d["chance"]["p_value"],
-                     "spearman": d["correlation"]["replay_reduction"]["spearman"],
+                     "spearman": d["correlation"]["score"]["spearman"],
                      "spearman_ci": d["intervals"].get("spearman")})
     section = markdown(rows, runs, arch, device, epochs, per_class, args, command, commit)
     print(section)

@@ -227,73 +227,31 @@ def alone_candidates(ckpt: Any, result: Any) -> Dict[str, np.ndarray]:
     return out
 
 
-#: Group-alone steps (candidate ``alone_*``): gradient steps of one group at a time on the
-#: errors, each with an Armijo step search that starts at a relative step of ALONE_RELATIVE.
-ALONE_STEPS, ALONE_RELATIVE, ALONE_HALVINGS = 3, 0.1, 12
-
-
-def _alone_step(model: Any, theta: Dict[str, Any], names: Sequence[str], batches: Any,
-                device: str, lr: Optional[float]) -> Tuple[Dict[str, Any], float]:
-    """One gradient step of the ``names`` tensors on the errors' mean loss, its rate from an
-    Armijo search (from a relative step of ALONE_RELATIVE, or the last accepted ``lr``)."""
-    import torch
-    from torch.func import functional_call
-    from model_audit.core.replay import per_sample_losses, summed_gradients
-    work = {k: (v.detach().clone().requires_grad_(True) if k in names else v)
-            for k, v in theta.items()}
-    with torch.enable_grad():
-        grads, total, n = summed_gradients(
-            lambda x: functional_call(model, work, (x,), strict=False), {k: work[k] for k in names},
-            batches, device)
-    loss = total / max(n, 1)
-    g2 = sum(float((grads[k] / n).pow(2).sum()) for k in names)
-    if g2 <= 0:
-        return theta, lr or 0.0
-    if lr is None:
-        w = math.sqrt(sum(float(theta[k].pow(2).sum()) for k in names)) or 1.0
-        lr = ALONE_RELATIVE * w / math.sqrt(g2)
-    for _ in range(ALONE_HALVINGS):
-        moved = dict(theta)
-        for k in names:
-            moved[k] = theta[k] - lr * grads[k] / n
-        new = float(per_sample_losses(model, moved, batches, device)[0].mean())
-        if new <= loss - 0.5 * lr * g2:
-            return moved, lr
-        lr *= 0.5
-    return theta, lr
-
-
 def alone_scores(ckpt: Any, result: Any) -> Dict[str, np.ndarray]:
-    """Candidates ``alone_errors`` and ``alone_net``: how much error loss each group can remove
-    on its own in ALONE_STEPS gradient steps (each group its own step length), and the same
-    net of what those steps add to the loss of twice as many correct images."""
-    from model_audit.core.attribution import net_positions
+    """Candidates ``alone_errors`` and ``alone_net``: the group-alone steps of
+    :mod:`model_audit.core.alone` (the tool's ``alone_net`` metric), scored on the errors'
+    rows only and on all rows (the errors and twice as many correct images)."""
+    from model_audit.core.alone import group_alone_reductions
+    from model_audit.core.attribution import metric_shares, net_positions
     from model_audit.core.layers import layer_groups
-    from model_audit.core.replay import detached_params, per_sample_losses
     from model_audit.io.probe import BatchCache
     opts = result.config.options
     errors = result.evaluation.misclassified
     if not errors:
         return {}
-    model = ckpt.model.to(result.device).eval()
-    groups = layer_groups(model, opts.granularity)
-    err = BatchCache(result.probe, errors, opts.batch_size)
-    net = BatchCache(result.probe, net_positions(result.evaluation.n, errors, opts.seed),
-                     opts.batch_size)
-    theta0 = detached_params(model, result.device)
-    base_err = float(per_sample_losses(model, theta0, err, result.device)[0].mean())
-    base_net = float(per_sample_losses(model, theta0, net, result.device)[0].mean())
-    red_err, red_net = np.zeros(len(groups)), np.zeros(len(groups))
-    for j, g in enumerate(groups):
-        names = [k for k in g.parameter_names if theta0[k].is_floating_point()]
-        theta, lr = theta0, None
-        for _ in range(ALONE_STEPS if names else 0):
-            theta, lr = _alone_step(model, theta, names, err, result.device, lr)
-        red_err[j] = base_err - float(per_sample_losses(model, theta, err, result.device)[0].mean())
-        red_net[j] = base_net - float(per_sample_losses(model, theta, net, result.device)[0].mean())
-    model.cpu()
-    share = lambda v: np.clip(v, 0, None) / max(float(np.clip(v, 0, None).sum()), 1e-30)  # noqa: E731
-    return {"alone_errors": share(red_err), "alone_net": share(red_net)}
+    if result.config.metric == "alone_net":  # the scan computed them already
+        rows, r = list(result.metric_positions), result.reductions.matrix.numpy()
+    else:
+        model = ckpt.model.to(result.device).eval()
+        rows = net_positions(result.evaluation.n, errors, opts.seed)
+        r = group_alone_reductions(model, BatchCache(result.probe, errors, opts.batch_size),
+                                   BatchCache(result.probe, rows, opts.batch_size),
+                                   layer_groups(model, opts.granularity),
+                                   device=result.device).matrix.numpy()
+        model.cpu()
+    wrong = set(errors)
+    mask = np.array([p in wrong for p in rows])
+    return {"alone_errors": metric_shares(r[mask]), "alone_net": metric_shares(r, mask)}
 
 
 def _null_scores(null: Any, metric: str) -> Optional[np.ndarray]:
@@ -362,7 +320,7 @@ def run_planted(args, ckpt_path, probe_path, arch, normalize) -> Dict[str, Any]:
                                      [g.name for g in groups], shares,
                                      null_high if m == own else None,
                                      _null_scores(null, m), m)
-                      for m in ("replay_reduction", "net_reduction") if m in methods},
+                      for m in ("alone_net", "replay_reduction", "net_reduction") if m in methods},
             "seconds": time.perf_counter() - start}
 
 

@@ -52,6 +52,17 @@ REL_TOLERANCE = 1e-4
 TRAINED_TOLERANCE = 1e-2
 #: Paths (with list indices removed) of the floats compared at :data:`TRAINED_TOLERANCE`.
 TRAINED_FIELDS = re.compile(r"\.validation\.candidates\[\]\.loss$|\.confidence_after$")
+#: Floats derived from the group-alone steps (the default ``alone_net`` metric: scores,
+#: their intervals, per-image reductions, and the sanity scores of ``alone_net`` and
+#: ``combined``). Three gradient steps per group, then a net of the errors' gain and the
+#: correct images' loss that cancels much of both, amplify float32 rounding by about 1e3:
+#: between 1 and 2 threads a planted model's shares moved by up to 1.3e-4 (2026-12-07, the
+#: sanity golden's fc/noise case; no step-size decision changed, every flag and rank stayed).
+#: Compared at 8x that; a change of the method still moves them by 1e-2 or more.
+ALONE_TOLERANCE = 1e-3
+ALONE_FIELDS = re.compile(
+    r"\.layers\[\]\.(score|reduction|score_interval\[\])$|\.per_image\.reduction\[\]\[\]$"
+    r"|\.scores\.(alone_net|alone_errors|combined)\[\]$|\.score_(a|b|low|high)(\[\])?$")
 #: The scale below which floats are compared absolutely: the quantities are losses and loss
 #: reductions of order 1, whose float32 noise is absolute (a reduction of 3e-4 carries the
 #: same 1e-7 of rounding as one of 0.3).
@@ -167,8 +178,9 @@ def differences(expected: Any, got: Any, rel: float = REL_TOLERANCE) -> List[str
     (:func:`float_distance`), anything else not equal."""
     out = []
     for kind, where, e, g in leaves(expected, got):
-        tol = (TRAINED_TOLERANCE
-               if TRAINED_FIELDS.search(re.sub(r"\[\d+\]", "[]", where)) else rel)
+        path = re.sub(r"\[\d+\]", "[]", where)
+        tol = (TRAINED_TOLERANCE if TRAINED_FIELDS.search(path)
+               else max(rel, ALONE_TOLERANCE) if ALONE_FIELDS.search(path) else rel)
         if kind == "different" or (kind == "float" and not float_distance(e, g) <= tol):
             out.append(f"{where}: {e!r} != {g!r}")
     return out

@@ -30,7 +30,8 @@ Scores = Callable[[Dict[str, Any], np.ndarray], np.ndarray]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", required=True,
                         help="comma-separated localize JSON files (python -m bench localize "
-                             "--parts planted --json FILE)")
+                             "--parts planted --json FILE); A+B pools the cases of two runs of "
+                             "one model (other seeds)")
     parser.add_argument("--out", type=Path, default=common.DEFAULT_RESULTS,
                         help="Markdown file the section is appended to [default: the day's log]")
 
@@ -51,7 +52,7 @@ def _share(v: np.ndarray) -> np.ndarray:
 
 def candidates(own: str = "replay_reduction") -> Dict[str, Scores]:
     """Each candidate ranking as a function of a case and the groups' parameter shares."""
-    from model_audit.core.scoring import combined_scores
+    from model_audit.core.attribution import combined_scores
     o = lambda c: _vec(c, own)  # noqa: E731
     r = lambda c: _vec(c, "auto_rgn")  # noqa: E731
     return {
@@ -77,13 +78,25 @@ def _rank_stats(scores: np.ndarray, true: int) -> Tuple[float, float]:
     return top1, rr
 
 
-def score_run(path: Path) -> Dict[str, Any]:
-    data = json.loads(Path(path).read_text())["planted"]
+def _load(spec: str) -> Dict[str, Any]:
+    """The planted part of one localize JSON, or of several of the same model joined by ``+``
+    (runs of other seeds: their cases are pooled)."""
+    parts = [json.loads(Path(p).read_text())["planted"] for p in spec.split("+")]
+    data = dict(parts[0])
+    for other in parts[1:]:
+        if other["groups"] != data["groups"]:
+            raise ValueError(f"{spec}: the runs have different groups")
+        data["cases"] = list(data["cases"]) + list(other["cases"])
+    return data
+
+
+def score_run(path: str) -> Dict[str, Any]:
+    data = _load(str(path))
     groups, shares = data["groups"], np.array(data["shares"])
     cases = [c for c in data["cases"] if c["reached"]]
     table: Dict[str, Dict[str, Any]] = {}
     for name, fn in candidates().items():
-        top1, rr, by = [], [], {}
+        top1, rr, by, seeds = [], [], {}, {}  # type: ignore[var-annotated]
         try:
             [fn(case, shares) for case in cases[:1]]
         except KeyError:  # a method this run did not record (an older localize run)
@@ -93,10 +106,18 @@ def score_run(path: Path) -> Dict[str, Any]:
             top1.append(t)
             rr.append(m)
             by.setdefault(case["group"], []).append(t)
+            seeds.setdefault(case.get("seed", 0), []).append(t)
+        per_seed = [float(np.mean(v)) for v in seeds.values()]
         table[name] = {"top1": float(np.mean(top1)), "mrr": float(np.mean(rr)),
+                       "top1_sd": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else None,
                        "by_group": {g: float(np.mean(v)) for g, v in by.items()}}
     return {"model": data["model"], "probe": data["probe"], "groups": groups,
             "cases": len(cases), "chance": data["chance"], "table": table}
+
+
+def _cell(row: Dict[str, Any]) -> str:
+    sd = f" (sd {row['top1_sd']:.2f} over seeds)" if row.get("top1_sd") is not None else ""
+    return f"{row['top1']:.2f} / {row['mrr']:.2f}{sd}"
 
 
 def markdown(runs: Sequence[Dict[str, Any]], command: str, commit: str) -> str:
@@ -110,8 +131,7 @@ def markdown(runs: Sequence[Dict[str, Any]], command: str, commit: str) -> str:
     names = list(dict.fromkeys(n for r in runs for n in r["table"]))
     for name in names:
         lines.append(f"| {name} | " + " | ".join(
-            f"{r['table'][name]['top1']:.2f} / {r['table'][name]['mrr']:.2f}"
-            if name in r["table"] else "-" for r in runs) + " |")
+            _cell(r["table"][name]) if name in r["table"] else "-" for r in runs) + " |")
     lines.append("| chance | " + " | ".join(
         f"{r['chance'][0]:.2f} / {r['chance'][1]:.2f}" for r in runs) + " |")
     for r in runs:
@@ -127,8 +147,8 @@ def markdown(runs: Sequence[Dict[str, Any]], command: str, commit: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from model_audit.errors import ConfigError
-    paths = [Path(p.strip()) for p in args.json.split(",") if p.strip()]
-    missing = [str(p) for p in paths if not p.is_file()]
+    paths = [p.strip() for p in args.json.split(",") if p.strip()]
+    missing = [f for p in paths for f in p.split("+") if not Path(f).is_file()]
     if missing or not paths:
         raise ConfigError(f"no localize JSON at {', '.join(missing) or '(none given)'}: write "
                           "one with python -m bench localize --parts planted --json FILE")

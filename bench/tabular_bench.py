@@ -123,7 +123,7 @@ def _one_seed(seed: int, data: Dict[str, Any], tmp: Path) -> Dict[str, Any]:
          tmp / f"scan-adam-{seed}" / "audit.json", "--out", cmp_out, "--quiet")
     cmp = json.loads((cmp_out / "compare.json").read_text())
     row["compare"] = {"jaccard": cmp["jaccard"],
-                      "spearman": cmp["correlation"]["replay_reduction"]["spearman"]}
+                      "spearman": cmp["correlation"]["score"]["spearman"]}
     sgd = tmp / f"mlp-sgd-{seed}.safetensors"
     san_out = tmp / f"sanity-{seed}"
     run = _cli("sanity", sgd, "--arch", FACTORY, "--probe", data["probe"], "--seed", seed,

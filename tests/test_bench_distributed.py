@@ -18,10 +18,13 @@ def test_bench_distributed_times_and_checks_the_answer(tmp_path):
                        "--no-memory", "--device", "cpu", "--extra", "--baselines none",
                        "--out", str(out)]) == 0
     text = out.read_text()
+    flags = set()
     for name in ("1 process, 1 thread", "1 process, 2 threads", "torchrun, 2 ranks x 1 thread"):
         row = re.search(rf"\| {re.escape(name)} \| [\d.]+ \([\d.]+\) \| [\d.]+ \| "
-                        r"([\d.]+)x \| ([\d.]+) \| layer1, layer2 \| ([\deE.+-]+) \|", text)
+                        r"([\d.]+)x \| ([\d.]+) \| ([\w, ]+) \| ([\deE.+-]+) \|", text)
         assert row, (name, text)
-        assert float(row.group(3)) < 1e-4  # the same scores as one process
+        flags.add(row.group(3))
+        assert float(row.group(4)) < 1e-4  # the same scores as one process
+    assert len(flags) == 1  # the same groups flagged in every setting
     assert "Probe: 540 images" in text
     assert "`fix --layers" not in text  # no fix runs were asked for

@@ -30,12 +30,13 @@ def test_localize_end_to_end_on_tiny_data(tmp_path, sgd_checkpoint, digits_probe
     assert [(c["group"], c["defect"]) for c in cases] == [
         ("layer1", "noise"), ("layer1", "bnstats"), ("fc", "noise")]
     for c in cases:
-        for method in ("replay_reduction", "net_reduction", "auto_rgn", "random",
+        for method in ("alone_net", "combined", "replay_reduction", "net_reduction",
+                       "auto_rgn", "random",
                        "grad_x_activation_per_unit"):
             assert 1.0 <= c["ranks"][method] <= 6.0
     rules = data["planted"]["rules"]
     assert {"share_and_equal", "share_or_top", "equal", "top1", "above_null"} <= set(
-        rules["replay_reduction"])
+        rules["alone_net"])
     shifts = data["shifts"]
     assert [s["shift"] for s in shifts] == ["labels", "blur"]
     for s in shifts:

@@ -12,4 +12,4 @@ def test_bench_tabular_runs_every_command(tmp_path):
     row = re.search(r"\| 0 \| (0\.\d+) \| (0\.\d+) \|", text)
     assert row and float(row.group(1)) > 0.8 and float(row.group(2)) > 0.8  # trained MLPs
     assert re.search(r"\| 0 \| flagged \| .+ \| \d+ \| \d+ \| [+-]\d+ \|", text)
-    assert "| 0 | random |" in text and "replay_reduction top-1" in text
+    assert "| 0 | random |" in text and "alone_net top-1" in text

@@ -164,6 +164,7 @@ def test_compare_and_gate_under_torchrun(tmp_path):
 
 
 def test_sanity_under_torchrun(tmp_path):
+    from bench.numerics_bench import ALONE_TOLERANCE
     args = ["sanity", SGD, "--probe", PROBE, "--groups", "layer1,fc", "--defects",
             "noise,labelswap", "--quiet"]
     run = torchrun(args + ["--out", tmp_path / "two", "--keep-damaged", tmp_path / "kept"])
@@ -176,8 +177,9 @@ def test_sanity_under_torchrun(tmp_path):
     assert [(c["severity"], c["top_group"], c["flagged"]) for c in one["cases"]] == \
         [(c["severity"], c["top_group"], c["flagged"]) for c in two["cases"]]
     for a, b in zip(one["cases"], two["cases"]):
-        np.testing.assert_allclose(a["scores"]["replay_reduction"],
-                                   b["scores"]["replay_reduction"], rtol=1e-4, atol=1e-6)
+        # the group-alone steps amplify float32 rounding (bench/numerics_bench.py)
+        np.testing.assert_allclose(a["scores"]["alone_net"], b["scores"]["alone_net"],
+                                   rtol=0, atol=ALONE_TOLERANCE)
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == \
         ["fc-labelswap-s0.safetensors", "fc-noise-s0.safetensors",
          "layer1-labelswap-s0.safetensors", "layer1-noise-s0.safetensors"]

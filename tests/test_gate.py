@@ -61,7 +61,7 @@ def test_all_checks_pass_exit_0(tmp_path, inputs):
 @pytest.mark.parametrize("body,name,needle", [
     ("min_accuracy = 0.99\n", "min_accuracy", "96.11% < 99.00%"),
     ("min_class_accuracy = 0.95\n", "min_class_accuracy", "classes below the minimum"),
-    ("max_flagged = 1\n", "max_flagged", "2 flagged group(s): layer1, layer2"),
+    ("max_flagged = 1\n", "max_flagged", "3 flagged group(s): conv1, layer1, layer2"),
     ("max_scan_seconds = 0\n", "max_scan_seconds", "scan took"),
 ])
 def test_each_result_check_fails_exit_1(tmp_path, inputs, body, name, needle):
@@ -138,7 +138,7 @@ def test_baseline_regression(tmp_path, inputs, adam_checkpoint):
     (tmp_path / "old.json").write_text(json.dumps(audit))
     result, data = gate(tmp_path, inputs[0], inputs[1], pol, "--baseline", tmp_path / "old.json")
     assert result.exit_code == 1
-    assert checks(data)["no_new_flags"]["value"] == ["layer2"]
+    assert checks(data)["no_new_flags"]["value"] == ["conv1", "layer2"]
     assert "layer2" in checks(data)["no_new_flags"]["message"]
 
 

@@ -12,7 +12,8 @@ no field but floats ever differed, and the floats moved by at most about 1e-5 of
 (float32 rounding of losses of order 1, and the 6 significant digits the per-image values are
 written with); the tolerance is 10x that. Floats of a trained state (fix's validation losses
 along a repair, confidences after it) get ``TRAINED_TOLERANCE``: rounding compounds over the
-repair's steps (the counts beside them stay exact). Wall times, paths of this run, versions and the
+repair's steps (the counts beside them stay exact). Floats of the default metric's group-alone
+steps (scores, intervals, per-image reductions) get ``ALONE_TOLERANCE`` for the same reason. Wall times, paths of this run, versions and the
 environment are left out.
 
 To record them anew after a deliberate change of behaviour::
@@ -75,11 +76,13 @@ def test_json_unchanged(outputs, name):
 def test_golden_ranks_are_separated_by_far_more_than_the_tolerance():
     """Ranks and flags are compared exactly; that is sound only where the golden scores are
     apart by far more than float noise, or another machine could swap two of them."""
-    from bench.numerics_bench import REL_TOLERANCE
+    from bench.numerics_bench import ALONE_TOLERANCE
     scores = sorted(layer["score"] for layer in json.loads((GOLDEN / "scan.json").read_text())
                     ["layers"])
     gaps = [b - a for a, b in zip(scores, scores[1:])]
-    assert min(gaps) > 10 * REL_TOLERANCE * (1 + max(scores)), gaps
+    # the scores come from the group-alone steps: 5x their tolerance, 40x the largest
+    # movement measured across threads (bench/numerics_bench.py, ALONE_TOLERANCE)
+    assert min(gaps) > 5 * ALONE_TOLERANCE * (1 + max(scores)), gaps
 
 
 def test_the_files_read_back_into_typed_results(outputs):

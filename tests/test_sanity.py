@@ -41,7 +41,7 @@ def test_sanity_json_matches_the_table(sanity_run):
     assert [(c["group"], c["defect"]) for c in data["cases"]] == [
         ("layer1", "noise"), ("layer1", "reinit"), ("fc", "noise"), ("fc", "reinit")]
     methods = data["methods_order"]
-    assert methods[0] == "replay_reduction" and methods[-1] == "random"
+    assert methods[0] == data["metric"] == "alone_net" and methods[-1] == "random"
     assert {"grad_x_activation", "auto_rgn"} <= set(methods)
     for c in data["cases"]:
         assert {"group", "defect", "severity", "accuracy_before", "accuracy_after", "ranks",
@@ -64,10 +64,9 @@ def test_sanity_json_matches_the_table(sanity_run):
     html = (out / "report.html").read_text()
     assert "Planted group" in html and "chance" in html and "<script" not in html
     # One sentence names the method that localised best on this model, in both outputs.
-    best = max((m for m in methods if m != "random"),
-               key=lambda m: (data["methods"][m]["mrr"], data["methods"][m]["top1"]))
-    assert f"on this model {best if best != 'replay_reduction' else 'the scan'}" in result.output
-    assert f"on this model {best if best != 'replay_reduction' else 'the scan'}" in html
+    best = _best(data)
+    assert f"on this model {best if best != 'combined' else 'the scan'}" in result.output
+    assert f"on this model {best if best != 'combined' else 'the scan'}" in html
 
 
 def test_keep_damaged_saves_copies_that_differ_only_in_their_group(sanity_run):
@@ -151,7 +150,7 @@ def test_a_model_with_a_single_group_is_refused(tmp_path, monkeypatch, digits_pr
 def test_the_gate_reads_a_saved_sanity_check(tmp_path, sanity_run, sgd_checkpoint,
                                             digits_probe):
     _, out, _ = sanity_run
-    top1 = json.loads((out / "sanity.json").read_text())["methods"]["replay_reduction"]["top1"]
+    top1 = json.loads((out / "sanity.json").read_text())["methods"]["alone_net"]["top1"]
     for limit, code in ((max(top1 - 0.1, 0.0), 0), (min(top1 + 0.1, 1.0), 1)):
         pol = tmp_path / f"p{code}.toml"
         pol.write_text(f"[policy]\nmin_sanity_top1 = {limit}\n")
@@ -242,7 +241,7 @@ def test_an_unknown_metric_is_refused(tmp_path, sgd_checkpoint, digits_probe):
 def _best(data):
     methods = [m for m in data["methods"] if m != "random"]
     return max(methods, key=lambda m: (data["methods"][m]["mrr"], data["methods"][m]["top1"],
-                                       m == "replay_reduction"))
+                                       m == "combined", m == data["metric"]))
 
 
 def test_scan_ranks_with_the_method_that_localised_best(tmp_path, sanity_run, sgd_checkpoint,
@@ -269,23 +268,30 @@ def test_scan_ranks_with_the_method_that_localised_best(tmp_path, sanity_run, sg
     plain = run(["scan", sgd_checkpoint, "--probe", digits_probe, "--out", tmp_path / "p",
                  "--bootstrap", "20", "--quiet"])
     assert plain.exit_code == 0, plain.output
-    own = json.loads((tmp_path / "p" / "audit.json").read_text())
-    assert own["ranking"]["method"] == "replay_reduction" and own["ranking"]["chosen_by"] == "default"
-    assert len(audit["flagged"]) == len(own["flagged"])
-    assert set(audit["flagged"]) == set(ranking["order"][:len(own["flagged"])])
+    default = json.loads((tmp_path / "p" / "audit.json").read_text())
+    assert default["ranking"]["method"] == "combined"
+    assert default["ranking"]["chosen_by"] == "default"
+    if best in ("combined", evidence["metric"]):  # the flag rule on the method's own scores
+        assert ranking["order"][0] in audit["flagged"]
+    else:  # a baseline has no flag rule: its top k, k as many as the metric's rule flags
+        own = run(["scan", sgd_checkpoint, "--probe", digits_probe, "--out", tmp_path / "o",
+                   "--bootstrap", "0", "--quiet", "--method", "own"])
+        assert own.exit_code == 0, own.output
+        k = len(json.loads((tmp_path / "o" / "audit.json").read_text())["flagged"])
+        assert set(audit["flagged"]) == set(ranking["order"][:k])
 
 
 def _method_score(audit, method):
     """The per-group score ``method`` ranks an audit.json's groups by."""
-    from model_audit.core.scoring import combined_scores
+    from model_audit.core.attribution import combined_scores
     layers = {layer["name"]: layer for layer in audit["layers"]}
+    names = list(layers)
     if method == "combined":
-        names = list(layers)
-        both = combined_scores([layers[n]["score"] for n in names],
+        both = combined_scores([layers[n]["reduction"] for n in names],
                                [layers[n]["baselines"]["auto_rgn"] for n in names])
         return dict(zip(names, both)).get
-    if method == "replay_reduction":
-        return lambda n: layers[n]["score"]
+    if method == audit["metric"]["name"]:  # its share: the positive part of its reduction
+        return lambda n: max(layers[n]["reduction"], 0.0)
     return lambda n: layers[n]["baselines"][method]
 
 
@@ -296,19 +302,30 @@ def test_the_combined_method_ranks_by_the_own_metric_and_auto_rgn(tmp_path, sgd_
     assert r.exit_code == 0, r.output
     audit = json.loads((tmp_path / "s" / "audit.json").read_text())
     ranking, score = audit["ranking"], _method_score(audit, "combined")
-    assert ranking["method"] == "combined" and ranking["chosen_by"] == "given"
+    assert ranking["method"] == "combined" and ranking["chosen_by"] == "default"
     assert [score(n) for n in ranking["order"]] == sorted(
         (score(n) for n in ranking["order"]), reverse=True)
-    k = len(audit["flagged"])  # as many as the own rule flags: its top k
-    assert k >= 1 and set(audit["flagged"]) == set(ranking["order"][:k])
+    # the scores are the combined ones, flagged by the flag rule on them
+    import numpy as np
+    from model_audit.core.attribution import flag_rule
+    layers = audit["layers"]
+    assert [layer["score"] for layer in layers] == pytest.approx(
+        [score(layer["name"]) for layer in layers], abs=1e-12)
+    flags = flag_rule(np.array([layer["score"] for layer in layers]),
+                      np.array([layer["share"] for layer in layers]))
+    assert audit["flagged"] == [layer["name"] for layer, f in zip(layers, flags) if f]
+    assert audit["metric"]["combined_with"] == "auto_rgn"
+    assert audit["per_image"]["prior"] == pytest.approx(
+        [layer["baselines"]["auto_rgn"] for layer in layers])
     # sanity reports it beside the own metric and the baselines, so auto can choose it
     _, out, _ = sanity_run
     assert "combined" in json.loads((out / "sanity.json").read_text())["methods"]
-    before = snapshot(tmp_path)
-    bad = run(["scan", sgd_checkpoint, "--probe", digits_probe, "--method", "combined",
-               "--baselines", "grad_x_activation", "--out", tmp_path / "b"])
-    assert bad.exit_code == 2 and "keep auto_rgn in --baselines" in bad.output
-    assert snapshot(tmp_path) == before
+    # without auto_rgn among the baselines asked for, the ranking computes it (it is free)
+    r = run(["scan", sgd_checkpoint, "--probe", digits_probe, "--baselines", "none",
+             "--out", tmp_path / "b", "--bootstrap", "0", "--quiet"])
+    assert r.exit_code == 0, r.output
+    again = json.loads((tmp_path / "b" / "audit.json").read_text())
+    assert again["ranking"]["order"] == ranking["order"]
 
 
 def test_a_named_method_ranks_and_flags(tmp_path, sgd_checkpoint, digits_probe):
@@ -382,12 +399,12 @@ def test_scan_method_auto_on_the_command_line_runs_sanity_and_keeps_it(tmp_path,
 
 def test_the_ranking_follows_the_own_metric_of_the_scan_and_of_its_evidence(
         tmp_path, sanity_run, sgd_checkpoint, digits_probe):
-    _, out, _ = sanity_run  # measured with replay_reduction
+    _, out, _ = sanity_run  # measured with alone_net
     before = snapshot(tmp_path)
     r = run(["scan", sgd_checkpoint, "--probe", digits_probe, "--metric", "net_reduction",
              "--method", "auto", "--sanity", out / "sanity.json", "--out", tmp_path / "s"])
     assert r.exit_code == 2, r.output
-    assert "measured the own metric replay_reduction, this scan computes net_reduction" in r.output
+    assert "measured the own metric alone_net, this scan computes net_reduction" in r.output
     assert snapshot(tmp_path) == before and not (tmp_path / "s").exists()
     # evidence of the same formulation: the own metric is named and measured as such
     run(["sanity", sgd_checkpoint, "--probe", digits_probe, "--metric", "net_reduction",
@@ -397,5 +414,5 @@ def test_the_ranking_follows_the_own_metric_of_the_scan_and_of_its_evidence(
              "--bootstrap", "0", "--quiet"])
     assert r.exit_code == 0, r.output
     ranking = json.loads((tmp_path / "s" / "audit.json").read_text())["ranking"]
-    assert ranking["method"] == "net_reduction" and ranking["chosen_by"] == "default"
-    assert "ranked by net_reduction (the default): on 4 faults planted" in ranking["trust"]
+    assert ranking["method"] == "combined" and ranking["chosen_by"] == "default"
+    assert "ranked by combined (the default): on 4 faults planted" in ranking["trust"]

@@ -87,14 +87,15 @@ def cli(ctx: click.Context) -> None:
                    "internal influence).")
 @click.option("--metric", type=click.Choice(list(METRICS)), default=ScanConfig.metric,
               show_default=True,
-              help="The own metric: replay_reduction (loss removed from the errors by each "
-                   "group's replay step) or net_reduction (loss removed from the errors and "
-                   "from correct images, each group's step scaled at its best); see the "
-                   "documentation's method page (docs/method.md).")
-@click.option("--method", default="own", show_default=True,
-              help="What ranks and flags the groups: own (the tool's metric), a baseline's "
-                   "name (e.g. auto_rgn), combined (the own metric with Auto-RGN: the "
-                   "geometric mean of their shares), or auto: the method that localised faults "
+              help="The own metric: alone_net (loss each group alone removes from the "
+                   "errors in 3 gradient steps, net of what it adds to correct images), "
+                   "replay_reduction (loss removed from the errors by each group's part of the "
+                   "beta-scheduled replay) or net_reduction (the replay's step, errors and "
+                   "correct images, scaled at its best); see docs/method.md.")
+@click.option("--method", default=ScanConfig.method, show_default=True,
+              help="What ranks and flags the groups: combined (the own metric with Auto-RGN: "
+                   "the geometric mean of their shares), own (the metric alone), a baseline's "
+                   "name (e.g. auto_rgn), or auto: the method that localised faults "
                    "best on this model, from --sanity, else from a sanity run first (costly: "
                    "the cost is said up front).")
 @click.option("--sanity", "sanity_json", type=click.Path(path_type=Path), default=None,

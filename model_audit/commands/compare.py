@@ -32,7 +32,7 @@ from ..core.layers import layer_groups
 from ..io.records import AuditRecord
 from .bisect import BisectError, bisect
 from ..results.compare import Regression
-from ..core.attribution import METRIC_NAME, bootstrap_counts, flag_rule, resampled_scores
+from ..core.attribution import SCORE_KEY, bootstrap_counts, flag_rule, resampled_scores
 from ..errors import AuditError
 from ..core.stats import (hypergeom_sf, jaccard, kendall_tau_b, overlap_coefficient,
                     percentile_interval, spearman, top_k)
@@ -72,12 +72,17 @@ class _Resampler:
     def __init__(self, r: AuditRecord) -> None:
         self.index = r.per_image_index
         self.r = r.per_image_reduction
+        self.prior = r.per_image_prior
+        wrong = set(r.misclassified_positions)
+        # a net metric's rows include correct images: its fallback reads the errors' rows
+        self.error_rows = (np.array([int(p) in wrong for p in self.index])
+                           if not all(int(p) in wrong for p in self.index) else None)
         self.shares = np.asarray([layer.share for layer in r.layers], dtype=np.float64)
         self.n = r.probe_n
         self.ok = self.r.ndim == 2 and len(self.index) == len(self.r) > 0
 
     def scores(self, counts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        s = resampled_scores(self.r, self.index, counts)
+        s = resampled_scores(self.r, self.index, counts, self.prior, self.error_rows)
         return s, flag_rule(s, self.shares)
 
 
@@ -103,7 +108,7 @@ def compare(a: Union[ScanResult, AuditRecord], b: Union[ScanResult, AuditRecord]
     fb = {n for n in rb.flagged if n in shared}
     point = _stats(shared, sa, sb, fa, fb)
     correlation: Dict[str, Dict[str, Optional[float]]] = {
-        METRIC_NAME: {"spearman": point["spearman"], "kendall": point["kendall"]}}
+        SCORE_KEY: {"spearman": point["spearman"], "kendall": point["kendall"]}}
     for name in sorted(set(ra.baselines) & set(rb.baselines)):
         ba = [_or_nan(ra.layer(n).baselines.get(name)) for n in shared]
         bb = [_or_nan(rb.layer(n).baselines.get(name)) for n in shared]

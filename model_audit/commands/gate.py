@@ -31,7 +31,7 @@ from typing import Any, List, Optional, Tuple, Union
 
 from torch import nn
 
-from ..core.attribution import METRIC_NAME
+from ..core.attribution import SCORE_KEY
 from ..core.layers import layer_groups
 from ..errors import CheckpointError, EmptyInputError
 from ..io.records import AuditRecord, SanityRecord
@@ -281,7 +281,7 @@ def _baseline_checks(checks: List[Check], policy: Policy, base: Optional[AuditRe
         checks.append(Check("min_overlap", ok, value, policy.min_overlap,
                             f"Jaccard overlap of the flagged sets {value:.3f}"))
     if policy.min_rank_correlation is not None:
-        rho = cmp.correlation[METRIC_NAME]["spearman"]
+        rho = cmp.correlation[SCORE_KEY]["spearman"]
         ok = rho is not None and rho >= policy.min_rank_correlation
         checks.append(Check("min_rank_correlation", ok, rho, policy.min_rank_correlation,
                             f"Spearman correlation of the scores {rho:.3f}" if rho is not None

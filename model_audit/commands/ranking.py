@@ -14,7 +14,7 @@ import numpy as np
 
 from ..baselines import BASELINES
 from ..core.attribution import METRIC_NAME
-from ..core.scoring import AUTO, COMBINED, OWN, MethodEvidence
+from ..core.scoring import AUTO, COMBINED, DEFAULT_METHOD, OWN, MethodEvidence
 from ..errors import ConfigError
 from ..io.probe import ProbeSet
 from ..models.checkpoint import LoadedCheckpoint
@@ -54,8 +54,8 @@ def choose_method(method: str, ev: Optional[MethodEvidence], ckpt: LoadedCheckpo
         usable += [COMBINED] if "auto_rgn" in usable else []
         return ev.best(usable), "sanity"
     if method == OWN:
-        return metric, "default"
-    return method, "given"
+        return metric, "given"
+    return method, "default" if method == DEFAULT_METHOD else "given"
 
 
 def ranked(names: Sequence[str], scores: np.ndarray) -> Tuple[str, ...]:

@@ -16,7 +16,7 @@ exactly the chance level. A group a method cannot score (NaN) ranks after every 
 Examples:
     >>> from model_audit.commands.sanity import sanity, SanityConfig
     >>> result = sanity("model.safetensors", "probe/", SanityConfig())  # doctest: +SKIP
-    >>> result.summary["replay_reduction"].top1  # doctest: +SKIP
+    >>> result.summary["combined"].top1  # doctest: +SKIP
 """
 from __future__ import annotations
 

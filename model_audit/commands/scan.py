@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..core.attribution import (NET_METRIC_NAME, Attribution, GroupReductions, attribute,
-                                group_net_reductions, group_reductions, net_positions)
+from ..core.attribution import (METRIC_NAME, Attribution, GroupReductions, attribute,
+                                flag_rule, group_net_reductions, group_reductions,
+                                metric_shares, net_positions)
 from ..baselines import BASELINES, Agreement, BaselineResult, resolve_baselines
 from ..models.checkpoint import LoadedCheckpoint
 from ..io.records import LayerScore
@@ -36,7 +37,8 @@ from ..results.scan import Ranking
 from ..baselines import agreement, compute_baselines
 
 from ..results.scan import ScanConfig, ScanResult
-from ..core.scoring import COMBINED, combined_scores
+from ..core.alone import ALONE_METRIC_NAME, group_alone_reductions
+from ..core.scoring import COMBINED
 
 def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
          probe: Union[str, os.PathLike, ProbeSet], config: ScanConfig = ScanConfig(), *,
@@ -66,8 +68,9 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
         ckpt, probe, warnings = resolve_inputs(checkpoint, probe, opts)
     method, chosen_by = choose_method(config.method, config.evidence, ckpt, probe,
                                       config.metric)
-    if method in BASELINES and method not in resolve_baselines(list(config.baselines)):
-        config = replace(config, baselines=tuple(config.baselines) + (method,))
+    needs = "auto_rgn" if method == COMBINED else method  # the baseline it ranks by
+    if needs in BASELINES and needs not in resolve_baselines(list(config.baselines)):
+        config = replace(config, baselines=tuple(config.baselines) + (needs,))
     groups: List[LayerGroup] = layer_groups(ckpt.model, opts.granularity)
     timing: Dict[str, float] = {"load_s": time.perf_counter() - start}
     with _on_device(ckpt.model, device):
@@ -77,7 +80,7 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
         timing["evaluate_s"] = time.perf_counter() - t0
         if ev.misclassified:
             found = _attribute_errors(ckpt, probe, ev, groups, config, device, progress,
-                                      timing, warnings)
+                                      timing, warnings, combine=method == COMBINED)
         else:
             warnings.append("the model classifies every probe image correctly: there are no "
                             "errors to attribute, and nothing is flagged")
@@ -85,18 +88,20 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
     passes = {"forward_images": ev.n + found.forward_images,
               "backward_images": found.backward_images}
     timing["total_s"] = time.perf_counter() - start
-    needs = "auto_rgn" if method == COMBINED else method  # the baseline it ranks by
     if method != config.metric and needs not in found.baselines and ev.misclassified:
         warnings.append(f"{method} could not run on this probe: ranked by {config.metric}")
-        method, chosen_by, needs = config.metric, "default", config.metric
+        method, chosen_by = config.metric, "default"
+    if method == COMBINED and found.prior is None:  # no errors: nothing was combined
+        method = config.metric
     order = ranked([g.name for g in groups],
                    _method_scores(found, method, config.metric, len(groups)))
-    layers = _layer_scores(groups, found, order if needs in found.baselines else None)
+    by_baseline = method in found.baselines
+    layers = _layer_scores(groups, found, order if by_baseline else None)
     ranking = Ranking(method, chosen_by, config.evidence, order)
     return ScanResult(ckpt, probe, ev, layers, found.replay, config,
                       device, {k: round(v, 4) for k, v in timing.items()}, passes,
                       tuple(warnings), found.reductions, found.baselines, found.agreements,
-                      found.positions, ranking)
+                      found.positions, ranking, found.prior)
 
 
 @contextmanager
@@ -130,6 +135,7 @@ class _Found:
     agreements: Dict[str, Agreement] = field(default_factory=dict)
     forward_images: int = 0
     backward_images: int = 0
+    prior: Optional[Tuple[float, ...]] = None   # Auto-RGN's shares the scores combine with
 
     @classmethod
     def nothing(cls, n_groups: int) -> "_Found":
@@ -139,35 +145,75 @@ class _Found:
 
 def _attribute_errors(ckpt: LoadedCheckpoint, probe: ProbeSet, ev: EvaluationResult,
                       groups: List[LayerGroup], config: ScanConfig, device: str,
-                      progress: bool, timing: Dict[str, float], warnings: List[str]) -> _Found:
-    """Replay over the errors, the per-group reductions, scores and flags, the baselines."""
-    opts, model, errors = config.options, ckpt.model, ev.misclassified
+                      progress: bool, timing: Dict[str, float], warnings: List[str], *,
+                      combine: bool = False) -> _Found:
+    """Replay over the errors, the per-group reductions, the baselines, scores and flags
+    (``combine``: the scores combined with Auto-RGN's shares)."""
+    opts, errors = config.options, ev.misclassified
     cache = BatchCache(probe, errors, opts.batch_size, shard=True)
     t0 = time.perf_counter()
     result_replay = _replay(ckpt, cache, config, device, progress)
     timing["replay_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rows: List[int] = list(errors)
-    positions: Optional[Tuple[int, ...]] = None
-    if config.metric == NET_METRIC_NAME:
-        rows = net_positions(ev.n, errors, opts.seed)
-        reductions, _ = group_net_reductions(
-            model, BatchCache(probe, rows, opts.batch_size, shard=True), result_replay.displacement,
-            groups, device=device, progress=progress)
-        positions = tuple(rows)
-    else:
-        reductions = group_reductions(model, cache, result_replay.displacement, groups,
-                                      device=device, progress=progress,
-                                      base_losses=result_replay.initial_losses)
+    reductions, rows = _reductions(ckpt.model, probe, ev, cache, result_replay, groups, config,
+                                   device, progress)
     _check_reductions(reductions, groups, config.replay)
     warnings.extend(_replay_warnings(result_replay, config.replay))
     timing["attribution_s"] = time.perf_counter() - t0
+    baseline_results = _baselines(ckpt.model, probe, cache, groups, config, device, progress,
+                                  result_replay, timing, warnings)
+    prior = None
+    if combine and "auto_rgn" in baseline_results:
+        prior = tuple(float(v) for v in np.nan_to_num(baseline_results["auto_rgn"].scores))
     t0 = time.perf_counter()
+    net = config.metric != METRIC_NAME   # rows: the errors and a sample of correct images
+    wrong = set(errors)
+    error_rows = [p in wrong for p in rows] if net else None
     attr = attribute(reductions, [g.share for g in groups], probe_size=ev.n,
-                     misclassified_positions=rows, resamples=config.bootstrap, seed=opts.seed)
+                     misclassified_positions=rows, resamples=config.bootstrap, seed=opts.seed,
+                     prior=prior, error_rows=error_rows)
+    if net and not (attr.reduction > 0).any():
+        warnings.append(
+            f"no layer group's correction ({config.metric}) removes more loss from the errors "
+            "than it adds to the correctly classified images (as on an under-trained model): "
+            "the scores are the shares of the errors' loss removed, without the net")
     timing["bootstrap_s"] = time.perf_counter() - t0
-    baseline_results: Dict[str, BaselineResult] = {}
-    agreements: Dict[str, Agreement] = {}
+    own = metric_shares(reductions.matrix.numpy(), error_rows)  # not combined
+    own_flags = flag_rule(own, np.array([g.share for g in groups]))
+    agreements = {n: agreement(own, b.scores, own_flags) for n, b in baseline_results.items()}
+    if not attr.scores.any():
+        warnings.append("no layer group reduces the error loss; nothing is flagged"
+                        + (" (try a smaller replay learning rate)"
+                           if config.metric != ALONE_METRIC_NAME else ""))
+    return _Found(attr, result_replay, reductions,
+                  tuple(rows) if config.metric != METRIC_NAME else None, baseline_results,
+                  agreements, result_replay.forward_images + reductions.forward_images,
+                  result_replay.backward_images + reductions.backward_images, prior)
+
+
+def _reductions(model: nn.Module, probe: ProbeSet, ev: EvaluationResult, cache: BatchCache,
+                result_replay: ReplayResult, groups: List[LayerGroup], config: ScanConfig,
+                device: str, progress: bool) -> Tuple[GroupReductions, List[int]]:
+    """The own metric's per-image reductions and the probe positions of their rows."""
+    opts, errors = config.options, ev.misclassified
+    if config.metric == METRIC_NAME:
+        return (group_reductions(model, cache, result_replay.displacement, groups,
+                                 device=device, progress=progress,
+                                 base_losses=result_replay.initial_losses), list(errors))
+    rows = net_positions(ev.n, errors, opts.seed)
+    net = BatchCache(probe, rows, opts.batch_size, shard=True)
+    if config.metric == ALONE_METRIC_NAME:
+        return group_alone_reductions(model, cache, net, groups, device=device,
+                                      progress=progress), rows
+    reductions, _ = group_net_reductions(model, net, result_replay.displacement, groups,
+                                         device=device, progress=progress)
+    return reductions, rows
+
+
+def _baselines(model: nn.Module, probe: ProbeSet, cache: BatchCache, groups: List[LayerGroup],
+               config: ScanConfig, device: str, progress: bool, result_replay: ReplayResult,
+               timing: Dict[str, float], warnings: List[str]) -> Dict[str, BaselineResult]:
+    """The baselines asked for that apply to this probe, on the errors."""
     names = resolve_baselines(list(config.baselines))
     if probe.integer_inputs:
         # a path from zeros to x in input space has no points between integers (token ids);
@@ -180,20 +226,13 @@ def _attribute_errors(ckpt: LoadedCheckpoint, probe: ProbeSet, ev: EvaluationRes
                 "(a path from zeros), which integer inputs such as token ids do not have"
                 + ("; integrated_gradients interpolates at each layer instead and runs"
                    if "integrated_gradients" in names else ""))
-    if names:
-        t0 = time.perf_counter()
-        baseline_results = compute_baselines(
-            model, cache, groups, names, device=device, progress=progress,
-            n_steps=config.baseline_steps, grad_sq=result_replay.initial_grad_sq)
-        timing["baselines_s"] = time.perf_counter() - t0
-        agreements = {n: agreement(attr.scores, b.scores, attr.flagged)
-                      for n, b in baseline_results.items()}
-    if not attr.scores.any():
-        warnings.append("no layer group reduces the error loss in the replay; nothing "
-                        "is flagged (try a smaller replay learning rate)")
-    return _Found(attr, result_replay, reductions, positions, baseline_results, agreements,
-                  result_replay.forward_images + reductions.forward_images,
-                  result_replay.backward_images)
+    if not names:
+        return {}
+    t0 = time.perf_counter()
+    out = compute_baselines(model, cache, groups, names, device=device, progress=progress,
+                            n_steps=config.baseline_steps, grad_sq=result_replay.initial_grad_sq)
+    timing["baselines_s"] = time.perf_counter() - t0
+    return out
 
 
 def _replay(ckpt: LoadedCheckpoint, cache: BatchCache, config: ScanConfig, device: str,
@@ -240,10 +279,8 @@ def _replay_warnings(result: ReplayResult, config: ReplayConfig) -> List[str]:
 def _method_scores(found: _Found, method: str, own: str, n_groups: int) -> np.ndarray:
     """The per-group scores ``method`` ranks by (``own``: the scan's own metric; none: a
     baseline that did not run)."""
-    if method == own:
+    if method == own or (method == COMBINED and found.prior is not None):
         return np.asarray(found.attr.scores)
-    if method == COMBINED and "auto_rgn" in found.baselines:
-        return combined_scores(found.attr.scores, found.baselines["auto_rgn"].scores)
     if method in found.baselines:
         return np.asarray(found.baselines[method].scores)
     return np.full(n_groups, -np.inf)

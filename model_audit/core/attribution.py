@@ -49,6 +49,9 @@ from ..core.layers import LayerGroup
 from ..io.probe import BatchCache
 from ..core.replay import detached_params, per_sample_losses
 METRIC_NAME = "replay_reduction"
+#: The key of the scan's own score (whatever ranks it) in ``compare``'s correlations; files
+#: before 2026-12-07 used METRIC_NAME.
+SCORE_KEY = "score"
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class GroupReductions:
     base_losses: torch.Tensor     # (n_misclassified,)
     group_names: Tuple[str, ...]
     forward_images: int
+    backward_images: int = 0
 
 
 def group_reductions(model: nn.Module, batches: BatchCache, displacement: Dict[str, torch.Tensor],
@@ -96,6 +100,19 @@ def scores_from_reductions(mean_reduction: np.ndarray) -> np.ndarray:
         return np.where(total > 0, positive / np.where(total > 0, total, 1.0), 0.0)
 
 
+def combined_scores(own: Sequence[float], other: Sequence[float]) -> np.ndarray:
+    """Per-group shares ``sqrt(own_g * other_g)``, normalised to sum 1: a group ranks high only
+    when both rankings point to it (both are made shares first, so neither scale dominates; a
+    missing or negative value counts as 0). Works on one vector or a stack (resamples x G).
+
+    >>> [round(float(v), 3) for v in combined_scores([0.5, 0.5, 0.0], [0.2, 0.8, 0.0])]
+    [0.333, 0.667, 0.0]
+    """
+    a = scores_from_reductions(np.nan_to_num(np.asarray(own, dtype=np.float64), nan=0.0))
+    b = scores_from_reductions(np.nan_to_num(np.asarray(other, dtype=np.float64), nan=0.0))
+    return scores_from_reductions(np.sqrt(a * b))
+
+
 def flag_rule(scores: np.ndarray, shares: np.ndarray) -> np.ndarray:
     """Flag groups whose score exceeds both their parameter share and ``1/G``, and the
     top-scoring group (ties: each of them) when its score is above 0.
@@ -130,10 +147,38 @@ def bootstrap_counts(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.bincount(rng.integers(0, n, size=n), minlength=n)
 
 
-def resampled_scores(r: np.ndarray, positions: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def net_scores(mean: np.ndarray, mean_errors: Optional[np.ndarray] = None,
+               prior: Optional[np.ndarray] = None) -> np.ndarray:
+    """Shares of the positive mean reductions; when no group has one and the rows include
+    correct images (a net metric), the shares of the errors' rows alone (``mean_errors``:
+    every group's correction costs the correct images more than it removes, as on an
+    under-trained model, so the net shares would all be 0). With ``prior``, combined with it.
+
+    >>> net_scores(np.array([-1.0, -2.0]), np.array([1.0, 3.0])).tolist()
+    [0.25, 0.75]
+    """
+    use = mean if mean_errors is None or (mean > 0).any() else mean_errors
+    return scores_from_reductions(use) if prior is None else combined_scores(use, prior)
+
+
+def metric_shares(r: np.ndarray, error_rows: Optional[Sequence[bool]] = None) -> np.ndarray:
+    """The metric's own shares from its per-image reductions ``r`` (rows x groups), without a
+    prior: :func:`net_scores` of the mean over all rows and over the errors' rows."""
+    if len(r) == 0:
+        return np.zeros(r.shape[1] if r.ndim == 2 else 0)
+    mask = None if error_rows is None else np.asarray(error_rows, dtype=bool)
+    return net_scores(r.mean(axis=0),
+                      r[mask].mean(axis=0) if mask is not None and mask.any() else None)
+
+
+def resampled_scores(r: np.ndarray, positions: np.ndarray, counts: np.ndarray,
+                     prior: Optional[np.ndarray] = None,
+                     error_rows: Optional[np.ndarray] = None) -> np.ndarray:
     """The scores of one resample: each row of ``r`` (the image at probe position
     ``positions[i]``) weighted by how often that image was drawn (``counts``); all zero when
-    none of the rows was drawn.
+    none of the rows was drawn. With ``prior`` (a fixed per-group share, Auto-RGN's for
+    ``--method combined``) the scores are :func:`combined_scores` of the two; ``error_rows``
+    (which rows are misclassified images, for a net metric): see :func:`net_scores`.
 
     >>> r = np.array([[1.0, 0.0], [0.0, 1.0]])
     >>> resampled_scores(r, np.array([0, 2]), np.array([3, 0, 1])).tolist()
@@ -142,12 +187,17 @@ def resampled_scores(r: np.ndarray, positions: np.ndarray, counts: np.ndarray) -
     w = counts[positions].astype(np.float64)
     total = w.sum()
     mean = (w @ r) / total if total > 0 else np.zeros(r.shape[1])
-    return scores_from_reductions(mean)
+    mean_errors = None
+    if error_rows is not None:
+        we = w * error_rows
+        mean_errors = (we @ r) / we.sum() if we.sum() > 0 else np.zeros(r.shape[1])
+    return net_scores(mean, mean_errors, prior)
 
 
 def attribute(reductions: GroupReductions, shares: Sequence[float], *, probe_size: int,
               misclassified_positions: Sequence[int], resamples: int = 200,
-              seed: int = 0) -> Attribution:
+              seed: int = 0, prior: Optional[Sequence[float]] = None,
+              error_rows: Optional[Sequence[bool]] = None) -> Attribution:
     """Scores, flags and bootstrap flag frequencies from the per-image reductions.
 
     Args:
@@ -157,11 +207,18 @@ def attribute(reductions: GroupReductions, shares: Sequence[float], *, probe_siz
         misclassified_positions: probe positions of the rows of ``reductions.matrix``.
         resamples: bootstrap resamples (0 disables the bootstrap).
         seed: seed of the resampling.
+        prior: a fixed share per group to combine the metric with (:func:`combined_scores`;
+            Auto-RGN's for ``--method combined``). It is held fixed in the resamples: the
+            interval and flag frequency reflect which images are in the probe through ``r``.
+        error_rows: for a net metric, which rows are misclassified images (:func:`net_scores`).
     """
     r = reductions.matrix.numpy()
     share = np.asarray(shares, dtype=np.float64)
+    fixed = None if prior is None else np.asarray(prior, dtype=np.float64)
+    mask = None if error_rows is None else np.asarray(error_rows, dtype=bool)
     mean = r.mean(axis=0) if len(r) else np.zeros(len(share))
-    scores = scores_from_reductions(mean)
+    scores = net_scores(mean, r[mask].mean(axis=0) if mask is not None and mask.any() else None,
+                        fixed)
     flagged = flag_rule(scores, share) if len(r) else np.zeros(len(share), dtype=bool)
     if resamples <= 0 or len(r) == 0:
         return Attribution(mean, scores, flagged, flagged.astype(float), scores, scores, 0)
@@ -169,7 +226,8 @@ def attribute(reductions: GroupReductions, shares: Sequence[float], *, probe_siz
     positions = np.asarray(misclassified_positions)
     boot_scores = np.empty((resamples, len(share)))
     for b in range(resamples):
-        boot_scores[b] = resampled_scores(r, positions, bootstrap_counts(rng, probe_size))
+        boot_scores[b] = resampled_scores(r, positions, bootstrap_counts(rng, probe_size), fixed,
+                                          mask)
     freq = flag_rule(boot_scores, share).mean(axis=0)
     low, high = np.percentile(boot_scores, [2.5, 97.5], axis=0)
     return Attribution(mean, scores, flagged, freq, low, high, resamples)

@@ -81,30 +81,11 @@ class MethodSummary:
 #: localised best on this model (from sanity evidence).
 OWN, AUTO = "own", "auto"
 
-#: The method that ranks by the geometric mean of the own metric's and Auto-RGN's shares.
+#: The method that ranks by the geometric mean of the own metric's and Auto-RGN's shares
+#: (:func:`~model_audit.core.attribution.combined_scores`): the scan's default, chosen by the
+#: localize benchmark (bench/RESULTS.md section 2).
 COMBINED = "combined"
-
-
-def combined_scores(own: Sequence[float], rgn: Sequence[float]) -> np.ndarray:
-    """Per-group shares ``sqrt(own_g * rgn_g)``, normalised to sum 1: a group ranks high only
-    when both the replay's counterfactual and Auto-RGN's relative gradient norm point to it
-    (both are shares, so neither scale dominates; a missing or negative value counts as 0).
-
-    Measured on planted faults (``python -m bench localize``, bench/RESULTS.md): top-1 / MRR
-    0.56 / 0.66 on the SGD reference ResNet-18 (own 0.40 / 0.57, Auto-RGN 0.64 / 0.75), 0.62 /
-    0.72 on the Adam one (0.50 / 0.63, 0.38 / 0.58), 0.42 / 0.62 on the digits sample (0.44 /
-    0.60, 0.22 / 0.47): the best mean over the three, the best on none but Adam; so it is a
-    method to choose (``--method combined``, or ``auto`` when sanity finds it best), not the
-    default.
-
-    >>> [round(float(v), 3) for v in combined_scores([0.5, 0.5, 0.0], [0.2, 0.8, 0.0])]
-    [0.333, 0.667, 0.0]
-    """
-    def shares(values: Sequence[float]) -> np.ndarray:
-        v = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0), 0.0, None)
-        return v / v.sum() if v.sum() > 0 else v
-    out = np.sqrt(shares(own) * shares(rgn))
-    return out / out.sum() if out.sum() > 0 else out
+DEFAULT_METHOD = COMBINED
 
 
 @dataclass(frozen=True)
@@ -122,14 +103,14 @@ class MethodEvidence:
 
     def best(self, available: Sequence[str] = ()) -> str:
         """The method that localised best: the highest MRR, then top-1 (as sanity's verdict
-        reads them); the own metric on a tie. Baselines count only when ``available``
+        reads them); on a tie the default ranking, then the own metric. Baselines count only when ``available``
         (computable on this probe) names them; the random ranking never."""
         names = [m for m, s in self.summary.items()
                  if m != RANDOM and s.mrr is not None and (m == self.own or m in available)]
         if not names:
             return self.own
         return max(names, key=lambda m: (self.summary[m].mrr, self.summary[m].top1 or 0.0,
-                                         m == self.own))
+                                         m == DEFAULT_METHOD, m == self.own))
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any], source: str) -> "MethodEvidence":

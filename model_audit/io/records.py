@@ -71,6 +71,7 @@ class AuditRecord:
     seed: Optional[int]
     per_image_index: np.ndarray      # rows of per_image_reduction: probe positions
     per_image_reduction: np.ndarray  # r[i, g]: image i's loss reduction from group g
+    per_image_prior: Optional[np.ndarray]  # the fixed shares the scores combine with, if any
     total_seconds: Optional[float]
     data: Mapping[str, Any] = field(repr=False, default_factory=dict)
     probe_kind: Optional[str] = None  # imagefolder, tensors (images) or inputs (other data)
@@ -83,6 +84,11 @@ class AuditRecord:
     @property
     def names(self) -> Tuple[str, ...]:
         return tuple(layer.name for layer in self.layers)
+
+    @property
+    def misclassified_positions(self) -> Tuple[int, ...]:
+        """The probe positions of the misclassified images (``misclassified`` in the file)."""
+        return tuple(int(m["index"]) for m in self.data.get("misclassified") or ())
 
     def layer(self, name: str) -> LayerScore:
         return next(layer for layer in self.layers if layer.name == name)
@@ -123,6 +129,8 @@ class AuditRecord:
             limit=options.get("limit"), seed=options.get("seed"),
             per_image_index=np.asarray(per.get("index", []), dtype=np.int64),
             per_image_reduction=np.asarray(per.get("reduction", []), dtype=np.float64),
+            per_image_prior=(np.asarray(per["prior"], dtype=np.float64)
+                             if per.get("prior") is not None else None),
             total_seconds=timing.get("total_s"), data=d, probe_kind=probe.get("kind"))
 
     @classmethod

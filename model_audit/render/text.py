@@ -11,8 +11,8 @@ from typing import Any, List, Mapping, Optional, Sequence
 
 from tabulate import tabulate
 
-from ..core.attribution import METRIC_NAME
-from ..core.scoring import RANDOM
+from ..core.attribution import METRIC_NAME, SCORE_KEY
+from ..core.scoring import COMBINED, RANDOM
 
 Data = Mapping[str, Any]
 
@@ -71,10 +71,17 @@ def baselines_table(data: Data) -> str:
              ("spearman", "", *(num(agree[n]["spearman"], ".2f") for n in names)),
              ("kendall", "", *(num(agree[n]["kendall"], ".2f") for n in names)),
              ("top-k overlap", "", *(num(agree[n]["topk_overlap"], ".2f") for n in names)),
-             ("seconds", num(cost[METRIC_NAME]["seconds"], ".2f"),
+             ("seconds", num(cost[_own(data)]["seconds"], ".2f"),
               *(num(cost[n]["seconds"], ".2f") for n in names))]
-    return ("baselines (shares of each method; score = own metric):\n"
+    ranked = (data.get("ranking") or {}).get("method") or (data.get("metric") or {}).get("name")
+    return (f"baselines (shares of each method; score = the scan's, ranked by {ranked}):\n"
             + text_table(("group", "score", *names), rows))
+
+
+def _own(data: Data) -> str:
+    """The own metric's key in a scan's ``cost`` (files before 2026-12-07: replay_reduction)."""
+    name = (data.get("metric") or {}).get("name", METRIC_NAME)
+    return name if name in data["cost"] else METRIC_NAME
 
 
 def scan_summary(data: Data) -> str:
@@ -95,7 +102,8 @@ def compare_text(data: Data) -> str:
              "yes" if s["flagged_a"] else "", "yes" if s["flagged_b"] else "")
             for s in data["scores"]]
     ch, flagged = data["chance"], data["flagged"]
-    corr = data["correlation"][METRIC_NAME]
+    key = SCORE_KEY if SCORE_KEY in data["correlation"] else METRIC_NAME  # older files
+    corr = data["correlation"][key]
     lines = [
         text_table(("group", "params", "score A", "score B", "flag A", "flag B"), rows),
         f"A: {data['a']['source']}  flagged: {', '.join(flagged['a']) or 'none'}",
@@ -111,7 +119,7 @@ def compare_text(data: Data) -> str:
                                       for k, v in data["top_k_overlap"].items()),
     ]
     lines += [f"baseline {name}: Spearman {num(c['spearman'])}, Kendall {num(c['kendall'])}"
-              for name, c in data["correlation"].items() if name != METRIC_NAME]
+              for name, c in data["correlation"].items() if name != key]
     left = data["left_out"]
     if left["a_only"] or left["b_only"]:
         lines.append(f"left out: only in A {', '.join(left['a_only']) or '-'}; "
@@ -173,14 +181,18 @@ def sanity_verdict(data: Data) -> str:
                if m != RANDOM and data["methods"][m]["mrr"] is not None]
     if not methods:
         return ""
-    best = max(methods, key=lambda m: (data["methods"][m]["mrr"], data["methods"][m]["top1"]))
     own = data.get("metric", METRIC_NAME)
-    if best == own:
-        return (f"on this model the scan's own metric ({own}) localised the planted faults best "
+    # the scan's default ranking: the own metric combined with Auto-RGN, when sanity scored it
+    ref, what = ((COMBINED, "default ranking") if COMBINED in methods
+                 else (own, "own metric"))
+    best = max(methods, key=lambda m: (data["methods"][m]["mrr"] or 0.0,
+                                       data["methods"][m]["top1"] or 0.0, m == ref, m == own))
+    if best == ref:
+        return (f"on this model the scan's {what} ({ref}) localised the planted faults best "
                 "of the methods checked")
-    return (f"on this model {best} localised the planted faults better than the scan's own "
-            f"metric ({own}): MRR {num(data['methods'][best]['mrr'], '.2f', '-')} against "
-            f"{num(data['methods'][own]['mrr'], '.2f', '-')}")
+    return (f"on this model {best} localised the planted faults better than the scan's {what} "
+            f"({ref}): MRR {num(data['methods'][best]['mrr'], '.2f', '-')} against "
+            f"{num(data['methods'][ref]['mrr'], '.2f', '-')}")
 
 
 def p_value(value: Optional[float]) -> str:

@@ -7,11 +7,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..core.attribution import METRIC_NAME
+from ..core.attribution import METRIC_NAME, combined_scores
 from ..core.calibrate import PlantResult
 from ..core.layers import LayerGroup
 from ..core.plant import resolve_defects
-from ..core.scoring import COMBINED, RANDOM, MethodSummary, combined_scores
+from ..core.scoring import COMBINED, RANDOM, MethodSummary
 from ..errors import ConfigError
 from ..io.files import header
 from .scan import ScanConfig, ScanResult
@@ -181,7 +181,7 @@ def scores_by_method(result: ScanResult, *, units: Optional[np.ndarray] = None,
     reduction = np.array([layer.reduction for layer in result.layers], dtype=np.float64)
     own = result.config.metric
     out: Dict[str, np.ndarray] = {
-        own: np.array([layer.score for layer in result.layers], dtype=np.float64),
+        own: result.metric_shares(),   # the metric's own shares (its score may be combined)
         f"{own}_per_param": reduction / params,
         f"{own}_per_sqrt_param": reduction / np.sqrt(params),
     }

@@ -4,11 +4,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
+
 from ..baselines import BASELINES, DEFAULT_BASELINES, Agreement, BaselineResult, resolve_baselines
-from ..core.attribution import METRIC_NAME, NET_METRIC_NAME, GroupReductions
+from ..core.alone import ALONE_METRIC_NAME
+from ..core.attribution import METRIC_NAME, NET_METRIC_NAME, GroupReductions, metric_shares
 from ..core.evaluate import EvaluationResult
 from ..core.replay import ReplayConfig, ReplayResult
-from ..core.scoring import AUTO, COMBINED, OWN, RANDOM, MethodEvidence
+from ..core.scoring import AUTO, COMBINED, DEFAULT_METHOD, OWN, RANDOM, MethodEvidence
 from ..errors import ConfigError
 from ..io.files import header
 from ..io.probe import ProbeSet
@@ -27,8 +30,18 @@ NET_METRIC_DOC = ("score = share of the loss of the misclassified images and twi
                   "beta-scheduled replay displacement, scaled by the best of 1, 4, 16, 64")
 
 
+ALONE_METRIC_DOC = ("score = share of the loss of the misclassified images and twice as many "
+                    "correctly classified ones removed when the group alone takes 3 gradient "
+                    "steps on the misclassified images (its own step length)")
+
+
 #: The own metric's formulations (``--metric``); see docs/method.md.
-METRICS = {METRIC_NAME: METRIC_DOC, NET_METRIC_NAME: NET_METRIC_DOC}
+METRICS = {ALONE_METRIC_NAME: ALONE_METRIC_DOC, METRIC_NAME: METRIC_DOC,
+           NET_METRIC_NAME: NET_METRIC_DOC}
+
+COMBINED_DOC = ("ranked and flagged by sqrt(metric share x Auto-RGN share), normalised to sum "
+                "1; the interval and flag frequency resample the metric's images, Auto-RGN's "
+                "shares held fixed")
 
 
 FLAG_RULE_DOC = ("flagged when score > max(parameter share, 1 / number of groups), or when "
@@ -44,8 +57,8 @@ class ScanConfig:
     bootstrap: int = 200        # bootstrap resamples for the flag frequency (0: off)
     baselines: Tuple[str, ...] = DEFAULT_BASELINES   # Captum/Auto-RGN baselines beside the metric
     baseline_steps: int = 50    # n_steps of the path methods (conductance, IG, influence)
-    metric: str = METRIC_NAME   # the own metric's formulation: replay_reduction | net_reduction
-    method: str = OWN           # what ranks and flags: own | a baseline's name | auto
+    metric: str = ALONE_METRIC_NAME   # the own metric: alone_net | replay_reduction | net_...
+    method: str = DEFAULT_METHOD      # what ranks and flags: combined | own | a baseline | auto
     evidence: Optional[MethodEvidence] = None   # sanity evidence of this checkpoint and probe
 
     def validate(self) -> None:
@@ -63,9 +76,6 @@ class ScanConfig:
                               f"metric), {AUTO} (the best on this model, from sanity evidence), "
                               f"{COMBINED} (the own metric with Auto-RGN) or a baseline: "
                               f"{', '.join(BASELINES)}")
-        if self.method == COMBINED and "auto_rgn" not in resolve_baselines(list(self.baselines)):
-            raise ConfigError("--method combined ranks by the own metric and Auto-RGN together: "
-                              "keep auto_rgn in --baselines (it is in the default set)")
         if self.method == AUTO and self.evidence is None:
             raise ConfigError("--method auto ranks with the method that localised best on this "
                               "model: give --sanity SANITY_JSON (written by `model-audit sanity` "
@@ -137,6 +147,7 @@ class ScanResult(Displayable):
     agreement: Dict[str, Agreement] = field(default_factory=dict)
     metric_positions: Optional[Tuple[int, ...]] = None   # rows of ``reductions`` (net metric)
     ranking: Optional[Ranking] = None
+    prior: Optional[Tuple[float, ...]] = None   # Auto-RGN's shares, when scores are combined
 
     @property
     def flagged(self) -> Tuple[str, ...]:
@@ -150,6 +161,16 @@ class ScanResult(Displayable):
                  "score_high": layer.score_interval[1], "flag_frequency": layer.flag_frequency,
                  "flagged": layer.flagged, **dict(layer.baselines)} for layer in self.layers]
 
+    def metric_shares(self) -> np.ndarray:
+        """The own metric's per-group shares, not combined with a prior (what ``score`` is
+        under ``--method own``)."""
+        if self.reductions is None:
+            return np.zeros(len(self.layers))
+        rows = self.metric_positions
+        wrong = set(self.evaluation.misclassified)
+        return metric_shares(self.reductions.matrix.numpy(),
+                             None if rows is None else [p in wrong for p in rows])
+
     def record(self) -> AuditRecord:
         """This scan as ``audit.json`` holds it: what compare, gate and fix read."""
         return AuditRecord.from_dict(self.to_dict())
@@ -158,7 +179,7 @@ class ScanResult(Displayable):
         """Wall time and passes of the own metric (replay + attribution) and each baseline."""
         own_s = self.timing.get("replay_s", 0.0) + self.timing.get("attribution_s", 0.0)
         own_fwd = self.passes["forward_images"] - self.evaluation.n
-        costs = {METRIC_NAME: {"seconds": round(own_s, 4), "forward_images": own_fwd,
+        costs = {self.config.metric: {"seconds": round(own_s, 4), "forward_images": own_fwd,
                                "backward_images": self.passes["backward_images"],
                                "relative_to_own": 1.0}}
         for name, b in self.baselines.items():
@@ -179,7 +200,9 @@ class ScanResult(Displayable):
             "model": model,
             "probe": {**self.probe.describe(), **ev.to_dict()},
             "metric": {"name": self.config.metric, "definition": METRICS[self.config.metric],
-                       "flag_rule": FLAG_RULE_DOC},
+                       "flag_rule": FLAG_RULE_DOC,
+                       **({"combined_with": "auto_rgn", "score": COMBINED_DOC}
+                          if self.prior is not None else {})},
             "granularity": self.config.options.granularity,
             "layers": [layer.to_dict() for layer in self.layers],
             "flagged": list(self.flagged),
@@ -202,6 +225,8 @@ class ScanResult(Displayable):
                 "reduction": ([[float(f"{v:.6g}") for v in row]
                                for row in self.reductions.matrix.tolist()]
                               if self.reductions is not None else []),
+                # the fixed per-group share the scores are combined with (--method combined)
+                **({"prior": [float(v) for v in self.prior]} if self.prior is not None else {}),
             },
             "timing": self.timing,
             "passes": self.passes,
