@@ -26,6 +26,7 @@ BENCHMARKS = {
     "shift": "repair under CIFAR-10-C corruptions and a label shift: flagged vs the per-group oracle",
     "bisect": "exact regression bisection on releases fine-tuned with a known bug in their data",
     "numerics": "the golden runs under emulated CPUs and thread counts: how far answers move",
+    "vgg": "a fourth architecture (VGG-style CNN on the digits) to localise planted faults in",
 }
 
 

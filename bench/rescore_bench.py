@@ -98,8 +98,8 @@ def score_run(path: str) -> Dict[str, Any]:
     for name, fn in candidates().items():
         top1, rr, by, seeds = [], [], {}, {}  # type: ignore[var-annotated]
         try:
-            [fn(case, shares) for case in cases[:1]]
-        except KeyError:  # a method this run did not record (an older localize run)
+            [fn(case, shares) for case in cases]
+        except KeyError:  # a method one of the runs did not record (an older localize run)
             continue
         for case in cases:
             t, m = _rank_stats(fn(case, shares), groups.index(case["group"]))

@@ -236,7 +236,9 @@ def markdown_section(r: Dict[str, Any]) -> str:
 
 def _baseline_lines(r: Dict[str, Any]) -> List[str]:
     s = r["scan"]
-    own = s["cost"].get("replay_reduction", {})
+    own_name = next((n for n in ("alone_net", "replay_reduction", "net_reduction")
+                     if n in s["cost"]), "replay_reduction")
+    own = s["cost"].get(own_name, {})
     n_err = s["misclassified"]
     if not own or not n_err:
         return []
@@ -245,7 +247,7 @@ def _baseline_lines(r: Dict[str, Any]) -> List[str]:
              f"s for {n_err} errors ({1000 * own_per:.1f} ms per error). In the scan, with the "
              "default baselines: " + "; ".join(
                  f"{name} {c['seconds']:.2f} s ({c['relative_to_own']:.2f}x own)"
-                 for name, c in s["cost"].items() if name != "replay_reduction") + ".", ""]
+                 for name, c in s["cost"].items() if name != own_name) + ".", ""]
     if r.get("baselines"):
         n_b = r["baseline_errors"]
         lines += [f"Each baseline standalone (its own passes, none shared) on the first {n_b} of "

@@ -150,7 +150,7 @@ def test_a_model_with_a_single_group_is_refused(tmp_path, monkeypatch, digits_pr
 def test_the_gate_reads_a_saved_sanity_check(tmp_path, sanity_run, sgd_checkpoint,
                                             digits_probe):
     _, out, _ = sanity_run
-    top1 = json.loads((out / "sanity.json").read_text())["methods"]["alone_net"]["top1"]
+    top1 = json.loads((out / "sanity.json").read_text())["methods"]["combined"]["top1"]
     for limit, code in ((max(top1 - 0.1, 0.0), 0), (min(top1 + 0.1, 1.0), 1)):
         pol = tmp_path / f"p{code}.toml"
         pol.write_text(f"[policy]\nmin_sanity_top1 = {limit}\n")

@@ -251,7 +251,8 @@ def _result_checks(checks: List[Check], policy: Policy, audit: AuditRecord) -> N
 def _sanity_check(checks: List[Check], policy: Policy, sanity: SanityRecord) -> None:
     top1, n, chance = sanity.top1, sanity.cases, sanity.chance_top1
     ok = top1 is not None and top1 >= policy.min_sanity_top1
-    detail = (f"the scan ranked the planted group first in {100 * top1:.0f}% of {n} planted "
+    detail = (f"the scan ({sanity.metric}) ranked the planted group first in {100 * top1:.0f}% "
+              f"of {n} planted "
               f"faults (chance {100 * chance:.0f}%)" if top1 is not None and chance is not None
               else "no planted fault reached its accuracy drop: nothing to score")
     checks.append(Check("min_sanity_top1", ok, top1, policy.min_sanity_top1, detail))

@@ -1,7 +1,14 @@
-"""Attribution of the model's errors to layer groups: the tool's own metric.
+"""Attribution of the model's errors to layer groups: the replay's metrics, the combination
+with Auto-RGN, the flag rule and the bootstrap.
 
-**Counterfactual replay reduction.** The replay (:mod:`model_audit.core.replay`) moves all
-parameters from ``theta_0`` by ``D`` along a beta-scheduled heavy-ball trajectory that reduces
+The scan's default metric, the group-alone net reduction, is in :mod:`.alone`; it yields the
+same per-image matrix ``r[i, g]`` (over the errors and a sample of correct images), so the
+scores, the flag rule and the bootstrap below apply to it unchanged. By default the scores
+are combined with Auto-RGN's shares (:func:`combined_scores`, ``--method combined``).
+
+**Counterfactual replay reduction** (``--metric replay_reduction``). The replay
+(:mod:`model_audit.core.replay`) moves all parameters from ``theta_0`` by ``D`` along a
+beta-scheduled heavy-ball trajectory that reduces
 the loss on the misclassified images. For every layer group ``g`` and every misclassified
 image ``i`` the tool measures, with a real forward pass, how much of image ``i``'s loss is
 removed by applying the group's part of that displacement alone::

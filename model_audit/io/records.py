@@ -149,10 +149,12 @@ SANITY_FILE = "a sanity.json written by `model-audit sanity`"
 
 @dataclass(frozen=True)
 class SanityRecord:
-    """What the gate reads of a ``sanity.json``: the own metric's top-1 on planted faults."""
+    """What the gate reads of a ``sanity.json``: the top-1 on planted faults of the scan's
+    default ranking (``combined``, the own metric with Auto-RGN, when sanity scored it; else
+    the own metric)."""
 
-    metric: str
-    top1: Optional[float]      # share of planted faults whose group the metric ranked first
+    metric: str                # the ranking read: combined, or the own metric's name
+    top1: Optional[float]      # share of planted faults whose group it ranked first
     cases: int                 # planted faults that reached their accuracy drop
     chance_top1: Optional[float]
 
@@ -162,6 +164,8 @@ class SanityRecord:
         metric = d.get("metric", "replay_reduction")
         if not isinstance(methods, dict) or not isinstance(methods.get(metric), dict):
             raise ConfigError(f"{source} is not {SANITY_FILE}")
+        if isinstance(methods.get("combined"), dict):   # the scan's default ranking
+            metric = "combined"
         own = methods[metric]
         return cls(metric, own.get("top1"), int(own.get("n", 0)),
                    (d.get("chance") or {}).get("top1"))
