@@ -13,6 +13,7 @@ these cases are chosen in-sample (say so when quoting them).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 from datetime import datetime, timezone
@@ -81,7 +82,8 @@ def _rank_stats(scores: np.ndarray, true: int) -> Tuple[float, float]:
 def _load(spec: str) -> Dict[str, Any]:
     """The planted part of one localize JSON, or of several of the same model joined by ``+``
     (runs of other seeds: their cases are pooled)."""
-    parts = [json.loads(Path(p).read_text())["planted"] for p in spec.split("+")]
+    parts = [json.loads(gzip.decompress(Path(p).read_bytes()) if p.endswith(".gz")
+                        else Path(p).read_text())["planted"] for p in spec.split("+")]
     data = dict(parts[0])
     for other in parts[1:]:
         if other["groups"] != data["groups"]:
