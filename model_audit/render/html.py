@@ -69,7 +69,7 @@ def layer_chart(layers: List[Dict[str, Any]]) -> str:
     fig, ax = _figure(max(6.5, (0.35 + 0.12 * series) * len(names) + 2), 3.6)
     colors = ["#c0392b" if layer["flagged"] else "#2e86c1" for layer in layers]
     offset = lambda i: x - 0.4 + width * (i + 0.5)  # noqa: E731
-    ax.bar(offset(0), scores, width, color=colors, label="score (own metric; red: flagged)",
+    ax.bar(offset(0), scores, width, color=colors, label="score (red: flagged)",
            yerr=[np.clip(scores - low, 0, None), np.clip(high - scores, 0, None)], capsize=2)
     palette = ["#f5b041", "#58d68d", "#af7ac5", "#5dade2", "#ec7063", "#48c9b0", "#dc7633"]
     for j, name in enumerate(baselines):
