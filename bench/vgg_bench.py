@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Iterator, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model_audit.core.schedules import MomentumScheduler
     from model_audit.io.tensors import read_tensors
     from model_audit.models.checkpoint import audit_metadata, load_checkpoint, save_checkpoint
 
@@ -75,21 +75,18 @@ def run(args: argparse.Namespace) -> int:
     model = DigitsVGG(10)
     batch = 64
     steps = args.epochs * ((len(x) + batch - 1) // batch)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.0, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    momentum = MomentumScheduler(opt, "beta")
+    opt, momentum = common.make_optimizer("beta", model.parameters(), 0.05, 0.0, 5e-4)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     gen = torch.Generator().manual_seed(args.seed)
-    model.train()
-    for _ in range(args.epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for start in range(0, len(order), batch):
-            idx = order[start:start + batch]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            momentum.step()
+
+    def epochs() -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:  # shuffled, without replacement
+        for _ in range(args.epochs):
+            order = torch.randperm(len(x), generator=gen)
+            for start in range(0, len(order), batch):
+                idx = order[start:start + batch]
+                yield x[idx], y[idx]
+
+    common.train_steps(model, epochs(), opt, cosine, momentum)
     model.eval()
     with torch.no_grad():
         acc = float((model(prep(probe["images"])).argmax(1) == probe["labels"]).float().mean())
