@@ -177,8 +177,8 @@ def candidate_scores(ckpt: Any, result: Any) -> Dict[str, np.ndarray]:
     ``replay_reduction_best_scale``: errors only at the best scale (the two ablations, to see
     which change matters). The scan's own metric is left as the scan computed it.
     """
-    from model_audit.core.attribution import (NET_SCALES, group_net_reductions, group_reductions,
-                                         net_positions, scores_from_reductions)
+    from model_audit.core.attribution import (NET_SCALES, group_net_reductions, net_positions,
+                                              scores_from_reductions)
     from model_audit.core.layers import layer_groups
     from model_audit.io.probe import BatchCache
     if result.replay is None:
@@ -197,12 +197,8 @@ def candidate_scores(ckpt: Any, result: Any) -> Dict[str, np.ndarray]:
     out = {"net_reduction": scores_from_reductions(clip(np.nanmax(means, axis=1))),
            "net_reduction_scale1": clip(means[:, list(NET_SCALES).index(1.0)]),
            "replay_reduction_best_scale": clip(np.nanmax(err_means, axis=1))}
-    if result.config.metric != "replay_reduction":
-        r = group_reductions(ckpt.model, err_batches, result.replay.displacement, groups,
-                             device=result.device)
-        out["replay_reduction"] = scores_from_reductions(r.matrix.numpy().mean(axis=0))
+    out.update(alone_candidates(ckpt, result))
     out.pop(result.config.metric, None)
-    out.update(alone_scores(ckpt, result))
     return out
 
 
@@ -232,7 +228,7 @@ def alone_scores(ckpt: Any, result: Any) -> Dict[str, np.ndarray]:
     :mod:`model_audit.core.alone` (the tool's ``alone_net`` metric), scored on the errors'
     rows only and on all rows (the errors and twice as many correct images)."""
     from model_audit.core.alone import group_alone_reductions
-    from model_audit.core.attribution import metric_shares, net_positions
+    from model_audit.core.attribution import error_rows, metric_shares, net_positions
     from model_audit.core.layers import layer_groups
     from model_audit.io.probe import BatchCache
     opts = result.config.options
@@ -249,8 +245,8 @@ def alone_scores(ckpt: Any, result: Any) -> Dict[str, np.ndarray]:
                                    layer_groups(model, opts.granularity),
                                    device=result.device).matrix.numpy()
         model.cpu()
-    wrong = set(errors)
-    mask = np.array([p in wrong for p in rows])
+    mask = error_rows(rows, errors)
+    mask = np.ones(len(rows), dtype=bool) if mask is None else mask
     return {"alone_errors": metric_shares(r[mask]), "alone_net": metric_shares(r, mask)}
 
 

@@ -32,7 +32,8 @@ from ..core.layers import layer_groups
 from ..io.records import AuditRecord
 from .bisect import BisectError, bisect
 from ..results.compare import Regression
-from ..core.attribution import SCORE_KEY, bootstrap_counts, flag_rule, resampled_scores
+from ..core.attribution import (SCORE_KEY, bootstrap_counts, error_rows, flag_rule,
+                                resampled_scores)
 from ..errors import AuditError
 from ..core.stats import (hypergeom_sf, jaccard, kendall_tau_b, overlap_coefficient,
                     percentile_interval, spearman, top_k)
@@ -73,10 +74,8 @@ class _Resampler:
         self.index = r.per_image_index
         self.r = r.per_image_reduction
         self.prior = r.per_image_prior
-        wrong = set(r.misclassified_positions)
         # a net metric's rows include correct images: its fallback reads the errors' rows
-        self.error_rows = (np.array([int(p) in wrong for p in self.index])
-                           if not all(int(p) in wrong for p in self.index) else None)
+        self.error_rows = error_rows(self.index, r.misclassified_positions)
         self.shares = np.asarray([layer.share for layer in r.layers], dtype=np.float64)
         self.n = r.probe_n
         self.ok = self.r.ndim == 2 and len(self.index) == len(self.r) > 0

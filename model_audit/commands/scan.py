@@ -21,8 +21,8 @@ from torch import nn
 
 from .. import distributed
 from ..core.attribution import (METRIC_NAME, Attribution, GroupReductions, attribute,
-                                flag_rule, group_net_reductions, group_reductions,
-                                metric_shares, net_positions)
+                                error_rows, flag_rule, group_net_reductions,
+                                group_reductions, metric_shares, net_positions)
 from ..baselines import BASELINES, Agreement, BaselineResult, resolve_baselines
 from ..models.checkpoint import LoadedCheckpoint
 from ..io.records import LayerScore
@@ -167,18 +167,17 @@ def _attribute_errors(ckpt: LoadedCheckpoint, probe: ProbeSet, ev: EvaluationRes
         prior = tuple(float(v) for v in np.nan_to_num(baseline_results["auto_rgn"].scores))
     t0 = time.perf_counter()
     net = config.metric != METRIC_NAME   # rows: the errors and a sample of correct images
-    wrong = set(errors)
-    error_rows = [p in wrong for p in rows] if net else None
+    mask = error_rows(rows, errors)
     attr = attribute(reductions, [g.share for g in groups], probe_size=ev.n,
                      misclassified_positions=rows, resamples=config.bootstrap, seed=opts.seed,
-                     prior=prior, error_rows=error_rows)
+                     prior=prior, error_rows=mask)
     if net and not (attr.reduction > 0).any():
         warnings.append(
             f"no layer group's correction ({config.metric}) removes more loss from the errors "
             "than it adds to the correctly classified images (as on an under-trained model): "
             "the scores are the shares of the errors' loss removed, without the net")
     timing["bootstrap_s"] = time.perf_counter() - t0
-    own = metric_shares(reductions.matrix.numpy(), error_rows)  # not combined
+    own = metric_shares(reductions.matrix.numpy(), mask)  # not combined
     own_flags = flag_rule(own, np.array([g.share for g in groups]))
     agreements = {n: agreement(own, b.scores, own_flags) for n, b in baseline_results.items()}
     if not attr.scores.any():

@@ -168,6 +168,18 @@ def net_scores(mean: np.ndarray, mean_errors: Optional[np.ndarray] = None,
     return scores_from_reductions(use) if prior is None else combined_scores(use, prior)
 
 
+def error_rows(rows: Sequence[int], errors: Sequence[int]) -> Optional[np.ndarray]:
+    """Which rows of a per-image matrix (their probe positions ``rows``) are misclassified
+    images; None when all are (the replay's metric), so there is nothing to fall back to.
+
+    >>> error_rows([1, 4, 7], [1, 7]).tolist(), error_rows([1, 7], [1, 7])
+    ([True, False, True], None)
+    """
+    wrong = set(int(e) for e in errors)
+    mask = np.array([int(p) in wrong for p in rows], dtype=bool)
+    return None if mask.all() else mask
+
+
 def metric_shares(r: np.ndarray, error_rows: Optional[Sequence[bool]] = None) -> np.ndarray:
     """The metric's own shares from its per-image reductions ``r`` (rows x groups), without a
     prior: :func:`net_scores` of the mean over all rows and over the errors' rows."""

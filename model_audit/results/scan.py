@@ -8,7 +8,8 @@ import numpy as np
 
 from ..baselines import BASELINES, DEFAULT_BASELINES, Agreement, BaselineResult, resolve_baselines
 from ..core.alone import ALONE_METRIC_NAME
-from ..core.attribution import METRIC_NAME, NET_METRIC_NAME, GroupReductions, metric_shares
+from ..core.attribution import (METRIC_NAME, NET_METRIC_NAME, GroupReductions, error_rows,
+                                metric_shares)
 from ..core.evaluate import EvaluationResult
 from ..core.replay import ReplayConfig, ReplayResult
 from ..core.scoring import AUTO, COMBINED, DEFAULT_METHOD, OWN, RANDOM, MethodEvidence
@@ -167,9 +168,8 @@ class ScanResult(Displayable):
         if self.reductions is None:
             return np.zeros(len(self.layers))
         rows = self.metric_positions
-        wrong = set(self.evaluation.misclassified)
-        return metric_shares(self.reductions.matrix.numpy(),
-                             None if rows is None else [p in wrong for p in rows])
+        return metric_shares(self.reductions.matrix.numpy(), None if rows is None
+                             else error_rows(rows, self.evaluation.misclassified))
 
     def record(self) -> AuditRecord:
         """This scan as ``audit.json`` holds it: what compare, gate and fix read."""
