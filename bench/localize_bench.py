@@ -71,9 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--first-seed", type=int, default=0,
                         help="the planted cases' first seed (seeds FIRST..FIRST+SEEDS-1), to "
                              "add seeds to an earlier run [default: 0]")
-    parser.add_argument("--candidates", choices=("all", "alone"), default="all",
-                        help="candidate formulations computed beside the scan: all, or only "
-                             "replay_reduction and the group-alone ones (faster) [default: all]")
+    parser.add_argument("--candidates", choices=("all", "alone", "kl"), default="all",
+                        help="candidate formulations computed beside the scan: all, only "
+                             "replay_reduction and the group-alone ones (faster), or only the "
+                             "trust-region ones (kl_*) [default: all]")
     parser.add_argument("--drop", type=float, default=0.10,
                         help="accuracy drop of every planted defect [default: 0.10]")
     parser.add_argument("--tolerance", type=float, default=0.01,
@@ -250,6 +251,103 @@ def alone_scores(ckpt: Any, result: Any) -> Dict[str, np.ndarray]:
     return {"alone_errors": metric_shares(r[mask]), "alone_net": metric_shares(r, mask)}
 
 
+#: Budgets of the trust-region candidates: the mean KL divergence (nats) of the correct
+#: images' predicted distributions that each group's step along its error gradient may cause.
+KL_BUDGETS = (0.01, 0.1)
+KL_BRACKET, KL_SEARCH = 12, 8   # bracketing and bisection steps per group and budget
+
+
+def kl_scores(ckpt: Any, result: Any) -> Dict[str, np.ndarray]:
+    """``--candidates kl``: how much of the errors' loss each group alone removes for a fixed
+    amount of collateral change.
+
+    Per group ``g``: the direction ``d`` of steepest descent of the errors' mean loss in
+    ``g``'s parameters (every other parameter at ``theta_0``); the step ``t`` along it at
+    which the mean KL divergence of the correct images' predictions (a seeded sample of twice
+    as many as the errors, as ``alone_net`` uses) from ``theta_0``'s reaches the budget; the
+    score is the errors' mean loss removed at that step (clipped at 0). Every group is held
+    to the same change of what the model gets right, so a large group's capacity to overfit
+    the errors buys it nothing: a group scores high when its own gradient removes error loss
+    without moving the correct images (the trust-region reading of Fisher normalisation).
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    from model_audit.core.attribution import net_positions
+    from model_audit.core.layers import layer_groups
+    from model_audit.core.replay import detached_params, summed_gradients
+    from model_audit.io.probe import BatchCache
+    opts, device = result.config.options, result.device
+    errors = result.evaluation.misclassified
+    if not errors:
+        return {}
+    wrong = set(errors)
+    correct = [p for p in net_positions(result.evaluation.n, errors, opts.seed)
+               if p not in wrong]
+    if not correct:
+        return {}
+    model = ckpt.model.to(device).eval()
+    err = BatchCache(result.probe, errors, opts.batch_size)
+    right = BatchCache(result.probe, correct, opts.batch_size)
+    theta0 = detached_params(model, device)
+
+    def logits(theta: Dict[str, Any], cache: Any) -> "torch.Tensor":
+        with torch.no_grad():
+            return torch.cat([functional_call(model, theta, (x.to(device),), strict=False)
+                              .float() for _, x, _ in cache])
+
+    y_err = torch.cat([y for _, _, y in err]).to(device)
+    logp0 = F.log_softmax(logits(theta0, right), 1)
+    loss0 = float(F.cross_entropy(logits(theta0, err), y_err))
+    out = {f"kl_{b:g}": np.zeros(0) for b in KL_BUDGETS}
+    cols: Dict[float, list] = {b: [] for b in KL_BUDGETS}
+    for group in layer_groups(model, opts.granularity):
+        names = [k for k in group.parameter_names if theta0[k].is_floating_point()]
+        work = {k: (v.clone().requires_grad_(True) if k in names else v)
+                for k, v in theta0.items()}
+        with torch.enable_grad():
+            grads, _, n = summed_gradients(
+                lambda x: functional_call(model, work, (x,), strict=False),
+                {k: work[k] for k in names}, err, device) if names else ({}, 0.0, 1)
+        norm = float(sum(float(g.double().pow(2).sum()) for g in grads.values())) ** 0.5
+        if not names or not norm > 0:
+            for b in KL_BUDGETS:
+                cols[b].append(0.0)
+            continue
+        w = float(sum(float(theta0[k].double().pow(2).sum()) for k in names)) ** 0.5 or 1.0
+
+        def moved(t: float) -> Dict[str, Any]:
+            return {k: (v - t * grads[k] / norm if k in names else v) for k, v in theta0.items()}
+
+        def kl(t: float) -> float:
+            lp = F.log_softmax(logits(moved(t), right), 1)
+            return float((logp0.exp() * (logp0 - lp)).sum(1).mean())
+
+        for b in KL_BUDGETS:
+            # bracket the budget by factors of 4 from a step of the group's own norm, then
+            # bisect in log step length; t is the longest step found within the budget
+            lo, hi = (w, 4 * w) if kl(w) < b else (w / 4, w)
+            for _ in range(KL_BRACKET):
+                if hi > w and kl(hi) < b:
+                    lo, hi = hi, 4 * hi
+                elif hi <= w and kl(lo) >= b:
+                    lo, hi = lo / 4, lo
+                else:
+                    break
+            for _ in range(KL_SEARCH):
+                mid = (lo * hi) ** 0.5
+                lo, hi = (mid, hi) if kl(mid) < b else (lo, mid)
+            t = lo if kl(lo) < b else 0.0
+            removed = loss0 - float(F.cross_entropy(logits(moved(t), err), y_err))
+            cols[b].append(max(removed, 0.0) if np.isfinite(removed) else 0.0)
+    model.cpu()
+    for b in KL_BUDGETS:
+        v = np.array(cols[b])
+        out[f"kl_{b:g}"] = v / v.sum() if v.sum() > 0 else v
+    return out
+
+
 def _null_scores(null: Any, metric: str) -> Optional[np.ndarray]:
     if metric not in null.scores:
         return None
@@ -295,8 +393,8 @@ def run_planted(args, ckpt_path, probe_path, arch, normalize) -> Dict[str, Any]:
 
     cases, null = run_cases(ckpt, probe, groups, plan, config,
                             device=scan_config.options.device, on_case=report, units=units,
-                            extra=alone_candidates if args.candidates == "alone"
-                            else candidate_scores)
+                            extra={"alone": alone_candidates, "kl": kl_scores}.get(
+                                args.candidates, candidate_scores))
     methods = list(cases[0].scores) if cases else []
     shares = np.array([g.share for g in groups])
     own = scan_config.metric
@@ -308,7 +406,7 @@ def run_planted(args, ckpt_path, probe_path, arch, normalize) -> Dict[str, Any]:
     by_group = {g.name: summarize([c for c in cases if c.plant.group == g.name], methods, own)
                 for g in chosen}
     return {"model": Path(ckpt_path).name, "probe": len(probe), "groups": [g.name for g in groups],
-            "shares": shares.tolist(), "accuracy": null.accuracy,
+            "metric": own, "shares": shares.tolist(), "accuracy": null.accuracy,
             "cases": cases, "null": null, "summary": summary, "by_defect": by_defect,
             "by_group": by_group, "methods": methods, "skipped": skipped,
             "chance": chance_levels(len(groups)),
@@ -505,9 +603,14 @@ def _method_table(summary: Dict[str, Any], chance: Tuple[float, float], order: S
     return lines
 
 
+def _write_json(path: Optional[Path], dump: Dict[str, Any]) -> None:
+    if path:
+        Path(path).write_text(json.dumps(dump, indent=1, default=str) + "\n")
+
+
 def markdown_planted(r: Dict[str, Any], command: str, commit: str, device: str,
                      args) -> str:
-    own = "replay_reduction"
+    own = r.get("metric", "replay_reduction")   # the scan's own metric
     order = sorted(r["methods"], key=lambda m: (-(r["summary"][m].mrr or 0), m))
     reached = [c for c in r["cases"] if c.plant.reached]
     lines = common.section_header(f"localize: planted defects, {r['model']}, {device}", command,
@@ -645,10 +748,11 @@ def run(args: argparse.Namespace) -> int:
     dump: Dict[str, Any] = {}
     if "planted" in parts:
         r = run_planted(args, ckpt_path, probe_path, arch, normalize)
+        dump["planted"] = _jsonable({k: v for k, v in r.items()})
+        _write_json(args.json, dump)   # before the report: an hour's run is never lost to it
         section = markdown_planted(r, command, commit, device, args)
         print(section)
         common.append_results(args.out, section)
-        dump["planted"] = _jsonable({k: v for k, v in r.items()})
     if "shifts" in parts:
         rows = []
         for seed in range(args.seeds):
@@ -660,6 +764,5 @@ def run(args: argparse.Namespace) -> int:
         print(section)
         common.append_results(args.out, section)
         dump["shifts"] = _jsonable(rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps(dump, indent=1, default=str) + "\n")
+    _write_json(args.json, dump)
     return 0

@@ -70,7 +70,25 @@ def candidates(own: str = "replay_reduction") -> Dict[str, Scores]:
         "alone_errors (group-alone steps)": lambda c, sh: _vec(c, "alone_errors"),
         "geometric mean (alone_net, rgn)": lambda c, sh: combined_scores(_vec(c, "alone_net"),
                                                                          r(c)),
+        # The trust-region candidates (localize --candidates kl), alone and with Auto-RGN
+        "kl_0.01 (trust region)": lambda c, sh: _vec(c, "kl_0.01"),
+        "kl_0.1 (trust region)": lambda c, sh: _vec(c, "kl_0.1"),
+        "geometric mean (kl_0.1, rgn)": lambda c, sh: combined_scores(_vec(c, "kl_0.1"), r(c)),
+        "geometric mean (kl_0.1, alone_net)": lambda c, sh: combined_scores(
+            _vec(c, "kl_0.1"), _vec(c, "alone_net")),
+        # References a user does not have: each share over the unmodified model's own share
+        # (the run's null scan), an upper bound for any self-normalisation of the scores
+        "alone_net / unmodified (oracle)": lambda c, sh: _over_null(c, "alone_net"),
+        "auto_rgn / unmodified (oracle)": lambda c, sh: _over_null(c, "auto_rgn"),
+        "geometric mean of both / unmodified (oracle)": lambda c, sh: np.sqrt(
+            _over_null(c, "alone_net") * _over_null(c, "auto_rgn")),
     }
+
+
+def _over_null(case: Dict[str, Any], method: str) -> np.ndarray:
+    """``method``'s share in ``case`` over its share in the unmodified model's scan."""
+    null = np.array([np.nan if v is None else v for v in case["null_scores"][method]], float)
+    return _share(_vec(case, method)) / np.maximum(_share(null), 1e-9)
 
 
 def _rank_stats(scores: np.ndarray, true: int) -> Tuple[float, float]:
@@ -84,6 +102,9 @@ def _load(spec: str) -> Dict[str, Any]:
     (runs of other seeds: their cases are pooled)."""
     parts = [json.loads(gzip.decompress(Path(p).read_bytes()) if p.endswith(".gz")
                         else Path(p).read_text())["planted"] for p in spec.split("+")]
+    for part in parts:   # each case keeps its own run's unmodified scan (probes differ)
+        null = (part.get("null") or {}).get("scores", {})
+        part["cases"] = [{**c, "null_scores": null} for c in part["cases"]]
     data = dict(parts[0])
     for other in parts[1:]:
         if other["groups"] != data["groups"]:

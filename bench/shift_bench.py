@@ -396,13 +396,16 @@ def report(args: argparse.Namespace, results: List[Dict[str, Any]],
         if v["best"] and g.get("flagged"):
             close.append(_mean(g[v["best"]]) - _mean(g["flagged"]))
     corruptions = [x for x in s if x != "labels"]
-    lines += ["", "Gains are probe accuracy points after minus before, mean over seeds (range). "
-              "Per group alone:", "",
-              "| shift | " + " | ".join(results[0]["groups"]) + " |",
-              "|---|" + "---:|" * len(results[0]["groups"])]
-    for shift, v in s.items():
-        lines.append(f"| {shift} | " + " | ".join(
-            f"{_mean(v['gains'][gname]):+.1f}" for gname in results[0]["groups"]) + " |")
+    lines += ["", "Gains are probe accuracy points after minus before, mean over seeds (range)."]
+    if all(g in v["gains"] for v in s.values() for g in results[0]["groups"]):
+        lines += ["Per group alone:", "",
+                  "| shift | " + " | ".join(results[0]["groups"]) + " |",
+                  "|---|" + "---:|" * len(results[0]["groups"])]
+        for shift, v in s.items():
+            lines.append(f"| {shift} | " + " | ".join(
+                f"{_mean(v['gains'][gname]):+.1f}" for gname in results[0]["groups"]) + " |")
+    else:
+        lines += ["Each group alone was not run (`--selections` left `groups` out): no oracle."]
     lines += ["", f"- flagged >= full fine-tune on {wins} of {len(corruptions)} corruptions "
               "(goal: >= 4 of 5)",
               (f"- flagged {'below' if _mean(close) > 0 else 'above'} the per-group oracle "

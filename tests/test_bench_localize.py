@@ -84,3 +84,23 @@ def test_flag_rules_on_a_synthetic_score_vector():
     assert rules["equal"].tolist() == [False, True, True, False]
     assert rules["top1"].tolist() == [False, True, False, False]
     assert rules["above_null"].tolist() == [False, False, True, True]
+
+
+def test_localize_trust_region_candidates_and_the_report_of_a_run_without_the_replay_metric(
+        tmp_path, sgd_checkpoint, digits_probe):
+    out, dump = tmp_path / "RESULTS.md", tmp_path / "loc.json"
+    code = bench_main(["localize", "--checkpoint", str(sgd_checkpoint), "--probe",
+                       str(digits_probe), "--seeds", "1", "--groups", "layer1,fc",
+                       "--defects", "noise", "--parts", "planted", "--baselines", "auto_rgn",
+                       "--candidates", "kl", "--device", "cpu", "--out", str(out),
+                       "--json", str(dump), "--cache-dir", str(tmp_path / "cache")])
+    assert code == 0
+    data = json.loads(dump.read_text())["planted"]
+    assert data["metric"] == "alone_net" and "replay_reduction" not in data["methods"]
+    # the null line names the scan's own metric (it read replay_reduction, and crashed)
+    assert "Null (unmodified model)" in out.read_text()
+    for c in data["cases"]:
+        for budget in localize_bench.KL_BUDGETS:
+            shares = np.array(c["scores"][f"kl_{budget:g}"], dtype=float)
+            assert (shares >= 0).all() and shares.sum() == pytest.approx(1.0)
+            assert 1.0 <= c["ranks"][f"kl_{budget:g}"] <= 6.0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+from html import unescape
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -64,9 +66,12 @@ def test_sanity_json_matches_the_table(sanity_run):
     html = (out / "report.html").read_text()
     assert "Planted group" in html and "chance" in html and "<script" not in html
     # One sentence names the method that localised best on this model, in both outputs.
-    best = _best(data)
-    assert f"on this model {best if best != 'combined' else 'the scan'}" in result.output
-    assert f"on this model {best if best != 'combined' else 'the scan'}" in html
+    from model_audit.render.text import sanity_verdict
+
+    verdict = sanity_verdict(data)
+    assert verdict.startswith("on this model") and _best(data) in verdict
+    assert verdict in " ".join(result.output.split())
+    assert verdict in " ".join(unescape(html).split())
 
 
 def test_keep_damaged_saves_copies_that_differ_only_in_their_group(sanity_run):
@@ -239,9 +244,64 @@ def test_an_unknown_metric_is_refused(tmp_path, sgd_checkpoint, digits_probe):
 
 
 def _best(data):
-    methods = [m for m in data["methods"] if m != "random"]
-    return max(methods, key=lambda m: (data["methods"][m]["mrr"], data["methods"][m]["top1"],
-                                       m == "combined", m == data["metric"]))
+    """The method --method auto takes for a sanity.json: the rule itself is tested in
+    test_auto_keeps_the_default_unless_another_method_leads_beyond_chance."""
+    from model_audit.core.scoring import MethodEvidence
+
+    return MethodEvidence.from_dict(data, "sanity").choice(list(data["methods"])).method
+
+
+def _evidence(**reciprocal):
+    """Evidence whose summaries are the means of the given per-fault reciprocal ranks."""
+    from model_audit.core.scoring import MethodEvidence, MethodSummary
+
+    summary = {m: MethodSummary(float(np.mean(np.asarray(r) == 1)), float(np.mean(r)), len(r))
+               for m, r in reciprocal.items()}
+    return MethodEvidence(summary, (1 / 7, 0.37), None, 100, (), "alone_net", "given",
+                          {m: tuple(r) for m, r in reciprocal.items()})
+
+
+def test_auto_keeps_the_default_unless_another_method_leads_beyond_chance():
+    from model_audit.core.scoring import AUTO_ALPHA
+
+    # One fault of twelve goes auto_rgn's way: its MRR lead is what one sign flip in two gives.
+    tiny = _evidence(combined=[1.0] * 11 + [0.5], auto_rgn=[1.0] * 12,
+                     alone_net=[0.5] * 12)
+    choice = tiny.choice(["auto_rgn", "combined"])
+    assert (choice.method, choice.reference, choice.rival) == ("combined", "combined",
+                                                               "auto_rgn")
+    # The largest column sum under the 2 ** 12 sign flips of the 12 rows that differ: auto_rgn's
+    # +0.5 is reached when its one row keeps its sign (1/2) or alone_net's eleven -0.5 rows
+    # flip to a sum >= +0.5 (1/2), independently: p = 1 - 1/4.
+    assert choice.p_value == pytest.approx(0.75) and choice.p_value >= AUTO_ALPHA
+    assert choice.n == 12
+    assert choice.gain == pytest.approx(0.5 / 12)
+    assert "kept the default combined" in choice.sentence()
+    # Six faults, each better under alone_net by the same amount, none worse: only the flip
+    # that keeps every sign reaches the observed sum, and its mirror image for the other
+    # alternative cannot (auto_rgn equals the default everywhere): p = 1 / 2 ** 6.
+    clear = _evidence(combined=[0.5] * 6 + [1.0] * 4, alone_net=[1.0] * 10,
+                      auto_rgn=[0.5] * 6 + [1.0] * 4)
+    choice = clear.choice(["auto_rgn", "combined"])
+    assert choice.method == "alone_net" and choice.p_value == pytest.approx(1 / 64)
+    assert "alone_net beat the default combined" in choice.sentence()
+    # A baseline the probe cannot compute is never chosen; the own metric always can be.
+    assert clear.choice(["combined"]).method == "alone_net"
+    only_own = _evidence(combined=[0.5] * 6, auto_rgn=[1.0] * 6, alone_net=[0.2] * 6)
+    assert only_own.choice([]).method == "alone_net"
+    # Without the default among the measured methods, the own metric is the reference.
+    own = _evidence(alone_net=[1.0] * 6, auto_rgn=[0.5] * 6).choice(["auto_rgn"])
+    assert (own.method, own.reference) == ("alone_net", "alone_net")
+
+
+def test_auto_without_per_fault_ranks_keeps_the_default():
+    from model_audit.core.scoring import MethodEvidence, MethodSummary
+
+    ev = MethodEvidence({"combined": MethodSummary(0.5, 0.6, 10),
+                         "auto_rgn": MethodSummary(0.9, 0.95, 10)}, (0.1, 0.3), None, 0, ())
+    choice = ev.choice(["auto_rgn", "combined"])
+    assert (choice.method, choice.rival, choice.p_value) == ("combined", "auto_rgn", None)
+    assert "no per-fault ranks" in choice.sentence()
 
 
 def test_scan_ranks_with_the_method_that_localised_best(tmp_path, sanity_run, sgd_checkpoint,
@@ -256,11 +316,16 @@ def test_scan_ranks_with_the_method_that_localised_best(tmp_path, sanity_run, sg
     ranking = audit["ranking"]
     assert ranking["method"] == best and ranking["chosen_by"] == "sanity"
     assert ranking["evidence"]["methods"] == evidence["methods"]
+    choice = ranking["choice"]   # the test behind it, in audit.json and in the trust line
+    assert (choice["method"], choice["reference"]) == (best, "combined")
+    assert choice["n"] == sum(c["reached"] for c in evidence["cases"])
+    assert 0 < choice["p_value"] <= 1
+    assert f"p {choice['p_value']:.2g}" in ranking["trust"] or choice["p_value"] < 0.001
     mine = evidence["methods"][best]
     assert f"ranked by {best} (chosen by sanity on this model)" in ranking["trust"]
     assert f"top-1/MRR {mine['top1']:.2f}/{mine['mrr']:.2f}" in ranking["trust"]
     assert ranking["trust"] in r.output
-    assert ranking["trust"] in (tmp_path / "s" / "report.html").read_text()
+    assert ranking["trust"] in unescape((tmp_path / "s" / "report.html").read_text())
     # the order follows the chosen method's scores; as many flagged as the own rule flags
     score = _method_score(audit, best)
     assert [score(n) for n in ranking["order"]] == sorted(

@@ -1,10 +1,11 @@
 """What ranks and flags a scan's groups, and how far it is to be trusted on this model.
 
-By default the tool's own metric ranks the groups and its flag rule flags them. ``--method
-NAME`` ranks by a baseline instead; ``--method auto`` by the method that localised planted
-faults best on this model and probe, read from a ``sanity`` run (:class:`~model_audit.core.
-scoring.MethodEvidence`). Given evidence, the scan says next to its ranking how often that
-method ranked a planted fault's group first on this model (:meth:`Ranking.trust`).
+By default the combined score ranks the groups and the flag rule flags them. ``--method NAME``
+ranks by another method; ``--method auto`` by the method that localised planted faults best on
+this model and probe, read from a ``sanity`` run (:class:`~model_audit.core.scoring.
+MethodEvidence`), when its lead over the default is more than chance gives. Given evidence,
+the scan says next to its ranking how often that method ranked a planted fault's group first
+on this model (:meth:`Ranking.trust`).
 """
 from __future__ import annotations
 
@@ -14,17 +15,20 @@ import numpy as np
 
 from ..baselines import BASELINES
 from ..core.attribution import METRIC_NAME
-from ..core.scoring import AUTO, COMBINED, DEFAULT_METHOD, OWN, MethodEvidence
+from ..core.scoring import AUTO, COMBINED, DEFAULT_METHOD, OWN, MethodChoice, MethodEvidence
 from ..errors import ConfigError
 from ..io.probe import ProbeSet
 from ..models.checkpoint import LoadedCheckpoint
 
 
 def choose_method(method: str, ev: Optional[MethodEvidence], ckpt: LoadedCheckpoint,
-                  probe: ProbeSet, metric: str = METRIC_NAME) -> Tuple[str, str]:
+                  probe: ProbeSet, metric: str = METRIC_NAME
+                  ) -> Tuple[str, str, Optional[MethodChoice]]:
     """(the method that ranks and flags: the own metric's name ``metric`` or a baseline's,
-    how it was chosen: default, given or sanity), after checking that the sanity evidence
-    ``ev`` is of this checkpoint, probe and own metric.
+    how it was chosen: default, given or sanity, and for ``auto`` the test behind the choice),
+    after checking that the sanity evidence ``ev`` is of this checkpoint, probe and own metric.
+    ``auto`` keeps the default ranking unless another method localised this model's planted
+    faults better beyond noise (:meth:`~model_audit.core.scoring.MethodEvidence.choice`).
 
     Raises:
         ConfigError: evidence of another checkpoint (sha256), another probe, or another
@@ -52,10 +56,11 @@ def choose_method(method: str, ev: Optional[MethodEvidence], ckpt: LoadedCheckpo
         usable = [n for n in BASELINES
                   if not (probe.integer_inputs and BASELINES[n].scales_input)]
         usable += [COMBINED] if "auto_rgn" in usable else []
-        return ev.best(usable), "sanity"
+        chosen = ev.choice(usable)
+        return chosen.method, "sanity", chosen
     if method == OWN:
-        return metric, "given"
-    return method, "default" if method == DEFAULT_METHOD else "given"
+        return metric, "given", None
+    return method, "default" if method == DEFAULT_METHOD else "given", None
 
 
 def ranked(names: Sequence[str], scores: np.ndarray) -> Tuple[str, ...]:

@@ -213,9 +213,12 @@ def sanity(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
 def evidence_of(result: SanityResult, source: str = "sanity") -> MethodEvidence:
     """The localisation evidence of a sanity run, for ``ScanConfig(method="auto")``."""
     model, probe = result.extra.get("model", {}), result.extra.get("probe", {})
+    used = [c for c in result.cases if c.plant.reached]
+    reciprocal = {m: tuple(float(c.reciprocal.get(m, np.nan)) for c in used)
+                  for m in result.summary}
     return MethodEvidence(dict(result.summary), result.chance, model.get("sha256"),
                           int(probe.get("n", 0)), tuple(probe.get("classes") or ()),
-                          str(result.extra.get("metric", METRIC_NAME)), source)
+                          str(result.extra.get("metric", METRIC_NAME)), source, reciprocal)
 
 
 def read_evidence(path: Union[str, os.PathLike]) -> MethodEvidence:

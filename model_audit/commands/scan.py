@@ -66,8 +66,8 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
     seed_everything(opts.seed)
     with distributed.agree():  # a file one node cannot read stops every rank
         ckpt, probe, warnings = resolve_inputs(checkpoint, probe, opts)
-    method, chosen_by = choose_method(config.method, config.evidence, ckpt, probe,
-                                      config.metric)
+    method, chosen_by, choice = choose_method(config.method, config.evidence, ckpt, probe,
+                                              config.metric)
     needs = "auto_rgn" if method == COMBINED else method  # the baseline it ranks by
     if needs in BASELINES and needs not in resolve_baselines(list(config.baselines)):
         config = replace(config, baselines=tuple(config.baselines) + (needs,))
@@ -97,7 +97,7 @@ def scan(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
                    _method_scores(found, method, config.metric, len(groups)))
     by_baseline = method in found.baselines
     layers = _layer_scores(groups, found, order if by_baseline else None)
-    ranking = Ranking(method, chosen_by, config.evidence, order)
+    ranking = Ranking(method, chosen_by, config.evidence, order, choice)
     return ScanResult(ckpt, probe, ev, layers, found.replay, config,
                       device, {k: round(v, 4) for k, v in timing.items()}, passes,
                       tuple(warnings), found.reductions, found.baselines, found.agreements,

@@ -12,7 +12,7 @@ from typing import Any, List, Mapping, Optional, Sequence
 from tabulate import tabulate
 
 from ..core.attribution import METRIC_NAME, SCORE_KEY
-from ..core.scoring import COMBINED, RANDOM
+from ..core.scoring import COMBINED, RANDOM, MethodEvidence
 
 Data = Mapping[str, Any]
 
@@ -176,23 +176,32 @@ def sanity_text(data: Data, verdict: str) -> str:
 
 
 def sanity_verdict(data: Data) -> str:
-    """One sentence: which method localised the planted faults best on this model."""
+    """One sentence: which method localised the planted faults best on this model, and whether
+    ``scan --method auto`` would leave the default ranking for it (the same test:
+    :meth:`~model_audit.core.scoring.MethodEvidence.choice`)."""
     methods = [m for m in data["methods_order"]
                if m != RANDOM and data["methods"][m]["mrr"] is not None]
     if not methods:
         return ""
-    own = data.get("metric", METRIC_NAME)
-    # the scan's default ranking: the own metric combined with Auto-RGN, when sanity scored it
-    ref, what = ((COMBINED, "default ranking") if COMBINED in methods
-                 else (own, "own metric"))
-    best = max(methods, key=lambda m: (data["methods"][m]["mrr"] or 0.0,
-                                       data["methods"][m]["top1"] or 0.0, m == ref, m == own))
-    if best == ref:
-        return (f"on this model the scan's {what} ({ref}) localised the planted faults best "
-                "of the methods checked")
-    return (f"on this model {best} localised the planted faults better than the scan's {what} "
-            f"({ref}): MRR {num(data['methods'][best]['mrr'], '.2f', '-')} against "
-            f"{num(data['methods'][ref]['mrr'], '.2f', '-')}")
+    choice = MethodEvidence.from_dict(data, "sanity").choice(methods)
+    ref = choice.reference
+    what = "default ranking" if ref == COMBINED else "own metric"
+    mrr = {m: num(data["methods"][m]["mrr"], ".2f", "-") for m in methods}
+    if choice.rival is None:
+        return f"on this model only the scan's {what} ({ref}) was measured"
+    if choice.p_value is None:
+        return (f"on this model {choice.rival} reached MRR {mrr[choice.rival]}, the scan's "
+                f"{what} ({ref}) {mrr[ref]}; not tested (no per-fault ranks)")
+    if choice.method != ref:
+        return (f"on this model {choice.method} localised the planted faults better than the "
+                f"scan's {what} ({ref}): MRR {mrr[choice.method]} against {mrr[ref]} (p "
+                f"{p_value(choice.p_value)}); `scan --method auto` ranks with it")
+    if (choice.gain or 0.0) > 0:
+        return (f"on this model {choice.rival} localised the planted faults a little better than "
+                f"the scan's {what} ({ref}): MRR {mrr[choice.rival]} against {mrr[ref]}, within "
+                f"chance (p {p_value(choice.p_value)}); `scan --method auto` keeps {ref}")
+    return (f"on this model the scan's {what} ({ref}) localised the planted faults best "
+            "of the methods checked")
 
 
 def p_value(value: Optional[float]) -> str:

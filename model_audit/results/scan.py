@@ -12,7 +12,8 @@ from ..core.attribution import (METRIC_NAME, NET_METRIC_NAME, GroupReductions, e
                                 metric_shares)
 from ..core.evaluate import EvaluationResult
 from ..core.replay import ReplayConfig, ReplayResult
-from ..core.scoring import AUTO, COMBINED, DEFAULT_METHOD, OWN, RANDOM, MethodEvidence
+from ..core.scoring import (AUTO, COMBINED, DEFAULT_METHOD, OWN, RANDOM, MethodChoice,
+                             MethodEvidence)
 from ..errors import ConfigError
 from ..io.files import header
 from ..io.probe import ProbeSet
@@ -93,6 +94,7 @@ class Ranking:
     chosen_by: str                  # default | given (--method NAME) | sanity (--method auto)
     evidence: Optional[MethodEvidence] = None
     order: Tuple[str, ...] = ()     # the groups, the most responsible first
+    choice: Optional[MethodChoice] = None   # --method auto: the test behind the choice
 
     def trust(self) -> str:
         """One line: the method, and its measured localisation on this model."""
@@ -106,9 +108,10 @@ class Ranking:
         mine = ev.summary[self.method]
         others = "".join(f"; {m} {_pair(v.top1, v.mrr)}" for m, v in ev.summary.items()
                          if m not in (self.method, RANDOM))
+        why = f"; {self.choice.sentence()}" if self.choice is not None else ""
         return (f"ranked by {self.method} ({how}): on {mine.n} faults planted in this model it "
                 f"ranked the faulty group first in {_pct(mine.top1)} (top-1/MRR "
-                f"{_pair(mine.top1, mine.mrr)}{others}; chance {_pair(*ev.chance)})")
+                f"{_pair(mine.top1, mine.mrr)}{others}; chance {_pair(*ev.chance)}){why}")
 
     def to_dict(self) -> Dict[str, Any]:
         ev = self.evidence
@@ -118,6 +121,8 @@ class Ranking:
             out["evidence"] = {"source": ev.source, "chance": {"top1": ev.chance[0],
                                                                "mrr": ev.chance[1]},
                                "methods": {m: v.to_dict() for m, v in ev.summary.items()}}
+        if self.choice is not None:
+            out["choice"] = self.choice.to_dict()
         return out
 
 
