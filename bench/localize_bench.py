@@ -276,7 +276,7 @@ def kl_scores(ckpt: Any, result: Any) -> Dict[str, np.ndarray]:
 
     from model_audit.core.attribution import net_positions
     from model_audit.core.layers import layer_groups
-    from model_audit.core.replay import detached_params, summed_gradients
+    from model_audit.core.replay import detached_params, per_sample_losses, summed_gradients
     from model_audit.io.probe import BatchCache
     opts, device = result.config.options, result.device
     errors = result.evaluation.misclassified
@@ -297,10 +297,11 @@ def kl_scores(ckpt: Any, result: Any) -> Dict[str, np.ndarray]:
             return torch.cat([functional_call(model, theta, (x.to(device),), strict=False)
                               .float() for _, x, _ in cache])
 
-    y_err = torch.cat([y for _, _, y in err]).to(device)
+    def error_loss(theta: Dict[str, Any]) -> float:
+        return float(per_sample_losses(model, theta, err, device)[0].mean())
+
     logp0 = F.log_softmax(logits(theta0, right), 1)
-    loss0 = float(F.cross_entropy(logits(theta0, err), y_err))
-    out = {f"kl_{b:g}": np.zeros(0) for b in KL_BUDGETS}
+    loss0 = error_loss(theta0)
     cols: Dict[float, list] = {b: [] for b in KL_BUDGETS}
     for group in layer_groups(model, opts.granularity):
         names = [k for k in group.parameter_names if theta0[k].is_floating_point()]
@@ -339,9 +340,10 @@ def kl_scores(ckpt: Any, result: Any) -> Dict[str, np.ndarray]:
                 mid = (lo * hi) ** 0.5
                 lo, hi = (mid, hi) if kl(mid) < b else (lo, mid)
             t = lo if kl(lo) < b else 0.0
-            removed = loss0 - float(F.cross_entropy(logits(moved(t), err), y_err))
+            removed = loss0 - error_loss(moved(t))
             cols[b].append(max(removed, 0.0) if np.isfinite(removed) else 0.0)
     model.cpu()
+    out = {}
     for b in KL_BUDGETS:
         v = np.array(cols[b])
         out[f"kl_{b:g}"] = v / v.sum() if v.sum() > 0 else v
@@ -764,5 +766,5 @@ def run(args: argparse.Namespace) -> int:
         print(section)
         common.append_results(args.out, section)
         dump["shifts"] = _jsonable(rows)
-    _write_json(args.json, dump)
+        _write_json(args.json, dump)
     return 0

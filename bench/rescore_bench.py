@@ -87,7 +87,7 @@ def candidates(own: str = "replay_reduction") -> Dict[str, Scores]:
 
 def _over_null(case: Dict[str, Any], method: str) -> np.ndarray:
     """``method``'s share in ``case`` over its share in the unmodified model's scan."""
-    null = np.array([np.nan if v is None else v for v in case["null_scores"][method]], float)
+    null = _vec({"scores": case["null_scores"]}, method)
     return _share(_vec(case, method)) / np.maximum(_share(null), 1e-9)
 
 

@@ -33,7 +33,6 @@ from ..core.scoring import (COMBINED, RANDOM, MethodEvidence, chance_levels, gro
 from ..results.sanity import scores_by_method, summarize
 from ..io.files import read_result
 from ..io.records import SANITY_FILE
-from ..core.attribution import METRIC_NAME
 from ..errors import ConfigError
 from ..core.layers import LayerGroup, layer_groups
 from ..core.calibrate import PlantResult, calibrate
@@ -212,13 +211,7 @@ def sanity(checkpoint: Union[str, os.PathLike, LoadedCheckpoint],
 
 def evidence_of(result: SanityResult, source: str = "sanity") -> MethodEvidence:
     """The localisation evidence of a sanity run, for ``ScanConfig(method="auto")``."""
-    model, probe = result.extra.get("model", {}), result.extra.get("probe", {})
-    used = [c for c in result.cases if c.plant.reached]
-    reciprocal = {m: tuple(float(c.reciprocal.get(m, np.nan)) for c in used)
-                  for m in result.summary}
-    return MethodEvidence(dict(result.summary), result.chance, model.get("sha256"),
-                          int(probe.get("n", 0)), tuple(probe.get("classes") or ()),
-                          str(result.extra.get("metric", METRIC_NAME)), source, reciprocal)
+    return MethodEvidence.from_dict(result.to_dict(), source)   # as from its sanity.json
 
 
 def read_evidence(path: Union[str, os.PathLike]) -> MethodEvidence:

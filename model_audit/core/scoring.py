@@ -16,7 +16,7 @@ from torch import nn
 
 from .attribution import METRIC_NAME
 from .layers import LayerGroup
-from .stats import max_sign_flip_p
+from .stats import max_sign_flip_p, p_value
 
 #: The random ranking's name among the methods (the chance level every method must beat).
 RANDOM = "random"
@@ -130,7 +130,7 @@ class MethodChoice:
             return (f"kept {self.reference}: the evidence has no per-fault ranks to test "
                     f"{self.rival} against it")
         test = (f"one-sided sign-flip test over {self.n} faults, corrected for picking the "
-                f"best of the other methods: p {_p(self.p_value)}")
+                f"best of the other methods: p {p_value(self.p_value)}")
         if self.method != self.reference:
             return (f"{self.method} beat the default {self.reference} on this model's planted "
                     f"faults (MRR +{self.gain:.3f}; {test} < {self.alpha})")
@@ -146,10 +146,6 @@ class MethodChoice:
         return {"method": self.method, "reference": self.reference, "rival": self.rival,
                 "p_value": self.p_value, "n": self.n, "gain": self.gain, "alpha": self.alpha,
                 "test": "max-statistic sign-flip, one-sided, per planted fault"}
-
-
-def _p(value: float) -> str:
-    return "<0.001" if value < 0.001 else f"{value:.2g}"
 
 
 @dataclass(frozen=True)

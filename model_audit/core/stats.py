@@ -157,6 +157,17 @@ def max_sign_flip_p(differences: np.ndarray, observed: Optional[float] = None, *
     return (1 + hits) / (1 + int(resamples))
 
 
+def p_value(value: Optional[float]) -> str:
+    """A p-value for tables: two significant digits, ``<0.001`` below that, ``-`` for None.
+
+    >>> p_value(0.0412), p_value(0.00001), p_value(None)
+    ('0.041', '<0.001', '-')
+    """
+    if value is None:
+        return "-"
+    return f"{value:.2g}" if value >= 0.001 else "<0.001"
+
+
 def percentile_interval(values: Iterable[Optional[float]], level: float = 0.95):
     """The central ``level`` percentile interval of the finite values, or None."""
     arr = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)

@@ -13,6 +13,7 @@ from tabulate import tabulate
 
 from ..core.attribution import METRIC_NAME, SCORE_KEY
 from ..core.scoring import COMBINED, RANDOM, MethodEvidence
+from ..core.stats import p_value
 
 Data = Mapping[str, Any]
 
@@ -202,17 +203,6 @@ def sanity_verdict(data: Data) -> str:
                 f"chance (p {p_value(choice.p_value)}); `scan --method auto` keeps {ref}")
     return (f"on this model the scan's {what} ({ref}) localised the planted faults best "
             "of the methods checked")
-
-
-def p_value(value: Optional[float]) -> str:
-    """A p-value for tables: two significant digits, ``<0.001`` below that, ``-`` for None.
-
-    >>> p_value(0.0412), p_value(0.00001), p_value(None)
-    ('0.041', '<0.001', '-')
-    """
-    if value is None:
-        return "-"
-    return f"{value:.2g}" if value >= 0.001 else "<0.001"
 
 
 def fix_text(data: Data) -> str:
