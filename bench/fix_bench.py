@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "[default: the tool's]")
     parser.add_argument("--max-break", type=float, default=None,
                         help="with --target: fix's break budget on validation [default: none]")
+    parser.add_argument("--head-rows", default=None, choices=("target", "all"),
+                        help="with --target: rows of a retrained head that may change "
+                             "[default: the tool's]")
     parser.add_argument("--no-guard", action="store_true",
                         help="with --target: no positive set in the batches (fix's guard off)")
     parser.add_argument("--repair-data", default="test-half",

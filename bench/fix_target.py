@@ -104,14 +104,14 @@ def run(args: Any, setting: Dict[str, Any], ckpt: Path, arch: Optional[str],
     from model_audit.commands.fix import fix
     from model_audit.results.fix import FixConfig
 
-    undo: Optional[Dict[str, Any]] = None
+    undo: Optional[List[Dict[str, Any]]] = None
     if args.plant_confusion:
         original = ckpt
         ckpt = planted(ckpt, arch, normalize, args.plant_confusion,
                        args.cache_dir or common.default_cache_dir())
-        undo = _exact_undo(original, ckpt, arch, normalize, probe_dir, device, args.target,
-                           train_dir)
-        print(f"exact undo (the model before planting): {undo}", flush=True)
+        undo = undo_frontier(original, ckpt, arch, normalize, probe_dir, device, args.target,
+                             train_dir)
+        print(f"undoing the planted fault (share: scores): {undo}", flush=True)
         data_text += (f"; a confusion planted in the head first ({args.plant_confusion}: "
                       "alpha x the true class's weights added to the predicted class's)")
     rows: List[Dict[str, Any]] = []
@@ -126,6 +126,8 @@ def run(args: Any, setting: Dict[str, Any], ckpt: Path, arch: Optional[str],
             extra["max_break"] = args.max_break
         if args.no_guard:
             extra["guard"] = False
+        if args.head_rows is not None:
+            extra["head_rows"] = args.head_rows
         layers = "auto" if args.layers == "auto" else tuple(args.layers.split(","))
         config = FixConfig(options=opts, layers=layers, steps=setting["steps"], lr=setting["lr"],
                            batchnorm=setting["batchnorm"], batch_size=args.batch,
@@ -149,11 +151,19 @@ def run(args: Any, setting: Dict[str, Any], ckpt: Path, arch: Optional[str],
     return markdown(rows, args, setting, ckpt, device, command, commit, data_text, undo)
 
 
-def _exact_undo(original: Path, planted_ckpt: Path, arch: Optional[str],
-                normalize: Optional[str], probe_dir: Path, device: str, spec: str,
-                train_dir: Path) -> Dict[str, Any]:
-    """The best a repair of a planted confusion can do by undoing it: the model before
-    planting, scored on the probe against the planted one."""
+#: Shares of a planted fault undone in :func:`undo_frontier` (1: the exact undo).
+UNDO_SHARES = (1 / 3, 1 / 2, 2 / 3, 5 / 6, 1.0)
+
+
+def undo_frontier(original: Path, planted_ckpt: Path, arch: Optional[str],
+                  normalize: Optional[str], probe_dir: Path, device: str, spec: str,
+                  train_dir: Path) -> List[Dict[str, Any]]:
+    """What undoing a planted confusion gains and breaks: the planted head moved back by each
+    of :data:`UNDO_SHARES` of the way to the original (1: the model before planting, the
+    exact undo), scored on the probe against the planted model. Only the head was changed by
+    the planting, so the penultimate features are computed once. A repair that knows the
+    fault exactly: the frontier of repair rate against break rate that a repair of the head
+    can hope for."""
     from model_audit import AuditOptions
     from model_audit.commands.fix.target import resolve_target
     from model_audit.core.evaluate import evaluate
@@ -165,15 +175,24 @@ def _exact_undo(original: Path, planted_ckpt: Path, arch: Optional[str],
     train, _ = open_probe_for(before_ckpt, train_dir, opts)
     target = resolve_target([spec], train.classes,
                             evaluate(before_ckpt.model.eval(), train, device=device))
-    before = evaluate(before_ckpt.model.eval(), probe, device=device)
-    after = evaluate(after_ckpt.model.eval(), probe, device=device)
-    return _scores(before.predictions, after.predictions, probe.labels, target)
+    head, _ = arachne.head_and_features(before_ckpt.model)
+    orig_head, _ = arachne.head_and_features(after_ckpt.model)
+    feats = arachne.features(before_ckpt.model, probe, list(range(len(probe))))
+    w0, b0 = head.weight.detach().float(), head.bias.detach().float()
+    w1, b1 = orig_head.weight.detach().float(), orig_head.bias.detach().float()
+    before = (feats @ w0.T + b0).argmax(1)
+    rows = []
+    for share in UNDO_SHARES:
+        after = (feats @ (w0 + share * (w1 - w0)).T + b0 + share * (b1 - b0)).argmax(1)
+        rows.append({"share": share, **_scores(before, after, probe.labels, target)})
+    return rows
 
 
 def markdown(rows: List[Dict[str, Any]], args: Any, setting: Dict[str, Any], ckpt: Path,
              device: str, command: str, commit: str, data_text: str,
-             undo: Optional[Dict[str, Any]] = None) -> str:
+             undo: Optional[List[Dict[str, Any]]] = None) -> str:
     from model_audit.render.text import p_value as format_p
+    from model_audit.results.fix import FixConfig
 
     title = ("a planted confusion" if args.plant_confusion else "the largest confusion")
     lines = common.section_header(f"fix: targeted repair of {title} against an "
@@ -183,7 +202,8 @@ def markdown(rows: List[Dict[str, Any]], args: Any, setting: Dict[str, Any], ckp
               f"{args.target}` = {first['target']} (true:predicted); tool: {setting['steps']} "
               f"steps, lr {setting['lr']}, preservation {setting['preserve']}, target fraction "
               f"{args.target_fraction or 'default'}, "
-              f"{'no positive set' if args.no_guard else 'positive set (guard)'}, break "
+              f"{'no positive set' if args.no_guard else 'positive set (guard)'}, head rows "
+              f"{args.head_rows or FixConfig.head_rows}, break "
               f"budget {args.max_break if args.max_break is not None else 'none'}, "
               + ("the flagged groups of a scan of the confusion's instances"
                  if args.layers == "auto" else f"layers {args.layers}")
@@ -215,9 +235,11 @@ def markdown(rows: List[Dict[str, Any]], args: Any, setting: Dict[str, Any], ckp
                      f"{100 * statistics.mean(v['break_rate'] for v in vals):.2f}% | "
                      f"{statistics.mean(v['net'] for v in vals):+.1f} | "
                      f"{sum(v['net'] >= 0 for v in vals)}/{len(vals)} |")
-    if undo is not None:
-        lines.append(f"| exact undo (the model before planting) | {undo['repair_rate']:.2f} | "
-                     f"{100 * undo['break_rate']:.2f}% | {undo['net']:+d} | - |")
+    for u in undo or ():
+        what = ("exact undo (the model before planting)" if u["share"] == 1.0 else
+                f"{u['share']:.2f} of the planted fault undone")
+        lines.append(f"| {what} | {u['repair_rate']:.2f} | {100 * u['break_rate']:.2f}% | "
+                     f"{u['net']:+d} | - |")
     lasts = [r["tool"]["last"] for r in rows if r["tool"].get("last")]
     if lasts:
         lines += ["", "- the tool's last trained state (before validation chose): net "

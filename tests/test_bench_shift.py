@@ -103,3 +103,40 @@ def test_arachne_localises_and_repairs_a_confusion_of_a_linear_head():
     after = arachne.predict(head, result.w, feats)
     assert int((after[neg] == 0).sum()) >= 18 and bool((after[pos] == labels[pos]).all())
     assert result.fitness > result.fitness_before
+
+
+def test_undoing_a_planted_confusion_fully_is_the_model_before_planting(tmp_path):
+    """bench fix --plant-confusion's frontier: the digits model with class 3's weights added
+    to class 8's; undoing all of it scores exactly as the unplanted model does (computed
+    independently: both models evaluated end to end), and undoing more repairs more."""
+    import copy
+
+    from conftest import SAMPLES, save_like
+    from model_audit.commands.fix.target import resolve_target
+    from model_audit.core.evaluate import evaluate
+    from model_audit.models.checkpoint import load_checkpoint
+    from bench import fix_target
+
+    sgd, train, probe = (SAMPLES / f"digits-{n}.safetensors" for n in ("sgd", "train", "probe"))
+    original = load_checkpoint(sgd)
+    model = copy.deepcopy(original.model)
+    with torch.no_grad():
+        model.fc.weight[8] += 1.4 * model.fc.weight[3]
+        model.fc.bias[8] += 1.4 * model.fc.bias[3]
+    planted = save_like(model, tmp_path / "planted.safetensors")
+    rows = fix_target.undo_frontier(sgd, planted, None, None, probe, "cpu", "3:8", train)
+    assert [r["share"] for r in rows] == list(fix_target.UNDO_SHARES)
+
+    from model_audit import AuditOptions
+    from model_audit.options import load_inputs, open_probe_for
+    opts = AuditOptions(device="cpu")
+    planted_ckpt, probe_set, _ = load_inputs(planted, probe, opts)
+    train_set, _ = open_probe_for(planted_ckpt, train, opts)
+    target = resolve_target(["3:8"], train_set.classes, evaluate(planted_ckpt.model, train_set))
+    before = evaluate(planted_ckpt.model, probe_set).predictions
+    after = evaluate(load_inputs(sgd, probe, opts)[0].model, probe_set).predictions
+    exact = fix_target._scores(before, after, probe_set.labels, target)
+    assert {k: v for k, v in rows[-1].items() if k != "share"} == exact
+    assert exact["probe_before"] > 40 and exact["repair_rate"] > 0.5
+    rates = [r["repair_rate"] for r in rows]
+    assert rates == sorted(rates) and rates[0] < rates[-1]

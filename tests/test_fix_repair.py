@@ -283,8 +283,9 @@ def test_the_positive_set_is_the_predicted_class_right_images(confused):
 
 
 def test_a_break_budget_keeps_only_states_within_it(confused, tmp_path):
+    # every row of the head free: a repair of class 8's row alone broke none of these
     r = run(confused, tmp_path, "--target", "3:8", "--layers", "fc", "--steps", "40",
-            "--lr", "0.05", "--controls", "none", "--max-break", "0")
+            "--lr", "0.05", "--controls", "none", "--max-break", "0", "--head-rows", "all")
     assert r.exit_code in (0, NO_REPAIR_EXIT), r.output
     d = json.loads((tmp_path / "report/fix.json").read_text())
     v = d["selection"]["validation"]
@@ -303,9 +304,68 @@ def test_a_break_budget_keeps_only_states_within_it(confused, tmp_path):
     assert "over the break budget" in html and "the break budget" in html
     # without the budget the same repair keeps a state that breaks some
     free = fix(confused, TRAIN, PROBE, None,
-               FixConfig(steps=40, lr=0.05, controls=(), layers=("fc",), target=("3:8",)))
+               FixConfig(steps=40, lr=0.05, controls=(), layers=("fc",), target=("3:8",),
+                         head_rows="all"))
     fv = free.selection.validation
     assert next(c for c in fv.candidates if c.step == fv.best).broken > 0
+
+
+def test_a_targeted_repair_of_the_head_changes_only_the_predicted_class_row(confused,
+                                                                            tmp_path):
+    """--head-rows target (the default with a target): of the head, only class 8's weights
+    and bias move, and fix.json, the terminal and the report say so; with --head-rows all the
+    other rows move too. Nothing outside the head moves in either."""
+    source = read_tensors(confused)[0]
+    r = run(confused, tmp_path, "--target", "3:8", "--layers", "fc", "--steps", "12",
+            "--controls", "none", "--write-anyway")
+    assert r.exit_code == 0, r.output
+    assert "retrained fc (the head's row of 8 only): 33 parameters" in r.output  # 32 + 1
+    d = json.loads((tmp_path / "report/fix.json").read_text())
+    assert d["config"]["head_rows"] == "target" and d["selection"]["head_rows"] == ["8"]
+    assert d["selection"]["trainable_params"] == source["fc.weight"].shape[1] + 1
+    html = (tmp_path / "report/report.html").read_text()
+    assert "fc (the head&#39;s row of 8 only)" in html or "fc (the head's row of 8 only)" in html
+    every = fix(confused, TRAIN, PROBE, tmp_path / "all.safetensors",
+                FixConfig(steps=12, controls=(), layers=("fc",), target=("3:8",),
+                          head_rows="all", write_anyway=True)).to_dict()
+    assert every["config"]["head_rows"] == "all" and every["selection"]["head_rows"] is None
+    assert every["selection"]["trainable_params"] == 10 * d["selection"]["trainable_params"]
+    changed = {}
+    for rows, path in (("target", tmp_path / "fixed.safetensors"),
+                       ("all", tmp_path / "all.safetensors")):
+        tensors, meta = read_tensors(path)
+        assert meta["model_audit.fix.head_rows"] == rows
+        assert all(torch.equal(tensors[k], source[k]) for k in source if not k.startswith("fc."))
+        changed[rows] = {k: sorted(torch.nonzero((tensors[k] != source[k]).reshape(
+            len(source[k]), -1).any(1)).flatten().tolist()) for k in ("fc.weight", "fc.bias")}
+    assert changed["target"] == {"fc.weight": [8], "fc.bias": [8]}
+    assert len(changed["all"]["fc.weight"]) > 1 and len(changed["all"]["fc.bias"]) > 1
+
+
+def test_head_rows_apply_to_the_head_only_and_only_with_a_target(confused):
+    from model_audit.commands.fix import _RepairData
+    from model_audit.commands.fix.train import HeadRows
+    from model_audit.core.evaluate import evaluate
+    from model_audit.io.probe import open_probe
+
+    ckpt = load_checkpoint(confused)
+    train = open_probe(TRAIN, channels=1, normalize=ckpt.normalize or "none")
+    ev = evaluate(ckpt.model, train, keep_logits=True)
+    targeted = FixConfig(target=("3:8", "7:8"))  # one predicted class: one row
+    data = _RepairData.split(train, ev, targeted)
+    assert data.head_rows(ckpt.model, targeted) == HeadRows("fc", (8,))
+    assert data.head_rows(ckpt.model, FixConfig(target=("3:8",), head_rows="all")) is None
+    plain = _RepairData.split(train, ev, FixConfig())
+    assert plain.head_rows(ckpt.model, FixConfig()) is None
+    model = copy.deepcopy(ckpt.model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.fc.weight.requires_grad_(True)  # a selection that holds the weight, not the bias
+    (param, frozen), = HeadRows("fc", (3, 8)).frozen(model)
+    assert param is model.fc.weight
+    assert frozen.tolist() == [i not in (3, 8) for i in range(10)]
+    with pytest.raises(ConfigError, match="unknown head rows 'rows'"):
+        FixConfig(head_rows="rows").validate()
 
 
 def test_a_named_target_equals_auto_and_indices_equal_names(confused):
@@ -348,6 +408,8 @@ def work(tmp_path, confused):
     (("--preserve", "-1"), ["the preservation weight must be >= 0"]),
     (("--max-break", "1.5"), ["the break budget must be in [0, 1)"]),
     (("--max-break", "-0.1"), ["the break budget must be in [0, 1)"]),
+    (("--target", "3:8", "--head-rows", "some"), ["Invalid value for '--head-rows'",
+                                                   "'target', 'all'"]),
 ])
 def test_bad_inputs_are_refused_and_nothing_is_written(work, extra, needles):
     before = snapshot(work)

@@ -40,7 +40,7 @@ from ..outputs import (format_compare, format_fix, format_gate, format_sanity, f
 from ..policy import EXAMPLE_POLICY, load_policy
 from ..render.html import render_directory
 from ..results.compare import CompareConfig
-from ..results.fix import BATCHNORM_MODES, FixConfig
+from ..results.fix import BATCHNORM_MODES, HEAD_ROWS, FixConfig
 from ..results.sanity import SanityConfig
 from ..results.scan import METRICS, ScanConfig
 from .group import (COMMANDS_WITH_MODEL, AuditGroup, audit_options, fail, model_options, need_probe,
@@ -299,6 +299,11 @@ def _wrong_fraction(text: str) -> Optional[float]:
 @click.option("--target-fraction", type=float, default=FixConfig.target_fraction,
               show_default=True,
               help="With --target: share of each repair batch drawn from its instances.")
+@click.option("--head-rows", type=click.Choice(HEAD_ROWS), default=FixConfig.head_rows,
+              show_default=True,
+              help="With --target, when the classifier head is retrained: change only its "
+                   "rows of the confusion's predicted class (target: no other class's logit "
+                   "moves) or all of them.")
 @click.option("--max-break", type=float, default=None,
               help="Break budget: keep only a state that breaks at most this share of the "
                    "validation images the model gets right (e.g. 0.005) [default: no budget, "
@@ -312,7 +317,7 @@ def fix(checkpoint: Path, train: Path, output: Path, layers: str, audit: Optiona
         steps: int, epochs: Optional[float], fix_batch_size: int, wrong_fraction: str,
         batchnorm: str, lr: float, schedule: str,
         controls: str, train_limit: Optional[int], allow_overlap: bool, validation: float,
-        preserve: float, targets: Tuple[str, ...], target_fraction: float,
+        preserve: float, targets: Tuple[str, ...], target_fraction: float, head_rows: str,
         max_break: Optional[float], write_anyway: bool, out: Optional[Path], **kw: Any) -> None:
     """Retrain only the flagged layer groups of CHECKPOINT; write it only if it is better.
 
@@ -335,7 +340,8 @@ def fix(checkpoint: Path, train: Path, output: Path, layers: str, audit: Optiona
         schedule=schedule,
         controls=() if names == ["none"] else tuple(names), allow_overlap=allow_overlap,
         train_limit=train_limit, validation=validation, preserve=preserve,
-        target=tuple(targets), target_fraction=target_fraction, max_break=max_break,
+        target=tuple(targets), target_fraction=target_fraction, head_rows=head_rows,
+        max_break=max_break,
         write_anyway=write_anyway)
     config.validate()
     out = out if out is not None else Path("reports") / f"fix-{checkpoint.stem}"

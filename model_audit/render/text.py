@@ -210,7 +210,8 @@ def fix_text(data: Data) -> str:
     then the verdict. ``data`` is ``FixResult.to_dict()``."""
     sel = data["selection"]
     lines = [
-        f"retrained {', '.join(sel['groups'])}: {sel['trainable_params']:,} parameters "
+        f"retrained {', '.join(sel['groups'])}{_head_rows(sel)}: "
+        f"{sel['trainable_params']:,} parameters "
         f"({sel['params_percent']:.1f}% of {sel['total_params']:,}), {sel['steps']} steps, "
         f"{data['config']['schedule']} momentum",
         f"probe accuracy {100 * data['accuracy']['before']:.2f}% -> "
@@ -235,6 +236,13 @@ def fix_text(data: Data) -> str:
     lines += _fix_verdict_lines(data)
     lines += _fix_outcome_lines(data)
     return "\n".join(lines)
+
+
+def _head_rows(run: Data) -> str:
+    """`` (the head's rows of dog only)`` when a targeted repair held the head's other rows."""
+    rows = run.get("head_rows")
+    return f" (the head's row{'s' if len(rows) > 1 else ''} of {', '.join(rows)} only)" \
+        if rows else ""
 
 
 def _target_lines(data: Data) -> List[str]:

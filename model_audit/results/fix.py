@@ -29,6 +29,8 @@ BATCHNORM_MODES = ("frozen", "train")
 #: Temperature of the preservation term (Hinton et al. 2015; Li and Hoiem's learning without
 #: forgetting uses 2).
 PRESERVE_TEMPERATURE = 2.0
+#: ``--head-rows``: with a target, which rows of a retrained classifier head may change.
+HEAD_ROWS = ("target", "all")
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,10 @@ class FixConfig:
                                         # of the validation images the original gets right
     guard: bool = True                  # with a target: as many of the predicted class's right
                                         # images in each batch (the positive set)
+    head_rows: str = "target"           # with a target, when the classifier head is retrained:
+                                        # "target" changes only its rows (weights, bias) of the
+                                        # confusions' predicted classes, "all" every row
+                                        # (measured: bench/RESULTS.md, "targeted repair")
     write_anyway: bool = False          # write the best trained state even when not accepted
     evaluate_last: bool = False         # also evaluate each run's last state on the probe
 
@@ -93,6 +99,9 @@ class FixConfig:
         if self.max_break is not None and not 0.0 <= self.max_break < 1.0:
             raise ConfigError(f"the break budget must be in [0, 1) (a share of the images the "
                               f"model gets right, e.g. 0.005), got {self.max_break}")
+        if self.head_rows not in HEAD_ROWS:
+            raise ConfigError(f"unknown head rows {self.head_rows!r}; valid: "
+                              f"{', '.join(HEAD_ROWS)}")
         if not 0.0 < self.target_fraction <= 1.0:
             raise ConfigError(f"the target fraction must be in (0, 1], got {self.target_fraction}")
 
@@ -105,6 +114,7 @@ class FixConfig:
                 "validation": self.validation, "preserve": self.preserve,
                 "preserve_temperature": PRESERVE_TEMPERATURE, "target": list(self.target),
                 "target_fraction": self.target_fraction, "guard": self.guard,
+                "head_rows": self.head_rows,
                 "max_break": self.max_break,
                 "write_anyway": self.write_anyway,
                 "evaluate_last": self.evaluate_last, "options": self.options.to_dict()}
@@ -130,6 +140,7 @@ class RepairRun:
     disjoint: Optional[bool] = None  # random control: trains no parameter of the selection
     validation: Optional[Validation] = None  # the trajectory on the validation part
     last: Optional[EvaluationResult] = None  # the last trained state on the probe, if asked
+    head_rows: Tuple[str, ...] = ()  # the head retrained in these classes' rows only
 
     @cached_property
     def fixed(self) -> List[int]:
@@ -146,7 +157,8 @@ class RepairRun:
         return len(self.fixed) - len(self.broken)
 
     def summary(self) -> Dict[str, Any]:
-        return {"name": self.name, "groups": list(self.groups), "trainable_params": self.trainable,
+        return {"name": self.name, "groups": list(self.groups),
+                "head_rows": list(self.head_rows) or None, "trainable_params": self.trainable,
                 "params_percent": 100.0 * self.share, "steps": self.steps,
                 "compute_param_steps": self.steps * self.trainable,
                 "seconds": round(self.seconds, 3), "accuracy_before": self.before.accuracy,

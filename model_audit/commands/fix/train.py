@@ -141,6 +141,38 @@ def retrained_names(model: nn.Module, groups: Sequence[LayerGroup], selected: Se
 
 
 @dataclass(frozen=True)
+class HeadRows:
+    """The rows of the classifier head a repair may change: a targeted repair of a confusion
+    changes only the predicted classes' outputs (their rows of the head's weight and bias), so
+    that no other class's logit moves."""
+
+    module: str             # the head's module name in the model
+    rows: Tuple[int, ...]   # the output rows (classes) that may change
+
+    def retrained(self, groups: Sequence[LayerGroup], selected: Sequence[str]) -> bool:
+        """Whether the ``selected`` groups hold the head's parameters."""
+        mine = {n for g in groups if g.name in selected for n in g.parameter_names}
+        return any(n.rsplit(".", 1)[0] == self.module for n in mine)
+
+    def frozen_params(self, model: nn.Module) -> int:
+        """Parameters of the head outside the free rows."""
+        head = model.get_submodule(self.module)
+        return sum(p.numel() // p.shape[0] * (p.shape[0] - len(self.rows))
+                   for p in head.parameters(recurse=False))
+
+    def frozen(self, model: nn.Module) -> List[Tuple[nn.Parameter, torch.Tensor]]:
+        """(parameter, mask of its frozen rows) for the head's trainable parameters."""
+        out = []
+        head = model.get_submodule(self.module)
+        for p in head.parameters(recurse=False):
+            if p.requires_grad:
+                mask = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
+                mask[list(self.rows)] = False
+                out.append((p, mask))
+        return out
+
+
+@dataclass(frozen=True)
 class Teacher:
     """The original model's outputs on the repair data, computed once: the preservation term
     keeps the repaired model's outputs close to them on the images it classified correctly."""
@@ -174,7 +206,8 @@ def _data_parallel(model: nn.Module, device: str) -> nn.Module:
 def retrain(base: nn.Module, groups: Sequence[LayerGroup], selected: Sequence[str],
             train: ProbeSet, plan: List[List[int]], config: FixConfig, device: str,
             progress: bool, desc: str, *, teacher: Optional[Teacher] = None,
-            trajectory: Optional[Trajectory] = None) -> Tuple[nn.Module, float]:
+            trajectory: Optional[Trajectory] = None, head_rows: Optional[HeadRows] = None
+            ) -> Tuple[nn.Module, float]:
     """Retrain a copy of ``base`` with only the ``selected`` groups' parameters free.
 
     One SGD step per batch of ``plan`` (cross-entropy on ``train``, plus ``teacher.weight``
@@ -198,6 +231,8 @@ def retrain(base: nn.Module, groups: Sequence[LayerGroup], selected: Sequence[st
         desc: the progress bar's label.
         teacher: the original's outputs on ``train`` (the preservation term), or None.
         trajectory: scores the states on the validation part and copies the best, or None.
+        head_rows: when the head is retrained, only these rows of it change (the other rows'
+            gradients are zeroed before every step), or None (every row).
 
     Returns:
         (the retrained copy in its last state, in eval mode, on ``device``; the seconds the
@@ -210,6 +245,7 @@ def retrain(base: nn.Module, groups: Sequence[LayerGroup], selected: Sequence[st
     model = copy.deepcopy(base).to(device).eval()
     trainable = _free_selection(model, groups, selected)
     trained_bn = _training_modes(model, groups, selected, config.batchnorm)
+    frozen_rows = head_rows.frozen(model) if head_rows is not None else []
     opt = torch.optim.SGD(trainable, lr=config.lr, momentum=0.0)
     lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=len(plan))
     momentum = MomentumScheduler(opt, config.schedule)
@@ -226,7 +262,8 @@ def retrain(base: nn.Module, groups: Sequence[LayerGroup], selected: Sequence[st
             forward = _data_parallel(model, device) if ctx.active and trainable else model
             for step, idx in enumerate(progress_bar(plan, total=len(plan), desc=desc,
                                                     enabled=progress)):
-                _step(forward, train, idx, config, device, selected, step, opt, teacher)
+                _step(forward, train, idx, config, device, selected, step, opt, teacher,
+                      frozen_rows)
                 lr_sched.step()
                 momentum.step()
                 if trajectory is not None and trajectory.due(step + 1, len(plan)):
@@ -239,8 +276,11 @@ def retrain(base: nn.Module, groups: Sequence[LayerGroup], selected: Sequence[st
 
 def _step(forward: nn.Module, train: ProbeSet, idx: List[int], config: FixConfig, device: str,
           selected: Sequence[str], step: int, opt: torch.optim.Optimizer,
-          teacher: Optional[Teacher]) -> None:
-    """One optimizer step on the batch ``idx`` (this rank's contiguous part of it)."""
+          teacher: Optional[Teacher],
+          frozen_rows: Sequence[Tuple[nn.Parameter, torch.Tensor]] = ()) -> None:
+    """One optimizer step on the batch ``idx`` (this rank's contiguous part of it); the rows
+    of ``frozen_rows`` get no gradient (with no momentum or weight decay, they stay as
+    they are)."""
     ctx = distributed.current()
     mine = distributed.local_part(idx)
     with distributed.agree():
@@ -260,4 +300,8 @@ def _step(forward: nn.Module, train: ProbeSet, idx: List[int], config: FixConfig
     loss = summed / (len(idx) / ctx.world_size)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    with torch.no_grad():
+        for p, frozen in frozen_rows:
+            if p.grad is not None:
+                p.grad[frozen] = 0
     opt.step()

@@ -87,6 +87,7 @@ def repair_metadata(ckpt: LoadedCheckpoint, config: FixConfig, selected: Sequenc
     })
     if config.target:
         meta[META_PREFIX + "fix.target"] = json.dumps(list(config.target))
+        meta[META_PREFIX + "fix.head_rows"] = config.head_rows
     if kept is not None:
         meta[META_PREFIX + "fix.kept_step"] = str(kept[0])
         meta[META_PREFIX + "fix.accepted"] = json.dumps(kept[1])
