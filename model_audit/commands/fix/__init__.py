@@ -20,8 +20,8 @@ alternatives:
    own rate among images the model gets right. With a ``target`` (:mod:`.target`) a
    ``target_fraction`` of every batch is drawn from the confusion's instances, and a repair
    of the classifier head changes only its rows of the predicted class (``head_rows``): no
-   other class's logit moves, which halves the break rate at an equal repair rate on the
-   planted confusion (bench/RESULTS.md, section 3).
+   other class's logit moves: on the planted confusion, less than half the break rate of a
+   repair of every row for 0.04 less repair rate (bench/RESULTS.md, section 3).
 4. **Preservation.** ``preserve`` weighs a learning-without-forgetting term (Li and Hoiem
    2017): the divergence, at temperature 2, of the repaired model's outputs from the
    original's (computed once) on the images the original classified correctly.
